@@ -1,0 +1,328 @@
+"""The Client API: the few calls that turn a training script into a federated client.
+
+Names and semantics follow NVFlare's Client API (``import nvflare.client as flare``), so a
+script written for it runs after changing its import to ``import fedlift.client as flare``.
+Where NVFlare is silent or loose, fedlift is strict and says how to fix the call:
+``receive(timeout)`` really times out, and every misuse raises
+:class:`~fedlift.errors.ClientAPIError` with the fix in its message.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+from enum import Enum
+from typing import Any
+
+from ..errors import ClientAPIError, ConfigError
+from ..model import FLModel, flatten
+from ._link import Link, Task, current_link
+
+__all__ = [
+    "AnalyticsDataType",
+    "clear",
+    "get_config",
+    "get_job_id",
+    "get_site_name",
+    "init",
+    "is_evaluate",
+    "is_running",
+    "is_submit_model",
+    "is_train",
+    "log",
+    "receive",
+    "send",
+    "shutdown",
+    "system_info",
+]
+
+_log = logging.getLogger("fedlift.client")
+
+NOT_IN_A_JOB = (
+    "fedlift.client.init() found no fedlift job around this script. The script must be run "
+    "by a job, not directly: e.g. `python3 job.py --script {script}` (a FedAvgJob with a "
+    "ScriptRunner), or export the job and run `fedlift simulator -n 2 JOB_FOLDER`."
+)
+
+
+class AnalyticsDataType(str, Enum):
+    """Kinds of values ``log()`` accepts (NVFlare's names)."""
+
+    SCALAR = "SCALAR"
+    SCALARS = "SCALARS"
+    METRIC = "METRIC"
+    METRICS = "METRICS"
+
+
+class _State:
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.link: Link | None = None
+        self.rank = "0"
+        self.task: Task | None = None
+        self.answered = False
+        self.last_round: int | None = None
+        self.stopped = False
+
+
+_state = _State()
+
+
+def _reset_for_tests() -> None:
+    """Forget init() (tests run several jobs in one process)."""
+    global _state
+    _state = _State()
+
+
+def _script_name() -> str:
+    import sys
+
+    return os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "your_script.py"
+
+
+def _require_init(call: str) -> Link:
+    link = _state.link
+    if link is None:
+        raise ClientAPIError(
+            f"fedlift.client.{call}() was called before init(). Call flare.init() once at the "
+            "start of the script, before any other fedlift.client function."
+        )
+    return link
+
+
+def init(rank: str | int | None = None) -> None:
+    """Connect this script to its site. Call once, before any other Client API function.
+
+    ``rank`` is the process's rank in a multi-process launch (default: env ``RANK``, else 0).
+    """
+    with _state.lock:
+        if _state.link is not None:
+            _log.debug("init() called again; ignored")
+            return
+        link = current_link()
+        if link is None:
+            raise ClientAPIError(NOT_IN_A_JOB.format(script=_script_name()))
+        _state.link = link
+        _state.rank = str(rank if rank is not None else os.environ.get("RANK", "0"))
+
+
+def _fetch(timeout: float | None) -> Task | None:
+    link = _require_init("receive")
+    task = link.next_task(timeout)
+    if task is None:
+        _state.stopped = True
+        _state.task = None
+        return None
+    _state.task = task
+    _state.answered = False
+    return task
+
+
+def receive(timeout: float | None = None) -> FLModel | None:
+    """The global model of the current round (None once the job has ended).
+
+    Calling it again before ``send()`` returns the same model. With ``timeout`` (seconds) it
+    raises :class:`~fedlift.errors.ReceiveTimeoutError` if no model came in time.
+    """
+    if timeout is not None and (not isinstance(timeout, int | float) or timeout < 0):
+        raise ClientAPIError(
+            f"receive(timeout=...) takes seconds >= 0 or None; received: {timeout!r}."
+        )
+    with _state.lock:
+        _require_init("receive")
+        if _state.task is not None and not _state.answered:
+            return _state.task.model
+        if _state.stopped:
+            return None
+    task = _fetch(timeout)
+    return None if task is None else task.model
+
+
+def _validate_outgoing(model: FLModel) -> None:
+    try:
+        if model.params is not None:
+            flatten(model.params)
+        if model.optimizer_params is not None:
+            flatten(model.optimizer_params)
+        model.weight()
+    except ConfigError as exc:
+        raise ClientAPIError(f"send() got an FLModel it cannot send: {exc}") from None
+    for key, value in (model.metrics or {}).items():
+        if not isinstance(key, str):
+            raise ClientAPIError(f"metric names must be strings; received: {key!r}.")
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            if not math.isfinite(float(value)):
+                _log.warning("metric %r is %s", key, value)
+            continue
+        if hasattr(value, "item"):  # numpy / framework scalars
+            try:
+                model.metrics[key] = float(value.item())  # type: ignore[index]
+                continue
+            except (TypeError, ValueError):
+                pass
+        raise ClientAPIError(
+            f"metric {key!r} must be a number; received: {value!r:.60} ({type(value).__name__}). "
+            "Pass float(value)."
+        )
+
+
+def send(model: FLModel, clear_cache: bool = True) -> None:
+    """Send this round's result (trained params and/or metrics) back to the server."""
+    if not isinstance(model, FLModel):
+        raise ClientAPIError(
+            f"send() takes an FLModel; received: {type(model).__name__}. Wrap the result: "
+            "flare.send(flare.FLModel(params=..., metrics={...}))."
+        )
+    with _state.lock:
+        link = _require_init("send")
+        if _state.task is None or _state.answered:
+            if _state.last_round is not None and _state.answered:
+                raise ClientAPIError(
+                    f"send() was already called for round {_state.last_round}. Send once per "
+                    "received model: call receive() to get the next round's model first."
+                )
+            if _state.last_round is not None:
+                raise ClientAPIError(
+                    f"send() was already called for round {_state.last_round}. Send once per "
+                    "received model: call receive() to get the next round's model first."
+                )
+            raise ClientAPIError(
+                "send() was called before receive(): there is no model to answer yet. Call "
+                "flare.receive() first (it returns the global model of the round)."
+            )
+        if _state.rank != "0":
+            _log.debug("rank %s: send() is a no-op; rank 0 reports for the site", _state.rank)
+            _state.answered = True
+            return
+        _validate_outgoing(model)
+        task = _state.task
+        if model.current_round is None:
+            model.current_round = task.model.current_round
+        if model.total_rounds is None:
+            model.total_rounds = task.model.total_rounds
+        link.submit(task.task_id, model)
+        _state.answered = True
+        _state.last_round = task.model.current_round
+        if clear_cache:
+            _state.task = None
+
+
+def is_running() -> bool:
+    """True while the job has work for this site; blocks until the next task or the end."""
+    with _state.lock:
+        _require_init("is_running")
+        if _state.stopped:
+            return False
+        if _state.task is not None and not _state.answered:
+            return True
+    return _fetch(None) is not None
+
+
+def _task_name(call: str) -> str:
+    with _state.lock:
+        _require_init(call)
+        task = _state.task
+    if task is None:
+        task = _fetch(None)
+        if task is None:
+            return ""
+    return task.name
+
+
+def is_train() -> bool:
+    """True if the current task asks for training (``train``)."""
+    return _task_name("is_train") == "train"
+
+
+def is_evaluate() -> bool:
+    """True if the current task asks to evaluate the received model only (``validate``)."""
+    return _task_name("is_evaluate") == "validate"
+
+
+def is_submit_model() -> bool:
+    """True if the current task asks for the local model (``submit_model``)."""
+    return _task_name("is_submit_model") == "submit_model"
+
+
+def system_info() -> dict[str, Any]:
+    """``job_id`` and ``site_name`` (as NVFlare), plus ``site_index`` and ``num_sites``."""
+    link = _require_init("system_info")
+    ctx = link.context
+    return {
+        "job_id": ctx.job_id,
+        "site_name": ctx.site_name,
+        "site_index": ctx.site_index,
+        "num_sites": ctx.num_sites,
+    }
+
+
+def get_job_id() -> str:
+    return _require_init("get_job_id").context.job_id
+
+
+def get_site_name() -> str:
+    return _require_init("get_site_name").context.site_name
+
+
+def get_config() -> dict[str, Any]:
+    """The client config the server sent (job name, rounds, runner settings)."""
+    return dict(_require_init("get_config").context.config)
+
+
+def log(
+    key: str,
+    value: Any,
+    data_type: AnalyticsDataType | str = AnalyticsDataType.SCALAR,
+    global_step: int | None = None,
+    **kwargs: Any,
+) -> None:
+    """Stream a metric to the server's TensorBoard (under ``SITE/key``).
+
+    ``SCALAR``/``METRIC`` take a number; ``SCALARS``/``METRICS`` a dict of numbers.
+    """
+    link = _require_init("log")
+    kind = data_type.value if isinstance(data_type, AnalyticsDataType) else str(data_type).upper()
+    step = kwargs.pop("step", global_step)
+    if step is not None and not isinstance(step, int):
+        raise ClientAPIError(f"log(global_step=...) takes an int; received: {step!r}.")
+    if kind in ("SCALARS", "METRICS"):
+        if not isinstance(value, dict):
+            raise ClientAPIError(
+                f"log(data_type={kind}) takes a dict of numbers; received: {value!r:.60}."
+            )
+        items = list(value.items())
+    elif kind in ("SCALAR", "METRIC"):
+        items = [(key, value)]
+    else:
+        raise ClientAPIError(
+            f"log() supports data_type SCALAR, SCALARS, METRIC, METRICS; received: {data_type!r}."
+        )
+    for name, raw in items:
+        try:
+            number = float(raw)
+        except (TypeError, ValueError):
+            raise ClientAPIError(
+                f"log() value for {name!r} must be a number; received: {raw!r:.60}."
+            ) from None
+        full = name if kind in ("SCALAR", "METRIC") else f"{key}/{name}"
+        if _state.rank == "0":
+            link.log(full, number, kind, step)
+
+
+def clear() -> None:
+    """Forget the received model, so the next ``receive()`` waits for the next task."""
+    with _state.lock:
+        _state.task = None
+        _state.answered = False
+
+
+def shutdown() -> None:
+    """End this script's part in the job: ``is_running()`` is False afterwards."""
+    with _state.lock:
+        link = _state.link
+        _state.stopped = True
+        _state.task = None
+    if link is not None:
+        link.close()

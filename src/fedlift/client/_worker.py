@@ -1,0 +1,277 @@
+"""A site's client worker: connects to the server, unpacks the job's app, runs the script.
+
+Run as ``python -m fedlift.client.worker --server HOST:PORT --site site-1`` (the simulator
+starts one per site in ``WORKSPACE/site-N``). In-process mode the script runs as
+``__main__`` in a thread of this process and talks to the worker through a
+:class:`~fedlift.client._link.LocalLink`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import os
+import runpy
+import shlex
+import socket
+import sys
+import threading
+import time
+import traceback
+import zipfile
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+
+from ..codec import Message, model_from_wire, model_to_wire
+from ..errors import ConnectionLostError, FedliftError, ProtocolError, TransportError
+from ..transport import GrpcTransport, Transport
+from ._link import ClientContext, LocalLink, Task, set_current_link
+
+__all__ = ["run_worker", "main", "unpack_app"]
+
+log = logging.getLogger("fedlift.client")
+
+_POLL_SECONDS = 5.0
+_MAX_APP_BYTES = 2 << 30
+
+
+def unpack_app(archive: np.ndarray | bytes, target: Path) -> Path:
+    """Extract the job's app (a zip) into ``target``; refuses paths that escape it."""
+    data = archive.tobytes() if isinstance(archive, np.ndarray) else archive
+    target.mkdir(parents=True, exist_ok=True)
+    if not data:
+        return target
+    try:
+        bundle = zipfile.ZipFile(io.BytesIO(data))
+    except zipfile.BadZipFile as exc:
+        raise ProtocolError(f"the job's app archive is not a valid zip file: {exc}") from None
+    total = 0
+    root = target.resolve()
+    with bundle:
+        for info in bundle.infolist():
+            name = PurePosixPath(info.filename)
+            if name.is_absolute() or ".." in name.parts or info.filename.startswith(("/", "\\")):
+                raise ProtocolError(
+                    f"the job's app archive holds an unsafe path: {info.filename!r}"
+                )
+            if (info.external_attr >> 16) & 0o170000 == 0o120000:
+                raise ProtocolError(f"the job's app archive holds a symlink: {info.filename!r}")
+            total += info.file_size
+            if total > _MAX_APP_BYTES:
+                raise ProtocolError("the job's app archive unpacks to more than 2 GiB.")
+            destination = (root / Path(*name.parts)).resolve()
+            if root not in destination.parents and destination != root:
+                raise ProtocolError(f"the job's app archive path escapes: {info.filename!r}")
+            if info.is_dir():
+                destination.mkdir(parents=True, exist_ok=True)
+                continue
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            with bundle.open(info) as src, open(destination, "wb") as dst:
+                while chunk := src.read(1 << 20):
+                    dst.write(chunk)
+    return target
+
+
+def _user_traceback(exc: BaseException) -> str:
+    """The script's traceback without the worker's and runpy's frames on top."""
+    tb = exc.__traceback__
+    internal = (os.path.abspath(__file__), os.path.abspath(runpy.__file__))
+    while tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename) in internal:
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(exc), exc, tb))
+
+
+class ScriptThread(threading.Thread):
+    """Runs the user's script as ``__main__`` and reports how it ended to the link."""
+
+    def __init__(self, script: Path, args: list[str], link: LocalLink, on_error: Any) -> None:
+        super().__init__(name="fedlift-script", daemon=True)
+        self.script = script
+        self.args = args
+        self.link = link
+        self.on_error = on_error
+
+    def run(self) -> None:
+        error: str | None = None
+        sys.argv = [str(self.script), *self.args]
+        for path in (str(self.script.parent),):
+            if path not in sys.path:
+                sys.path.insert(0, path)
+        try:
+            runpy.run_path(str(self.script), run_name="__main__")
+        except SystemExit as exc:
+            if exc.code not in (None, 0):
+                error = f"the script called sys.exit({exc.code!r})"
+        except BaseException as exc:  # everything the script raises is reported
+            error = _user_traceback(exc)
+        if error is not None:
+            sys.stderr.write(error if error.endswith("\n") else error + "\n")
+            sys.stderr.flush()
+            self.on_error(error)
+        self.link.script_ended(error)
+
+
+class Worker:
+    """One site's connection to the server, for one job."""
+
+    def __init__(self, transport: Transport, site: str, workspace: Path) -> None:
+        self.transport = transport
+        self.site = site
+        self.workspace = workspace
+        self._reported = threading.Event()
+
+    def _call(
+        self,
+        op: str,
+        fields: dict[str, Any],
+        arrays: list[np.ndarray] | None = None,
+        timeout: float = 60.0,
+    ) -> Message:
+        return self.transport.call(
+            Message(op, {"site": self.site, **fields}, arrays or []), timeout
+        )
+
+    def report_error(self, text: str) -> None:
+        if self._reported.is_set():
+            return
+        self._reported.set()
+        try:
+            self._call("client_error", {"error": text}, timeout=30)
+        except FedliftError as exc:
+            log.error("could not report the failure to the server: %s", exc)
+
+    def _send_log(self, key: str, value: float, data_type: str, step: int | None) -> None:
+        fields = {"key": key, "value": value, "data_type": data_type, "step": step}
+        self._call("log", fields, timeout=30)
+
+    def register(self, timeout: float) -> tuple[ClientContext, Message]:
+        reply = self._call(
+            "register", {"pid": os.getpid(), "host": socket.gethostname()}, timeout=timeout
+        )
+        if reply.op != "welcome":
+            raise ProtocolError(f"register: expected 'welcome' from the server, got {reply.op!r}")
+        f = reply.fields
+        ctx = ClientContext(
+            job_id=str(f.get("job_id")),
+            site_name=self.site,
+            site_index=int(f.get("site_index", 0)),
+            num_sites=int(f.get("num_sites", 1)),
+            config=dict(f.get("config") or {}),
+        )
+        return ctx, reply
+
+    def _poll(self) -> Message:
+        """``get_task`` with a few retries while the connection blips."""
+        delay, deadline = 0.2, time.monotonic() + 30.0
+        while True:
+            try:
+                return self._call("get_task", {"wait": _POLL_SECONDS}, timeout=_POLL_SECONDS + 30)
+            except (ConnectionLostError, TransportError) as exc:
+                if time.monotonic() > deadline:
+                    raise ConnectionLostError(
+                        f"{self.site} lost the server and could not reconnect for 30 s: {exc}"
+                    ) from None
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def run(self, register_timeout: float = 120.0) -> int:
+        ctx, welcome = self.register(register_timeout)
+        runner = ctx.config.get("runner") or {}
+        app_dir = unpack_app(welcome.arrays[0] if welcome.arrays else b"", self.workspace / "app")
+        script = (app_dir / str(runner.get("script", ""))).resolve()
+        if not script.is_file():
+            text = f"the job's script {runner.get('script')!r} is not in the job's app ({app_dir})."
+            self.report_error(text)
+            return 2
+        if runner.get("launch_external_process"):
+            text = (
+                "launch_external_process=True is not available in this version of fedlift; "
+                "run the script in-process (ScriptRunner(launch_external_process=False))."
+            )
+            self.report_error(text)
+            return 2
+        link = LocalLink(ctx, on_log=self._send_log)
+        set_current_link(link)
+        if str(app_dir) not in sys.path:
+            sys.path.insert(0, str(app_dir))
+        thread = ScriptThread(
+            script, shlex.split(str(runner.get("script_args", ""))), link, self.report_error
+        )
+        log.info("%s: job %s, running %s in-process", self.site, ctx.job_id, runner.get("script"))
+        thread.start()
+        return self._serve(link)
+
+    def _serve(self, link: LocalLink) -> int:
+        while True:
+            if link.script_error is not None:
+                return 1
+            reply = self._poll()
+            if reply.op == "stop":
+                link.stop()
+                failed = bool(reply.fields.get("failed"))
+                if not link.wait_script(10.0 if failed else 60.0):
+                    log.warning("%s: the script did not end after the job stopped", self.site)
+                    return 1 if failed else 0
+                return 1 if (failed or link.script_error) else 0
+            if reply.op == "wait":
+                if link.script_finished:
+                    self.report_error(
+                        "the script ended before the job did (it returned while the server "
+                        "still had rounds to run). Loop with `while flare.is_running():`."
+                    )
+                    return 1
+                continue
+            if reply.op != "task":
+                raise ProtocolError(f"get_task: unexpected reply {reply.op!r}")
+            self._run_task(link, reply)
+
+    def _run_task(self, link: LocalLink, reply: Message) -> None:
+        fields = reply.fields
+        task_id, name = str(fields.get("task_id")), str(fields.get("task_name"))
+        model = model_from_wire(fields.get("model") or {}, list(reply.arrays))
+        link.offer(Task(task_id, name, model))
+        result = link.wait_result(task_id)
+        if result is None:
+            if link.script_error is None:
+                self.report_error(
+                    f"the script ended during task {name!r} (round {model.current_round}) "
+                    "without calling flare.send()."
+                )
+            return
+        model_fields, arrays = model_to_wire(result)
+        self._call("submit", {"task_id": task_id, "model": model_fields}, arrays, timeout=3600)
+
+
+def run_worker(server: str, site: str, workspace: Path | None = None) -> int:
+    """Serve one site until the job ends; returns the process exit status."""
+    transport = GrpcTransport(server, wait_for_ready=True)
+    worker = Worker(transport, site, Path(workspace or os.getcwd()))
+    try:
+        return worker.run()
+    except FedliftError as exc:
+        log.error("%s: %s", site, exc)
+        worker.report_error(f"{type(exc).__name__}: {exc}")
+        return 1
+    finally:
+        transport.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m fedlift.client.worker")
+    parser.add_argument("--server", required=True, help="server address, host:port")
+    parser.add_argument("--site", required=True, help="this site's name, e.g. site-1")
+    parser.add_argument("--workspace", type=Path, default=None, help="default: current dir")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    code = run_worker(args.server, args.site, args.workspace)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # The script thread may hold non-daemon threads (TF, data loaders): leave without them.
+    os._exit(code)

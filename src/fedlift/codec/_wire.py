@@ -1,0 +1,263 @@
+"""The wire format: a small JSON header followed by raw, aligned array buffers.
+
+Layout of one encoded message (all integers little-endian)::
+
+    0   magic      b"FLW1"
+    4   u32        header length in bytes (H)
+    8   u64        total length of the message in bytes
+    16  H bytes    UTF-8 JSON: {"op": str, "fields": {...}, "arrays": [[dtype, shape, offset], ...]}
+    ..  padding    to a multiple of 64
+    ..  arrays     each one's raw C-order bytes at its 64-byte aligned offset
+
+Nothing is ever unpickled: the header is JSON, arrays are raw bytes of dtypes on an
+allowlist, and :func:`decode` checks every size, shape and offset before it makes
+(zero-copy) array views on the received buffer.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..errors import ProtocolError
+
+__all__ = [
+    "ALLOWED_DTYPES",
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "Frame",
+    "Message",
+    "PREFIX_BYTES",
+    "decode",
+    "encode",
+    "frame_length",
+]
+
+MAGIC = b"FLW1"
+_PREFIX = struct.Struct("<4sIQ")
+PREFIX_BYTES = _PREFIX.size
+_ALIGN = 64
+MAX_HEADER_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_MESSAGE_BYTES = 1 << 40
+_MAX_NDIM = 32
+
+ALLOWED_DTYPES: frozenset[str] = frozenset(
+    ["|b1", "|i1", "|u1", "<i2", "<u2", "<i4", "<u4", "<i8", "<u8", "<f2", "<f4", "<f8"]
+)
+_PAD = bytes(_ALIGN)
+
+
+@dataclass(frozen=True)
+class Message:
+    """One request or reply: an operation name, JSON fields and a list of arrays."""
+
+    op: str
+    fields: dict[str, Any] = field(default_factory=dict)
+    arrays: Sequence[np.ndarray] = ()
+
+
+@dataclass(frozen=True)
+class Frame:
+    """An encoded message as a list of buffers (no copy of array data) and its size."""
+
+    buffers: list[memoryview]
+    nbytes: int
+
+    def tobytes(self) -> bytes:
+        return b"".join(self.buffers)
+
+    def tobytearray(self) -> bytearray:
+        """One private, writable copy of the frame (what a receiver decodes from)."""
+        out = bytearray(self.nbytes)
+        position = 0
+        for buf in self.buffers:
+            out[position : position + len(buf)] = buf
+            position += len(buf)
+        return out
+
+    def chunks(self, chunk_bytes: int) -> Iterator[bytes]:
+        """Yield the frame as pieces of at most ``chunk_bytes`` (small pieces coalesced)."""
+        pending: list[memoryview] = []
+        pending_len = 0
+        for buf in self.buffers:
+            start = 0
+            while start < len(buf):
+                take = min(len(buf) - start, chunk_bytes - pending_len)
+                pending.append(buf[start : start + take])
+                pending_len += take
+                start += take
+                if pending_len == chunk_bytes:
+                    yield b"".join(pending)
+                    pending, pending_len = [], 0
+        if pending:
+            yield b"".join(pending)
+
+
+def _aligned(n: int) -> int:
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+def _wire_dtype(array: np.ndarray) -> np.ndarray:
+    dtype = array.dtype
+    if dtype.byteorder == ">" or (dtype.byteorder == "=" and not _little_endian()):
+        array = array.astype(dtype.newbyteorder("<"))
+    return array
+
+
+def _little_endian() -> bool:
+    return np.little_endian
+
+
+def encode(message: Message) -> Frame:
+    """Encode ``message``; array data is referenced, not copied (non-contiguous arrays are)."""
+    if not isinstance(message.op, str) or not message.op:
+        raise ProtocolError(f"message op must be a non-empty string; received: {message.op!r}")
+    specs: list[list[Any]] = []
+    payload: list[np.ndarray] = []
+    offset = 0
+    for i, raw in enumerate(message.arrays):
+        if not isinstance(raw, np.ndarray):
+            raise ProtocolError(
+                f"array {i} of message {message.op!r} is a {type(raw).__name__}; "
+                "expected a numpy.ndarray."
+            )
+        array = _wire_dtype(raw)
+        if not array.flags.c_contiguous:
+            array = array.copy(order="C")
+        dtype = array.dtype.str
+        if dtype not in ALLOWED_DTYPES:
+            raise ProtocolError(
+                f"array {i} of message {message.op!r} has dtype {array.dtype} which the wire "
+                f"format does not carry; allowed: bool, int8-64, uint8-64, float16/32/64. "
+                "Cast it (e.g. array.astype('float32'))."
+            )
+        specs.append([dtype, list(array.shape), offset])
+        payload.append(array)
+        offset = _aligned(offset + array.nbytes)
+    try:
+        header = json.dumps(
+            {"op": message.op, "fields": message.fields, "arrays": specs},
+            separators=(",", ":"),
+            allow_nan=True,
+        ).encode()
+    except (TypeError, ValueError) as exc:
+        raise ProtocolError(
+            f"fields of message {message.op!r} are not JSON-serialisable: {exc}. "
+            "Metrics and meta must hold str, int, float, bool, None, lists and dicts."
+        ) from exc
+    if len(header) > MAX_HEADER_BYTES:
+        raise ProtocolError(
+            f"message header is {len(header):,} bytes; the limit is {MAX_HEADER_BYTES:,}. "
+            "Put large data in arrays, not in metrics or meta."
+        )
+    data_start = _aligned(PREFIX_BYTES + len(header))
+    total = data_start + offset
+    head = bytearray(data_start)
+    _PREFIX.pack_into(head, 0, MAGIC, len(header), total)
+    head[PREFIX_BYTES : PREFIX_BYTES + len(header)] = header
+    buffers: list[memoryview] = [memoryview(head)]
+    position = data_start
+    for spec, array in zip(specs, payload, strict=True):
+        target = data_start + spec[2]
+        if target > position:
+            buffers.append(memoryview(_PAD)[: target - position])
+        if array.nbytes:
+            buffers.append(memoryview(array).cast("B"))
+        position = target + array.nbytes
+    if total > position:
+        buffers.append(memoryview(_PAD)[: total - position])
+    return Frame(buffers, total)
+
+
+def frame_length(prefix: bytes | bytearray | memoryview) -> int:
+    """The total length announced by the first :data:`PREFIX_BYTES` bytes of a frame."""
+    if len(prefix) < PREFIX_BYTES:
+        raise ProtocolError(
+            f"message is {len(prefix)} bytes, shorter than the {PREFIX_BYTES}-byte prefix."
+        )
+    magic, _, total = _PREFIX.unpack_from(prefix, 0)
+    if magic != MAGIC:
+        raise ProtocolError(
+            f"message does not start with the fedlift magic {MAGIC!r} (got {bytes(magic)!r}); "
+            "the peer is not a fedlift endpoint of this wire version."
+        )
+    return int(total)
+
+
+def decode(
+    buffer: bytes | bytearray | memoryview, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+) -> Message:
+    """Validate and decode one message. Arrays are views on ``buffer`` (no copy)."""
+    view = memoryview(buffer).cast("B")
+    total = frame_length(view)
+    if total != len(view):
+        raise ProtocolError(f"message announces {total} bytes but {len(view)} arrived.")
+    if total > max_bytes:
+        raise ProtocolError(f"message of {total:,} bytes exceeds the limit of {max_bytes:,}.")
+    header_len = _PREFIX.unpack_from(view, 0)[1]
+    if header_len > MAX_HEADER_BYTES or PREFIX_BYTES + header_len > total:
+        raise ProtocolError(f"message header length {header_len} is out of bounds.")
+    try:
+        header = json.loads(bytes(view[PREFIX_BYTES : PREFIX_BYTES + header_len]))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError(f"message header is not valid JSON: {exc}") from None
+    if not isinstance(header, dict) or set(header) != {"op", "fields", "arrays"}:
+        raise ProtocolError("message header must be an object with op, fields and arrays.")
+    op, fields, specs = header["op"], header["fields"], header["arrays"]
+    if not isinstance(op, str) or not op or len(op) > 128:
+        raise ProtocolError(f"message op must be a short non-empty string; got {op!r:.80}")
+    if not isinstance(fields, dict):
+        raise ProtocolError("message fields must be a JSON object.")
+    if not isinstance(specs, list):
+        raise ProtocolError("message arrays must be a JSON list.")
+    data_start = _aligned(PREFIX_BYTES + header_len)
+    data_len = total - data_start
+    arrays: list[np.ndarray] = []
+    expected_offset = 0
+    for i, spec in enumerate(specs):
+        arrays.append(_array_from_spec(view, i, spec, data_start, data_len, expected_offset))
+        expected_offset = _aligned(spec[2] + arrays[-1].nbytes)
+    if _aligned(expected_offset) != data_len and not (not specs and data_len == 0):
+        raise ProtocolError(
+            f"message carries {data_len} payload bytes but its arrays account for "
+            f"{expected_offset}."
+        )
+    return Message(op, fields, arrays)
+
+
+def _array_from_spec(
+    view: memoryview, i: int, spec: Any, data_start: int, data_len: int, expected_offset: int
+) -> np.ndarray:
+    if not (isinstance(spec, list) and len(spec) == 3):
+        raise ProtocolError(f"array {i}: spec must be [dtype, shape, offset]; got {spec!r:.80}")
+    dtype_str, shape, offset = spec
+    if dtype_str not in ALLOWED_DTYPES:
+        raise ProtocolError(f"array {i}: dtype {dtype_str!r:.20} is not allowed on the wire.")
+    if (
+        not isinstance(shape, list)
+        or len(shape) > _MAX_NDIM
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+    ):
+        raise ProtocolError(f"array {i}: shape {shape!r:.80} is not a list of non-negative ints.")
+    if not isinstance(offset, int) or isinstance(offset, bool) or offset != expected_offset:
+        raise ProtocolError(
+            f"array {i}: offset {offset!r:.20} is not the expected {expected_offset}."
+        )
+    dtype = np.dtype(dtype_str)
+    count = 1
+    for d in shape:
+        count *= d
+    nbytes = count * dtype.itemsize
+    if offset + nbytes > data_len:
+        raise ProtocolError(
+            f"array {i}: {nbytes} bytes at offset {offset} run past the payload ({data_len})."
+        )
+    start = data_start + offset
+    flat = (
+        np.frombuffer(view, dtype=dtype, count=count, offset=start) if count else np.empty(0, dtype)
+    )
+    return flat.reshape(shape)

@@ -1,0 +1,15 @@
+"""The job API: :class:`FedAvgJob`, :class:`ScriptRunner` and the exported job folder."""
+
+from ._config import CONFIG_NAME, JobConfig, RunnerConfig, WorkflowConfig, load_job, zip_dir
+from ._fedjob import FedAvgJob, ScriptRunner
+
+__all__ = [
+    "CONFIG_NAME",
+    "FedAvgJob",
+    "JobConfig",
+    "RunnerConfig",
+    "ScriptRunner",
+    "WorkflowConfig",
+    "load_job",
+    "zip_dir",
+]

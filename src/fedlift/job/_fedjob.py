@@ -1,0 +1,228 @@
+"""The job API: a FedAvg job, its initial model and the script every client runs."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..errors import ConfigError
+from ..model import flatten
+from ..model._keras import is_keras_model, plain_keras_copy
+from ..server._store import save_npz
+from ._config import _SKIP_DIRS, JobConfig, RunnerConfig, WorkflowConfig
+
+if TYPE_CHECKING:
+    from ..simulator import SimulationResult
+
+__all__ = ["FedAvgJob", "ScriptRunner"]
+
+_FRAMEWORKS = ("tensorflow", "pytorch", "numpy")
+
+
+@dataclass
+class ScriptRunner:
+    """Runs ``script`` on every client.
+
+    In-process (default) the script runs as ``__main__`` in a thread of its client's worker
+    process; ``launch_external_process=True`` launches ``command script script_args`` as a
+    subprocess instead (for multi-GPU scripts). ``app_dir`` is the folder shipped to the
+    clients with the job (default: the script's folder); ``script`` may be relative to it.
+    """
+
+    script: str | Path
+    script_args: str = ""
+    launch_external_process: bool = False
+    command: str = "python3 -u"
+    framework: str = "tensorflow"
+    app_dir: str | Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.framework not in _FRAMEWORKS:
+            raise ConfigError(
+                f"ScriptRunner(framework=...) must be one of {_FRAMEWORKS}; "
+                f"received: framework={self.framework!r}."
+            )
+        if not isinstance(self.script_args, str):
+            raise ConfigError(
+                f"ScriptRunner(script_args=...) is one string of arguments, as typed on a "
+                f"command line; received: {self.script_args!r}."
+            )
+
+    def resolve(self) -> tuple[Path, Path]:
+        """The app folder and the script inside it (both absolute); validated."""
+        script = Path(self.script)
+        if self.app_dir is not None:
+            app = Path(self.app_dir).resolve()
+            if not script.is_absolute() and not script.exists():
+                script = app / script
+        else:
+            app = script.resolve().parent
+        script = script.resolve()
+        if not script.is_file():
+            raise ConfigError(
+                f"ScriptRunner: the script {self.script!r} does not exist (looked at {script}). "
+                "Pass a path relative to the current folder or to app_dir."
+            )
+        if app != script.parent and app not in script.parents:
+            raise ConfigError(f"ScriptRunner: the script {script} is not inside app_dir {app}.")
+        return app, script
+
+
+class FedAvgJob:
+    """A FedAvg job: ``n_clients`` sites train ``initial_model`` for ``num_rounds`` rounds.
+
+    ``initial_model`` is a Keras model (saved as ``.keras``; global models are written as
+    ``.weights.h5``) or a params tree of numpy arrays (saved as ``.npz``).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        n_clients: int,
+        num_rounds: int,
+        initial_model: Any,
+        min_clients: int | None = None,
+        key_metric: str = "accuracy",
+        *,
+        higher_is_better: bool = True,
+        round_timeout: float = 3600.0,
+        register_timeout: float = 600.0,
+        final_evaluation: bool = True,
+    ) -> None:
+        if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
+            raise ConfigError(
+                f"FedAvgJob(name=...) must be a plain folder name; received: {name!r}."
+            )
+        if not isinstance(n_clients, int) or n_clients < 1:
+            raise ConfigError(
+                f"FedAvgJob(n_clients=...) must be an int >= 1; received: {n_clients!r}."
+            )
+        if not isinstance(num_rounds, int) or num_rounds < 1:
+            raise ConfigError(
+                f"FedAvgJob(num_rounds=...) must be an int >= 1; received: {num_rounds!r}."
+            )
+        min_clients = n_clients if min_clients is None else min_clients
+        if not isinstance(min_clients, int) or not 1 <= min_clients <= n_clients:
+            raise ConfigError(
+                f"FedAvgJob(min_clients=...) must be between 1 and n_clients={n_clients}; "
+                f"received: {min_clients!r}."
+            )
+        if is_keras_model(initial_model):
+            self._model_kind = "keras"
+        else:
+            try:
+                flatten(initial_model)
+            except ConfigError as exc:
+                raise ConfigError(
+                    f"FedAvgJob(initial_model=...) must be a Keras model or a params tree of "
+                    f"numpy arrays; {exc}"
+                ) from None
+            self._model_kind = "arrays"
+        self.name = name
+        self.n_clients = n_clients
+        self.initial_model = initial_model
+        self.workflow = WorkflowConfig(
+            num_rounds=num_rounds,
+            min_clients=min_clients,
+            key_metric=key_metric,
+            higher_is_better=higher_is_better,
+            round_timeout=float(round_timeout),
+            register_timeout=float(register_timeout),
+            final_evaluation=final_evaluation,
+        )
+        self.runner: ScriptRunner | None = None
+
+    def to_clients(self, runner: ScriptRunner) -> None:
+        """Every client runs ``runner``."""
+        if not isinstance(runner, ScriptRunner):
+            raise ConfigError(
+                f"to_clients() takes a ScriptRunner; received: {type(runner).__name__}."
+            )
+        runner.resolve()
+        self.runner = runner
+
+    def export_job(self, root: str | Path, exclude: tuple[str | Path, ...] = ()) -> Path:
+        """Write the job folder ``root/NAME`` (config, app, initial model); returns it.
+
+        Folders in ``exclude`` (and ``root`` itself) are left out of the copied app.
+        """
+        if self.runner is None:
+            raise ConfigError(
+                "the job has no script: call job.to_clients(ScriptRunner(...)) first."
+            )
+        app, script = self.runner.resolve()
+        folder = Path(root).resolve() / self.name
+        staging = folder.with_name(f".{self.name}.export-tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        try:
+            skip = {folder.parent, *(Path(p).resolve() for p in exclude)}
+            _copy_app(app, staging / "app", exclude=skip)
+            model_file = self._save_initial_model(staging)
+            config = JobConfig(
+                name=self.name,
+                n_clients=self.n_clients,
+                workflow=self.workflow,
+                runner=RunnerConfig(
+                    script=script.relative_to(app).as_posix(),
+                    script_args=self.runner.script_args,
+                    launch_external_process=self.runner.launch_external_process,
+                    command=self.runner.command,
+                    framework=self.runner.framework,
+                ),
+                initial_model=model_file,
+            )
+            config.write(staging)
+            shutil.rmtree(folder, ignore_errors=True)
+            staging.rename(folder)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return folder
+
+    def _save_initial_model(self, folder: Path) -> str:
+        if self._model_kind == "keras":
+            name = "initial_model.keras"
+            plain_keras_copy(self.initial_model).save(str(folder / name))
+            return name
+        name = "initial_model.npz"
+        tree = _as_arrays(self.initial_model)
+        save_npz(tree, folder / name)
+        return name
+
+    def simulator_run(
+        self,
+        workspace: str | Path,
+        n_clients: int | None = None,
+        threads: int | None = None,
+        gpu: str | None = None,
+    ) -> SimulationResult:
+        """Export the job into ``workspace/jobs`` and run it in the simulator."""
+        from ..simulator import run_simulator
+
+        job_dir = self.export_job(Path(workspace) / "jobs", exclude=(workspace,))
+        return run_simulator(job_dir, workspace, n_clients=n_clients, threads=threads, gpu=gpu)
+
+
+def _as_arrays(tree: Any) -> Any:
+    structure, arrays = flatten(tree)
+    from ..model import unflatten
+
+    return unflatten(structure, [np.asarray(a) for a in arrays])
+
+
+def _copy_app(source: Path, target: Path, exclude: set[Path]) -> None:
+    def ignore(directory: str, names: list[str]) -> list[str]:
+        here = Path(directory)
+        skipped = []
+        for name in names:
+            path = here / name
+            if name in _SKIP_DIRS or name.startswith(".") or path.resolve() in exclude:
+                skipped.append(name)
+        return skipped
+
+    shutil.copytree(source, target, ignore=ignore, symlinks=False)

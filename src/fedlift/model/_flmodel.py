@@ -1,0 +1,108 @@
+"""FLModel: what travels between the server's workflow and a client's training script."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from ..errors import ConfigError
+from ._tree import ParamTree
+
+__all__ = ["FLModel", "MetaKey", "ParamsType"]
+
+
+class ParamsType(str, Enum):
+    """Whether ``FLModel.params`` holds whole weights or a change to add to them."""
+
+    FULL = "FULL"
+    DIFF = "DIFF"
+
+
+class MetaKey:
+    """Well-known keys of ``FLModel.meta`` (names as in NVFlare's Client API)."""
+
+    NUM_STEPS_CURRENT_ROUND = "NUM_STEPS_CURRENT_ROUND"
+    """Aggregation weight of a client's result (e.g. its number of samples or steps)."""
+    INITIAL_METRICS = "initial_metrics"
+    CURRENT_ROUND = "current_round"
+    TOTAL_ROUNDS = "total_rounds"
+    JOB_ID = "job_id"
+    SITE_NAME = "site_name"
+    TASK_NAME = "task_name"
+
+
+@dataclass
+class FLModel:
+    """A model (params tree), its metrics and where it stands in the job.
+
+    The argument order follows NVFlare's ``FLModel`` so positional and keyword calls of
+    scripts written for it keep working. ``params_type`` defaults to ``FULL`` when
+    ``params`` is given.
+    """
+
+    params_type: ParamsType | None = None
+    params: ParamTree | None = None
+    optimizer_params: ParamTree | None = None
+    metrics: dict[str, Any] | None = None
+    start_round: int | None = 0
+    current_round: int | None = None
+    total_rounds: int | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.meta is None:
+            self.meta = {}
+        if not isinstance(self.meta, dict):
+            raise ConfigError(
+                f"FLModel.meta must be a dict; received: meta={self.meta!r:.80} "
+                f"({type(self.meta).__name__})."
+            )
+        if self.params_type is None and self.params is not None:
+            self.params_type = ParamsType.FULL
+        elif self.params_type is not None and not isinstance(self.params_type, ParamsType):
+            try:
+                self.params_type = ParamsType(str(self.params_type).upper())
+            except ValueError:
+                raise ConfigError(
+                    f"FLModel.params_type must be ParamsType.FULL or ParamsType.DIFF; "
+                    f"received: params_type={self.params_type!r}."
+                ) from None
+        if self.metrics is not None and not isinstance(self.metrics, dict):
+            raise ConfigError(
+                f"FLModel.metrics must be a dict of str to number; received: "
+                f"metrics={self.metrics!r:.80} ({type(self.metrics).__name__})."
+            )
+
+    def weight(self) -> float:
+        """The aggregation weight: ``meta[NUM_STEPS_CURRENT_ROUND]``, 1 if absent."""
+        raw = self.meta.get(MetaKey.NUM_STEPS_CURRENT_ROUND, 1)
+        try:
+            value = float(raw)
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"meta[{MetaKey.NUM_STEPS_CURRENT_ROUND!r}] is the aggregation weight and must "
+                f"be a positive number; received: {raw!r}."
+            ) from None
+        if not math.isfinite(value) or value <= 0:
+            raise ConfigError(
+                f"meta[{MetaKey.NUM_STEPS_CURRENT_ROUND!r}] is the aggregation weight and must "
+                f"be a positive finite number; received: {raw!r}."
+            )
+        return value
+
+    def summary(self) -> str:
+        """One line that describes this model for logs."""
+        from ._tree import flatten
+
+        if self.params is None:
+            size = "no params"
+        else:
+            _, arrays = flatten(self.params)
+            size = f"{len(arrays)} arrays, {sum(a.size for a in arrays):,} values"
+        return (
+            f"FLModel(round={self.current_round}/{self.total_rounds}, "
+            f"{self.params_type.value if self.params_type else '-'}, {size}, "
+            f"metrics={self.metrics})"
+        )

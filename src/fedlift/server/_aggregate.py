@@ -1,0 +1,172 @@
+"""FedAvg's maths as pure functions and one streaming accumulator.
+
+:class:`StreamingMean` folds each client's result into a single running weighted mean as it
+arrives (``mean += (w / W) * (x - mean)``), so the server holds one model's worth of sums no
+matter how many clients answer, and the mean of one client is that client's params exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+from ..errors import ConfigError
+from ..model import FLModel, ParamsType, ParamTree, Structure, flat_keys, flatten, unflatten
+
+__all__ = [
+    "StreamingMean",
+    "apply_update",
+    "weighted_mean",
+    "weighted_mean_metrics",
+]
+
+
+class StreamingMean:
+    """Running weighted mean of param trees and numeric metrics, one result at a time."""
+
+    def __init__(self, reference: ParamTree | None) -> None:
+        if reference is not None:
+            self._structure, ref = flatten(reference)
+            self._shapes = [(a.shape, a.dtype) for a in ref]
+            self._keys = flat_keys(self._structure)
+        else:
+            self._structure, self._shapes, self._keys = None, [], []
+        self._sums: list[np.ndarray] | None = None
+        self._weight = 0.0
+        self._params_type: ParamsType | None = None
+        self._metric_sums: dict[str, float] = {}
+        self._metric_weights: dict[str, float] = {}
+        self.count = 0
+
+    @property
+    def total_weight(self) -> float:
+        return self._weight
+
+    def add(self, model: FLModel, source: str = "a client") -> None:
+        """Fold ``model`` (params weighted by its ``NUM_STEPS_CURRENT_ROUND``) into the mean."""
+        weight = model.weight()
+        self._add_metrics(model.metrics, weight)
+        self.count += 1
+        if model.params is None:
+            return
+        arrays = self._validated(model, source)
+        self._weight += weight
+        fraction = weight / self._weight
+        if self._sums is None:
+            self._sums = [np.array(a, dtype=_acc_dtype(a.dtype), copy=True) for a in arrays]
+            return
+        for acc, x in zip(self._sums, arrays, strict=True):
+            delta = np.subtract(x, acc, dtype=acc.dtype)
+            delta *= fraction
+            acc += delta
+
+    def _validated(self, model: FLModel, source: str) -> list[np.ndarray]:
+        structure, arrays = flatten(model.params)
+        if self._params_type is None:
+            self._params_type = model.params_type or ParamsType.FULL
+        elif model.params_type not in (None, self._params_type):
+            raise ConfigError(
+                f"{source} sent params_type={model.params_type.value} but earlier results in "
+                f"this round were {self._params_type.value}; all clients must send the same "
+                "kind of params in a round."
+            )
+        if self._structure is None:
+            self._structure = structure
+            self._shapes = [(a.shape, a.dtype) for a in arrays]
+            self._keys = flat_keys(structure)
+        elif structure != self._structure:
+            theirs = flat_keys(structure)
+            missing = [k for k in self._keys if k not in set(theirs)]
+            extra = [k for k in theirs if k not in set(self._keys)]
+            raise ConfigError(
+                f"{source} sent params whose layout differs from the global model "
+                f"(missing: {missing[:5] or 'none'}, unexpected: {extra[:5] or 'none'}). "
+                "Send every layer/key of the model received, e.g. "
+                "{layer.name: layer.get_weights() for layer in model.layers}."
+            )
+        for key, (shape, _), array in zip(self._keys, self._shapes, arrays, strict=True):
+            if array.shape != shape:
+                raise ConfigError(
+                    f"{source} sent {key!r} with shape {array.shape}; the global model has "
+                    f"{shape}. Did the script change the model's architecture?"
+                )
+            if not np.issubdtype(array.dtype, np.number) and array.dtype != np.bool_:
+                raise ConfigError(f"{source} sent {key!r} with non-numeric dtype {array.dtype}.")
+        return arrays
+
+    def _add_metrics(self, metrics: Mapping[str, Any] | None, weight: float) -> None:
+        for key, value in (metrics or {}).items():
+            if isinstance(value, bool) or not isinstance(value, int | float | np.number):
+                continue
+            self._metric_sums[key] = self._metric_sums.get(key, 0.0) + float(value) * weight
+            self._metric_weights[key] = self._metric_weights.get(key, 0.0) + weight
+
+    def params(self) -> ParamTree | None:
+        """The weighted mean tree (None if no result carried params)."""
+        if self._sums is None:
+            return None
+        out = [
+            acc if acc.dtype == dtype else _cast_back(acc, dtype)
+            for acc, (_, dtype) in zip(self._sums, self._shapes, strict=True)
+        ]
+        return unflatten(self._structure, out)
+
+    @property
+    def params_type(self) -> ParamsType | None:
+        return self._params_type
+
+    @property
+    def structure(self) -> Structure:
+        return self._structure
+
+    def metrics(self) -> dict[str, float]:
+        return {k: self._metric_sums[k] / self._metric_weights[k] for k in self._metric_sums}
+
+
+def _acc_dtype(dtype: np.dtype[Any]) -> np.dtype[Any]:
+    return dtype if np.issubdtype(dtype, np.floating) else np.dtype(np.float64)
+
+
+def _cast_back(acc: np.ndarray, dtype: np.dtype[Any]) -> np.ndarray:
+    if np.issubdtype(dtype, np.integer) or dtype == np.bool_:
+        return np.rint(acc).astype(dtype)
+    return acc.astype(dtype)
+
+
+def weighted_mean(models: Iterable[FLModel]) -> StreamingMean:
+    """Fold every model into a :class:`StreamingMean` (reference: the first one's layout)."""
+    acc: StreamingMean | None = None
+    for i, model in enumerate(models):
+        if acc is None:
+            acc = StreamingMean(model.params)
+        acc.add(model, f"result {i}")
+    if acc is None:
+        raise ConfigError("weighted_mean() needs at least one model; received none.")
+    return acc
+
+
+def weighted_mean_metrics(models: Iterable[FLModel]) -> dict[str, float]:
+    """Weighted mean of every numeric metric, over the models that report it."""
+    acc = StreamingMean(None)
+    for model in models:
+        acc._add_metrics(model.metrics, model.weight())
+    return acc.metrics()
+
+
+def apply_update(
+    global_params: ParamTree, update: ParamTree, params_type: ParamsType | None
+) -> ParamTree:
+    """New global params: the mean itself for FULL, ``global + mean`` for DIFF."""
+    if params_type in (None, ParamsType.FULL):
+        return update
+    g_structure, g_arrays = flatten(global_params)
+    u_structure, u_arrays = flatten(update)
+    if g_structure != u_structure:
+        raise ConfigError("a DIFF update must have the global model's layout.")
+    summed = [
+        np.add(g, u, dtype=g.dtype, casting="unsafe") if np.issubdtype(g.dtype, np.number) else g
+        for g, u in zip(g_arrays, u_arrays, strict=True)
+    ]
+    return unflatten(g_structure, summed)

@@ -1,0 +1,167 @@
+"""FedAvg as one readable loop over small hooks; the maths lives in :mod:`._aggregate`."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import ConfigError
+from ..model import FLModel, MetaKey, ParamTree
+from ._aggregate import StreamingMean, apply_update
+from ._runtime import ServerRuntime
+from ._store import RoundRecord, RunRecorder
+
+__all__ = ["FedAvg", "FedAvgResult", "all_clients"]
+
+log = logging.getLogger("fedlift.server")
+
+RoundCallback = Callable[[RoundRecord], None]
+
+
+def all_clients(sites: Sequence[str], round_number: int) -> list[str]:
+    """The default client sampling: every registered client, every round."""
+    return list(sites)
+
+
+@dataclass
+class FedAvgResult:
+    """What a finished FedAvg run produced."""
+
+    params: ParamTree
+    rounds: list[RoundRecord]
+    final_metrics: dict[str, float]
+    best_round: int | None
+    best_value: float | None
+
+
+@dataclass
+class FedAvg:
+    """Federated averaging (McMahan et al., 2017).
+
+    Each round: send the global model to the sampled clients as task ``train``, fold each
+    result into a streaming weighted mean (weights: ``meta[NUM_STEPS_CURRENT_ROUND]``),
+    replace (FULL) or add to (DIFF) the global params, record metrics and models. With
+    ``final_evaluation`` a last ``validate`` task asks every client to evaluate the final
+    global model, so the job reports the metrics of the model it produced.
+
+    Hooks are plain functions: ``sample_clients(sites, round) -> sites``.
+    """
+
+    num_rounds: int
+    min_clients: int
+    round_timeout: float = 3600.0
+    register_timeout: float = 600.0
+    final_evaluation: bool = True
+    sample_clients: Callable[[Sequence[str], int], list[str]] = all_clients
+    on_round: RoundCallback | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.num_rounds, int) or self.num_rounds < 1:
+            raise ConfigError(f"num_rounds must be an int >= 1; received: {self.num_rounds!r}.")
+        if not isinstance(self.min_clients, int) or self.min_clients < 1:
+            raise ConfigError(f"min_clients must be an int >= 1; received: {self.min_clients!r}.")
+        if self.round_timeout <= 0:
+            raise ConfigError(f"round_timeout must be > 0 s; received: {self.round_timeout!r}.")
+
+    def run(
+        self,
+        runtime: ServerRuntime,
+        initial_params: ParamTree,
+        recorder: RunRecorder,
+        start_round: int = 0,
+    ) -> FedAvgResult:
+        runtime.wait_for_clients(self.min_clients, self.register_timeout)
+        params = initial_params
+        for round_number in range(start_round, self.num_rounds):
+            started = time.monotonic()
+            sites = self.sample_clients(runtime.registered_sites(), round_number)
+            task = self._task_model(params, round_number, start_round)
+            mean = StreamingMean(params)
+            answered = runtime.run_task(
+                "train",
+                task,
+                sites,
+                on_result=lambda site, result, m=mean: m.add(result, site),  # type: ignore[misc]
+                timeout=self.round_timeout,
+                min_responses=self.min_clients,
+            )
+            new_params = self._update(params, mean)
+            record = recorder.record(
+                RoundRecord(
+                    round_number,
+                    "train",
+                    answered,
+                    mean.metrics(),
+                    time.monotonic() - started,
+                    extra={"total_weight": mean.total_weight},
+                ),
+                evaluated_params=params,
+            )
+            params = new_params
+            recorder.save_global(params, round_number)
+            self._notify(record)
+        final_metrics: dict[str, float] = {}
+        if self.final_evaluation:
+            final_metrics = self._evaluate_final(runtime, params, recorder, start_round)
+        return FedAvgResult(
+            params, recorder.records, final_metrics, recorder.best_round, recorder.best_value
+        )
+
+    def _task_model(self, params: ParamTree, round_number: int, start_round: int) -> FLModel:
+        return FLModel(
+            params=params,
+            current_round=round_number,
+            total_rounds=self.num_rounds,
+            start_round=start_round,
+            meta={MetaKey.CURRENT_ROUND: round_number, MetaKey.TOTAL_ROUNDS: self.num_rounds},
+        )
+
+    @staticmethod
+    def _update(params: ParamTree, mean: StreamingMean) -> ParamTree:
+        aggregate = mean.params()
+        if aggregate is None:
+            log.warning("no client sent params this round; the global model is unchanged")
+            return params
+        return apply_update(params, aggregate, mean.params_type)
+
+    def _evaluate_final(
+        self, runtime: ServerRuntime, params: ParamTree, recorder: RunRecorder, start_round: int
+    ) -> dict[str, float]:
+        started = time.monotonic()
+        mean = StreamingMean(None)
+        task = self._task_model(params, self.num_rounds, start_round)
+        answered = runtime.run_task(
+            "validate",
+            task,
+            self.sample_clients(runtime.registered_sites(), self.num_rounds),
+            on_result=lambda site, result: mean.add(
+                FLModel(metrics=result.metrics, meta=result.meta)
+            ),
+            timeout=self.round_timeout,
+            min_responses=self.min_clients,
+        )
+        record = recorder.record(
+            RoundRecord(
+                self.num_rounds, "validate", answered, mean.metrics(), time.monotonic() - started
+            ),
+            evaluated_params=params,
+        )
+        self._notify(record)
+        return record.metrics
+
+    def _notify(self, record: RoundRecord) -> None:
+        if self.on_round is not None:
+            self.on_round(record)
+
+
+def describe(result: FedAvgResult) -> dict[str, Any]:
+    """A JSON-able summary of a run."""
+    return {
+        "final_metrics": result.final_metrics,
+        "best_round": result.best_round,
+        "best_value": result.best_value,
+        "rounds": len(result.rounds),
+    }

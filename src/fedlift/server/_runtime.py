@@ -1,0 +1,340 @@
+"""The server's side of the client protocol: registration, tasks, results and failures.
+
+Client workers (a simulator's processes or long-running sites) connect out to the server
+and speak five operations over any :mod:`fedlift.transport`:
+
+``register``     -> ``welcome`` (job id, site index, client config, the job's app archive)
+``get_task``     -> ``task`` (a model to work on), ``wait`` (nothing yet, ask again) or ``stop``
+``submit``       -> ``ok`` (the result of a task)
+``client_error`` -> ``ok`` (the site's script failed: traceback attached; the job stops)
+``log``          -> ``ok`` (a metric the script logged with ``flare.log``)
+
+Workflows drive it with :meth:`ServerRuntime.run_task`, which dispatches a task to sites (at
+most ``max_concurrent`` at once), feeds each result to a callback as it arrives and raises at
+once when a site fails.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..codec import Message, model_from_wire, model_to_wire
+from ..errors import (
+    ClientFailedError,
+    ConfigError,
+    JobAbortedError,
+    ProtocolError,
+    RoundTimeoutError,
+)
+from ..model import FLModel
+
+__all__ = ["LogRecord", "ServerRuntime"]
+
+log = logging.getLogger("fedlift.server")
+
+_MAX_POLL_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class LogRecord:
+    """A value a site's script logged with ``flare.log``."""
+
+    site: str
+    key: str
+    value: float
+    data_type: str
+    step: int | None
+
+
+@dataclass
+class _Task:
+    task_id: str
+    name: str
+    message_fields: dict[str, Any]
+    arrays: list[np.ndarray]
+
+
+@dataclass
+class _Event:
+    kind: str  # "result" | "failure"
+    site: str
+    task_id: str = ""
+    model: FLModel | None = None
+    text: str = ""
+
+
+@dataclass
+class _Site:
+    name: str
+    index: int
+    registered: bool = False
+    info: dict[str, Any] = field(default_factory=dict)
+    last_seen: float = 0.0
+
+
+def _str_field(fields: dict[str, Any], name: str) -> str:
+    value = fields.get(name)
+    if not isinstance(value, str) or not value or len(value) > 256:
+        raise ProtocolError(f"field {name!r} must be a non-empty string; got {value!r:.60}")
+    return value
+
+
+class ServerRuntime:
+    """Serves client workers for one job (see module docstring)."""
+
+    def __init__(
+        self,
+        job_id: str,
+        sites: Sequence[str],
+        client_config: dict[str, Any],
+        app_archive: bytes = b"",
+        *,
+        max_concurrent: int | None = None,
+        on_log: Callable[[LogRecord], None] | None = None,
+    ) -> None:
+        if not sites:
+            raise ConfigError("a job needs at least one site; received: sites=[].")
+        self.job_id = job_id
+        self._sites = {name: _Site(name, i) for i, name in enumerate(sites)}
+        self._client_config = client_config
+        self._app = np.frombuffer(app_archive, np.uint8) if app_archive else np.zeros(0, np.uint8)
+        self._slots = max_concurrent or len(sites)
+        if self._slots < 1:
+            raise ConfigError(f"max_concurrent must be at least 1; received: {max_concurrent}.")
+        self._on_log = on_log
+        self._cond = threading.Condition()
+        self._pending: dict[str, _Task] = {}
+        self._events: queue.Queue[_Event] = queue.Queue()
+        self._stop_reason: str | None = None
+        self._stop_failed = False
+        self._failure: _Event | None = None
+
+    # ------------------------------------------------------------------ transport handler
+    def handle(self, request: Message) -> Message:
+        """The transport handler: validate the request and run its operation."""
+        fields = request.fields
+        site = self._site(_str_field(fields, "site"))
+        site.last_seen = time.monotonic()
+        if request.op == "register":
+            return self._register(site, fields)
+        if not site.registered:
+            raise ProtocolError(f"{site.name} must register before {request.op!r}.")
+        if request.op == "get_task":
+            return self._get_task(site, fields)
+        if request.op == "submit":
+            task_id = _str_field(fields, "task_id")
+            model = model_from_wire(fields.get("model") or {}, list(request.arrays))
+            self._events.put(_Event("result", site.name, task_id, model))
+            return Message("ok")
+        if request.op == "client_error":
+            text = str(fields.get("error", "unknown error"))[:200_000]
+            self.report_failure(site.name, text)
+            return Message("ok")
+        if request.op == "log":
+            self._log(site, fields)
+            return Message("ok")
+        raise ProtocolError(
+            f"unknown operation {request.op!r}; expected register, get_task, submit, "
+            "client_error or log."
+        )
+
+    def _site(self, name: str) -> _Site:
+        site = self._sites.get(name)
+        if site is None:
+            raise ConfigError(
+                f"site {name!r} is not part of job {self.job_id}; expected one of "
+                f"{sorted(self._sites)}."
+            )
+        return site
+
+    def _register(self, site: _Site, fields: dict[str, Any]) -> Message:
+        with self._cond:
+            site.registered = True
+            site.info = {k: fields.get(k) for k in ("pid", "host") if k in fields}
+            self._cond.notify_all()
+        log.info("%s registered (pid %s)", site.name, site.info.get("pid"))
+        return Message(
+            "welcome",
+            {
+                "job_id": self.job_id,
+                "site_index": site.index,
+                "num_sites": len(self._sites),
+                "config": self._client_config,
+            },
+            [self._app],
+        )
+
+    def _get_task(self, site: _Site, fields: dict[str, Any]) -> Message:
+        wait = fields.get("wait", 0.0)
+        if not isinstance(wait, int | float) or wait < 0:
+            raise ProtocolError(f"get_task wait must be a non-negative number; got {wait!r:.40}")
+        deadline = time.monotonic() + min(float(wait), _MAX_POLL_SECONDS)
+        with self._cond:
+            while True:
+                if self._stop_reason is not None:
+                    return Message(
+                        "stop", {"reason": self._stop_reason, "failed": self._stop_failed}
+                    )
+                task = self._pending.pop(site.name, None)
+                if task is not None:
+                    return Message("task", task.message_fields, task.arrays)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return Message("wait")
+                self._cond.wait(remaining)
+
+    def _log(self, site: _Site, fields: dict[str, Any]) -> None:
+        key = _str_field(fields, "key")
+        value = fields.get("value")
+        step = fields.get("step")
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise ProtocolError(f"log value for {key!r} must be a number; got {value!r:.40}")
+        if step is not None and not isinstance(step, int):
+            raise ProtocolError(f"log step must be an int; got {step!r:.40}")
+        record = LogRecord(
+            site.name, key, float(value), str(fields.get("data_type", "SCALAR")), step
+        )
+        if self._on_log is not None:
+            self._on_log(record)
+
+    # ------------------------------------------------------------------ workflow side
+    @property
+    def site_names(self) -> list[str]:
+        return list(self._sites)
+
+    def registered_sites(self) -> list[str]:
+        with self._cond:
+            return [s.name for s in self._sites.values() if s.registered]
+
+    def wait_for_clients(self, count: int, timeout: float) -> list[str]:
+        """Block until ``count`` sites registered; raise on timeout or a site's failure."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                self._raise_if_failed()
+                ready = [s.name for s in self._sites.values() if s.registered]
+                if len(ready) >= count:
+                    return ready
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    missing = [s.name for s in self._sites.values() if not s.registered]
+                    raise RoundTimeoutError(
+                        f"only {len(ready)} of the {count} clients needed registered within "
+                        f"{timeout:.0f} s (missing: {', '.join(missing)}). Check the clients' "
+                        "logs and that they reach the server's address."
+                    )
+                self._cond.wait(min(remaining, 0.5))
+
+    def report_failure(self, site: str, text: str) -> None:
+        """A site failed (script error, process died): the running task raises at once."""
+        log.error("%s failed:\n%s", site, text)
+        with self._cond:
+            if self._failure is None:
+                self._failure = _Event("failure", site, text=text)
+            self._cond.notify_all()
+        self._events.put(_Event("failure", site, text=text))
+
+    def _raise_if_failed(self) -> None:
+        if self._failure is not None:
+            raise ClientFailedError(f"{self._failure.site} failed:\n{self._failure.text}")
+        if self._stop_reason is not None and self._stop_failed:
+            raise JobAbortedError(f"the job was stopped: {self._stop_reason}")
+
+    def run_task(
+        self,
+        task_name: str,
+        model: FLModel,
+        sites: Sequence[str],
+        *,
+        on_result: Callable[[str, FLModel], None],
+        timeout: float,
+        min_responses: int,
+    ) -> list[str]:
+        """Send ``model`` as task ``task_name`` to ``sites`` and hand each result to ``on_result``.
+
+        Returns the sites that answered. Raises :class:`ClientFailedError` as soon as a site
+        fails, and :class:`RoundTimeoutError` when fewer than ``min_responses`` answered
+        within ``timeout`` seconds.
+        """
+        task_id = uuid.uuid4().hex
+        fields, arrays = model_to_wire(model)
+        message_fields = {"task_id": task_id, "task_name": task_name, "model": fields}
+        waiting = list(sites)
+        active: set[str] = set()
+        answered: list[str] = []
+        deadline = time.monotonic() + timeout
+
+        def dispatch() -> None:
+            with self._cond:
+                while waiting and len(active) < self._slots:
+                    site = waiting.pop(0)
+                    self._pending[site] = _Task(task_id, task_name, message_fields, arrays)
+                    active.add(site)
+                self._cond.notify_all()
+
+        with self._cond:
+            self._raise_if_failed()
+        dispatch()
+        try:
+            while active:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    event = self._events.get(timeout=remaining)
+                except queue.Empty:
+                    break
+                if event.kind == "failure":
+                    raise ClientFailedError(f"{event.site} failed:\n{event.text}")
+                if event.task_id != task_id or event.site not in active:
+                    log.warning("ignoring a late or unexpected result from %s", event.site)
+                    continue
+                active.discard(event.site)
+                if event.model is None:
+                    continue
+                on_result(event.site, event.model)
+                answered.append(event.site)
+                dispatch()
+        finally:
+            with self._cond:
+                for site in list(active) + waiting:
+                    self._pending.pop(site, None)
+        if len(answered) < min_responses:
+            missing = sorted(set(sites) - set(answered))
+            raise RoundTimeoutError(
+                f"task {task_name!r}: {len(answered)} of {len(sites)} clients answered within "
+                f"{timeout:g} s, fewer than min_clients={min_responses} (no answer from: "
+                f"{', '.join(missing)}). Raise round_timeout if training takes longer, or "
+                "check those clients' logs."
+            )
+        if len(answered) < len(sites):
+            log.warning(
+                "task %r: going on with %d of %d clients (no answer from %s)",
+                task_name,
+                len(answered),
+                len(sites),
+                ", ".join(sorted(set(sites) - set(answered))),
+            )
+        return answered
+
+    def stop(self, reason: str, failed: bool = False) -> None:
+        """Tell every client to stop (their next or current ``get_task`` returns ``stop``)."""
+        with self._cond:
+            if self._stop_reason is None:
+                self._stop_reason = reason
+                self._stop_failed = failed
+            self._pending.clear()
+            self._cond.notify_all()
+
+    @property
+    def stopped(self) -> bool:
+        return self._stop_reason is not None

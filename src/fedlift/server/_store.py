@@ -1,0 +1,249 @@
+"""What a job leaves on disk: global and best models, per-round metrics, TensorBoard events.
+
+Every file is written atomically (temporary file, fsync, rename), so a crash never leaves a
+half-written model or state file behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import socket
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from .._atomic import atomic_path, atomic_write_text, atomic_writer
+from ..errors import ConfigError
+from ..model import ParamTree, flat_keys, flatten, unflatten
+from ..model._keras import keras_params, load_keras_model, set_keras_params
+from ._runtime import LogRecord
+
+__all__ = [
+    "ArraysFormat",
+    "KerasWeightsFormat",
+    "ModelFormat",
+    "RoundRecord",
+    "RunRecorder",
+    "load_initial_model",
+    "load_npz",
+    "save_npz",
+]
+
+log = logging.getLogger("fedlift.server")
+
+
+class ModelFormat(Protocol):
+    """How global models are written: a file suffix and a save function."""
+
+    suffix: str
+
+    def save(self, params: ParamTree, path: Path) -> None: ...
+
+
+_STRUCTURE_KEY = "__fedlift_structure__"
+
+
+def save_npz(params: ParamTree, path: Path) -> None:
+    """Write a params tree as ``.npz`` keyed by flat paths (``"dense/0"``), atomically.
+
+    The tree's structure is stored too (as JSON bytes), so :func:`load_npz` rebuilds the
+    exact tree; other tools see a plain ``.npz`` of named arrays.
+    """
+    structure, arrays = flatten(params)
+    keys = flat_keys(structure)
+    named = dict(zip(keys, arrays, strict=True))
+    named[_STRUCTURE_KEY] = np.frombuffer(json.dumps(structure).encode(), np.uint8)
+    with atomic_writer(path) as handle:
+        np.savez(handle, **named)  # type: ignore[arg-type]
+
+
+def load_npz(path: Path) -> ParamTree:
+    """Read a file written by :func:`save_npz` (never unpickles)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            named = {key: data[key] for key in data.files}
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read {path} as .npz arrays: {exc}") from None
+    raw = named.pop(_STRUCTURE_KEY, None)
+    if raw is None:
+        return named
+    structure = json.loads(raw.tobytes().decode())
+    keys = flat_keys(structure)
+    missing = [k for k in keys if k not in named]
+    if missing:
+        raise ConfigError(f"{path} lacks arrays {missing[:5]} named by its structure.")
+    return unflatten(structure, [named[k] for k in keys])
+
+
+class ArraysFormat:
+    """Params trees of plain arrays, saved as ``.npz``."""
+
+    suffix = ".npz"
+
+    def save(self, params: ParamTree, path: Path) -> None:
+        save_npz(params, path)
+
+
+class KerasWeightsFormat:
+    """Keras models: loads the job's ``.keras`` file once and writes ``.weights.h5`` files."""
+
+    suffix = ".weights.h5"
+
+    def __init__(self, model: Any) -> None:
+        self._model = model
+
+    @classmethod
+    def from_file(cls, path: Path) -> tuple[KerasWeightsFormat, ParamTree]:
+        """Load a ``.keras`` file; returns the format and the model's params tree."""
+        model = load_keras_model(path)
+        return cls(model), keras_params(model)
+
+    def save(self, params: ParamTree, path: Path) -> None:
+        set_keras_params(self._model, params)
+        atomic_path(path, lambda tmp: self._model.save_weights(str(tmp)), suffix=self.suffix)
+
+
+def load_initial_model(path: Path) -> tuple[ModelFormat, ParamTree]:
+    """The initial model of an exported job: ``.keras`` or ``.npz``."""
+    if not path.is_file():
+        raise ConfigError(f"the initial model {path} does not exist.")
+    if path.name.endswith(".keras"):
+        return KerasWeightsFormat.from_file(path)
+    if path.suffix == ".npz":
+        return ArraysFormat(), load_npz(path)
+    raise ConfigError(
+        f"the initial model {path.name} has an unknown format; expected .keras or .npz."
+    )
+
+
+class _TensorBoard:
+    """Scalar summaries in TensorBoard event files, written without TensorFlow.
+
+    Uses tensorboard's protobuf messages and TFRecord writer on a plain file (tensorboard's
+    own EventFileWriter would import TensorFlow for its file system layer).
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self._file: Any = None
+        try:
+            from tensorboard.compat.proto import event_pb2, summary_pb2
+            from tensorboard.summary.writer.record_writer import RecordWriter
+        except ImportError:  # optional at run time; the dependency is declared
+            log.warning("tensorboard is not installed: no TensorBoard event files are written")
+            return
+        directory.mkdir(parents=True, exist_ok=True)
+        name = f"events.out.tfevents.{time.time():.0f}.{socket.gethostname()}.{os.getpid()}"
+        self._file = open(directory / name, "wb")  # noqa: SIM115 - closed in close()
+        self._records = RecordWriter(self._file)
+        self._event, self._summary = event_pb2.Event, summary_pb2.Summary
+        self._write(self._event(wall_time=time.time(), file_version="brain.Event:2"))
+
+    def _write(self, event: Any) -> None:
+        self._records.write(event.SerializeToString())
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        if self._file is None or not math.isfinite(value):
+            return
+        summary = self._summary(value=[self._summary.Value(tag=tag, simple_value=value)])
+        self._write(self._event(wall_time=time.time(), step=step, summary=summary))
+
+    def flush(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+@dataclass
+class RoundRecord:
+    """One line of ``metrics.jsonl``."""
+
+    round: int
+    task: str
+    clients: list[str]
+    metrics: dict[str, float]
+    seconds: float
+    is_best: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class RunRecorder:
+    """Writes a job's results under ``directory`` as rounds complete."""
+
+    def __init__(
+        self,
+        directory: Path,
+        model_format: ModelFormat,
+        key_metric: str = "accuracy",
+        higher_is_better: bool = True,
+    ) -> None:
+        self.directory = directory
+        self.models_dir = directory / "models"
+        self.models_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = directory / "metrics.jsonl"
+        self.metrics_path.unlink(missing_ok=True)
+        self._format = model_format
+        self.key_metric = key_metric
+        self._higher = higher_is_better
+        self.best_value: float | None = None
+        self.best_round: int | None = None
+        self.records: list[RoundRecord] = []
+        self._tb = _TensorBoard(directory / "tensorboard")
+
+    @property
+    def global_model_path(self) -> Path:
+        return self.models_dir / f"global_model{self._format.suffix}"
+
+    @property
+    def best_model_path(self) -> Path:
+        return self.models_dir / f"best_model{self._format.suffix}"
+
+    def _improves(self, metrics: dict[str, float]) -> bool:
+        value = metrics.get(self.key_metric)
+        if value is None or not math.isfinite(value):
+            return False
+        if self.best_value is None:
+            return True
+        return value > self.best_value if self._higher else value < self.best_value
+
+    def record(self, record: RoundRecord, evaluated_params: ParamTree | None) -> RoundRecord:
+        """Store a round's metrics; if they are the best so far, save ``evaluated_params``
+        (the model the clients evaluated) as the best model."""
+        if evaluated_params is not None and self._improves(record.metrics):
+            self.best_value = record.metrics[self.key_metric]
+            self.best_round = record.round
+            record.is_best = True
+            self._format.save(evaluated_params, self.best_model_path)
+        self.records.append(record)
+        with open(self.metrics_path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(asdict(record), allow_nan=True) + "\n")
+        for key, value in record.metrics.items():
+            self._tb.scalar(f"global/{key}", float(value), record.round)
+        self._tb.flush()
+        return record
+
+    def save_global(self, params: ParamTree, round_done: int) -> None:
+        """Save the global model after ``round_done`` and the job state, atomically."""
+        self._format.save(params, self.global_model_path)
+        state = {
+            "round_done": round_done,
+            "best_round": self.best_round,
+            "best_value": self.best_value,
+            "key_metric": self.key_metric,
+        }
+        atomic_write_text(self.directory / "state.json", json.dumps(state, indent=2) + "\n")
+
+    def client_log(self, record: LogRecord) -> None:
+        self._tb.scalar(f"{record.site}/{record.key}", record.value, record.step or 0)
+
+    def close(self) -> None:
+        self._tb.close()

@@ -1,0 +1,229 @@
+"""The simulator: a deployment on one machine.
+
+The server runtime runs in this process and serves the client protocol over gRPC on
+loopback; each client is a worker process of its own (``WORKSPACE/site-N``), exactly the
+code a real site runs. Outputs land in ``WORKSPACE/server`` (models, metrics.jsonl,
+TensorBoard events, log.txt) and ``WORKSPACE/site-N/log.txt``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from rich.console import Console
+from rich.table import Table
+
+from ..errors import ClientFailedError, ConfigError, FedliftError
+from ..job import load_job, zip_dir
+from ..model import ParamTree
+from ..server import FedAvg, RoundRecord, RunRecorder, ServerRuntime
+from ..server._store import load_initial_model
+from ..transport import GrpcListener
+from ._gpu import assign_groups, parse_gpu_groups
+from ._processes import WorkerProcess, start_worker
+
+__all__ = ["SimulationResult", "run_simulator"]
+
+log = logging.getLogger("fedlift.simulator")
+
+
+@dataclass
+class SimulationResult:
+    """What a finished simulation produced (all paths are inside the workspace)."""
+
+    job_id: str
+    workspace: Path
+    rounds: list[RoundRecord]
+    final_metrics: dict[str, float]
+    best_round: int | None
+    best_value: float | None
+    global_model: Path
+    best_model: Path | None
+    params: ParamTree
+    seconds: float
+
+
+def _site_env(gpus: list[str] | None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    env.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
+    env["PYTHONUNBUFFERED"] = "1"
+    if gpus is not None:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
+    return env
+
+
+def _file_logging(path: Path) -> logging.Handler:
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    root = logging.getLogger("fedlift")
+    root.addHandler(handler)
+    if root.level == logging.NOTSET or root.level > logging.INFO:
+        root.setLevel(logging.INFO)
+    return handler
+
+
+def _round_line(record: RoundRecord, total: int) -> str:
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in sorted(record.metrics.items()))
+    label = f"round {record.round + 1}/{total}" if record.task == "train" else "final model"
+    best = " [bold green](best)[/]" if record.is_best else ""
+    return (
+        f"[bold]{label}[/]: {len(record.clients)} clients, {shown or 'no metrics'}{best} "
+        f"({record.seconds:.1f} s)"
+    )
+
+
+def run_simulator(
+    job_dir: str | Path,
+    workspace: str | Path,
+    n_clients: int | None = None,
+    threads: int | None = None,
+    gpu: str | None = None,
+    *,
+    terminal: TextIO | None = None,
+    quiet: bool = False,
+) -> SimulationResult:
+    """Run an exported job with ``n_clients`` local clients, ``threads`` of them at once.
+
+    Raises :class:`~fedlift.errors.ClientFailedError` (with the client's traceback) when a
+    client script fails, and other :class:`~fedlift.errors.FedliftError` for bad input.
+    """
+    started = time.monotonic()
+    config, root = load_job(job_dir)
+    n = config.n_clients if n_clients is None else n_clients
+    if not isinstance(n, int) or n < 1:
+        raise ConfigError(f"-n (n_clients) must be an int >= 1; received: {n!r}.")
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise ConfigError(f"-t (threads) must be an int >= 1; received: {threads!r}.")
+    min_clients = min(config.workflow.min_clients, n)
+    if config.runner.launch_external_process:
+        raise ConfigError(
+            "this job launches its script as an external process "
+            "(ScriptRunner(launch_external_process=True)), which this fedlift version does "
+            "not run yet; export it with launch_external_process=False (drop --launch_process)."
+        )
+    sites = [f"site-{i + 1}" for i in range(n)]
+    placement = assign_groups(sites, parse_gpu_groups(gpu)) if gpu else {}
+    ws = Path(workspace).resolve()
+    server_dir = ws / "server"
+    server_dir.mkdir(parents=True, exist_ok=True)
+    console = Console(file=terminal or sys.stdout, highlight=False, quiet=quiet)
+    out = terminal or sys.stdout
+    handler = _file_logging(server_dir / "log.txt")
+    job_id = f"{config.name}-{uuid.uuid4().hex[:8]}"
+    model_format, initial_params = load_initial_model(root / config.initial_model)
+    recorder = RunRecorder(
+        server_dir, model_format, config.workflow.key_metric, config.workflow.higher_is_better
+    )
+    runtime = ServerRuntime(
+        job_id,
+        sites,
+        config.client_config(),
+        zip_dir(root / config.app),
+        max_concurrent=threads,
+        on_log=recorder.client_log,
+    )
+    workflow = FedAvg(
+        num_rounds=config.workflow.num_rounds,
+        min_clients=min_clients,
+        round_timeout=config.workflow.round_timeout,
+        register_timeout=config.workflow.register_timeout,
+        final_evaluation=config.workflow.final_evaluation,
+        on_round=lambda r: console.print(_round_line(r, config.workflow.num_rounds)),
+    )
+    listener = GrpcListener(runtime.handle, "127.0.0.1:0", max_workers=2 * n + 8)
+    workers: list[WorkerProcess] = []
+
+    def on_exit(worker: WorkerProcess, code: int) -> None:
+        if runtime.stopped:
+            return
+        reason = f"exited with status {code}" if code >= 0 else f"was killed by signal {-code}"
+        runtime.report_failure(
+            worker.site,
+            f"the client process {reason} before the job ended "
+            f"(log: {worker.log_path}).\nLast lines of its stderr:\n{worker.tail()}",
+        )
+
+    console.print(
+        f"[bold]fedlift simulator[/]: job {job_id}, {n} clients"
+        + (f", {threads} at a time" if threads else "")
+        + f", {config.workflow.num_rounds} rounds, workspace {ws}"
+    )
+    try:
+        for site in sites:
+            workers.append(
+                start_worker(
+                    site, listener.address, ws / site, _site_env(placement.get(site)), out, on_exit
+                )
+            )
+        result = workflow.run(runtime, initial_params, recorder)
+        runtime.stop("the job finished")
+        for worker in workers:
+            worker.stop(grace=60)
+    except BaseException as exc:
+        runtime.stop(f"the job failed: {exc}", failed=True)
+        for worker in workers:
+            worker.stop(grace=10)
+        if isinstance(exc, ClientFailedError):
+            log.error("job %s failed: %s", job_id, exc)
+        raise
+    finally:
+        listener.stop(grace=1)
+        recorder.close()
+        logging.getLogger("fedlift").removeHandler(handler)
+        handler.close()
+    elapsed = time.monotonic() - started
+    _print_summary(console, result.rounds, recorder, elapsed)
+    return SimulationResult(
+        job_id=job_id,
+        workspace=ws,
+        rounds=result.rounds,
+        final_metrics=result.final_metrics,
+        best_round=result.best_round,
+        best_value=result.best_value,
+        global_model=recorder.global_model_path,
+        best_model=recorder.best_model_path if recorder.best_round is not None else None,
+        params=result.params,
+        seconds=elapsed,
+    )
+
+
+def _print_summary(
+    console: Console, rounds: list[RoundRecord], recorder: RunRecorder, elapsed: float
+) -> None:
+    keys = sorted({k for r in rounds for k in r.metrics})
+    table = Table(title=f"fedlift: job finished in {elapsed:.1f} s", title_justify="left")
+    table.add_column("round")
+    table.add_column("clients", justify="right")
+    for key in keys:
+        table.add_column(key, justify="right")
+    table.add_column("s", justify="right")
+    for r in rounds:
+        label = str(r.round + 1) if r.task == "train" else "final"
+        cells: list[Any] = [f"{r.metrics[k]:.4f}" if k in r.metrics else "-" for k in keys]
+        star = " *" if r.is_best else ""
+        table.add_row(label + star, str(len(r.clients)), *cells, f"{r.seconds:.1f}")
+    console.print(table)
+    console.print(f"global model: {recorder.global_model_path}")
+    if recorder.best_round is not None:
+        n_train = sum(1 for r in rounds if r.task == "train")
+        when = "final" if recorder.best_round >= n_train else f"round {recorder.best_round + 1}"
+        console.print(
+            f"best model ({recorder.key_metric} {recorder.best_value:.4f}, {when}): "
+            f"{recorder.best_model_path}"
+        )
+    console.print(
+        f"metrics: {recorder.metrics_path}; TensorBoard: {recorder.directory / 'tensorboard'}"
+    )
+
+
+def describe_failure(exc: FedliftError) -> str:
+    return f"{type(exc).__name__}: {exc}"

@@ -1,8 +1,8 @@
 """The CIFAR-10 FedAvg job: n clients run a Keras training script for a number of rounds.
 
-    python3 tf_client_api_job.py --script src/cifar10_tf_fl.py      # run it in the simulator
-    python3 tf_client_api_job.py --export_config                   # write the job folder
-    fedlift simulator -n 2 -t 2 -w /tmp/ws jobs/cifar10_tf_fedavg   # run the exported job
+python3 tf_client_api_job.py --script src/cifar10_tf_fl.py      # run it in the simulator
+python3 tf_client_api_job.py --export_config                   # write the job folder
+fedlift simulator -n 2 -t 2 -w /tmp/ws jobs/cifar10_tf_fedavg   # run the exported job
 """
 
 from __future__ import annotations
@@ -20,17 +20,29 @@ from fedlift import FedAvgJob, FedliftError, ScriptRunner  # noqa: E402
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--n_clients", type=int, default=2)
     parser.add_argument("--num_rounds", type=int, default=5)
     parser.add_argument("--script", default="src/cifar10_tf_fl.py")
     parser.add_argument("--script_args", default="", help='passed to the script, e.g. "--epochs 2"')
-    parser.add_argument("--launch_process", action="store_true",
-                        help="run the script as a subprocess of each client (multi-GPU scripts)")
-    parser.add_argument("--export_config", action="store_true",
-                        help="only write the job folder (see --job_root), do not run it")
-    parser.add_argument("--job_root", type=Path, default=HERE / "jobs",
-                        help="where --export_config writes the job folder (default: ./jobs)")
+    parser.add_argument(
+        "--launch_process",
+        action="store_true",
+        help="run the script as a subprocess of each client (multi-GPU scripts)",
+    )
+    parser.add_argument(
+        "--export_config",
+        action="store_true",
+        help="only write the job folder (see --job_root), do not run it",
+    )
+    parser.add_argument(
+        "--job_root",
+        type=Path,
+        default=HERE / "jobs",
+        help="where --export_config writes the job folder (default: ./jobs)",
+    )
     parser.add_argument("--workspace", type=Path, default=Path("/tmp/fedlift/cifar10_tf"))
     parser.add_argument("--threads", type=int, default=None, help="clients training at once")
     parser.add_argument("--gpu", default=None, help="GPU groups, e.g. 0,1 or [0,1],[2,3]")

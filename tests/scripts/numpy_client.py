@@ -1,10 +1,15 @@
 """A NumPy client for tests: adds (site_index + 1) * STEP to every array and reports metrics.
 
-Options (argv): --weight W (NUM_STEPS_CURRENT_ROUND), --diff (send a DIFF), --fail-round R
-(raise in round R), --exit-early R (return after round R).
+Options: --weight W (NUM_STEPS_CURRENT_ROUND, default site_index + 1), --diff (send a DIFF),
+--fail-round R (raise in round R), --exit-early R (return after round R), --hang-round R
+(never answer round R), --kill-round R (SIGKILL its own process in round R), --only-site I
+(the failure options apply to that site index only; default: all sites).
 """
 
 import argparse
+import os
+import signal
+import time
 
 import numpy as np
 
@@ -16,27 +21,43 @@ parser.add_argument("--weight", type=float, default=None)
 parser.add_argument("--diff", action="store_true")
 parser.add_argument("--fail-round", type=int, default=-1)
 parser.add_argument("--exit-early", type=int, default=-1)
+parser.add_argument("--hang-round", type=int, default=-1)
+parser.add_argument("--kill-round", type=int, default=-1)
+parser.add_argument("--only-site", type=int, default=-1)
 args = parser.parse_args()
 
 flare.init()
 index = flare.system_info()["site_index"]
+targeted = args.only_site in (-1, index)
+
+
+def shifted(tree, delta):
+    if isinstance(tree, dict):
+        return {k: shifted(v, delta) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [shifted(v, delta) for v in tree]
+    return np.asarray(tree) + np.asarray(delta, dtype=np.asarray(tree).dtype)
+
+
 while flare.is_running():
     model = flare.receive()
-    assert model is not None
-    if model.current_round == args.fail_round:
-        raise ValueError(f"deliberate failure in round {model.current_round}")
-    delta = (index + 1) * args.step
-    new = {k: [np.asarray(a) + delta for a in v] if isinstance(v, list) else np.asarray(v) + delta
-           for k, v in model.params.items()}
+    rnd = model.current_round
+    if targeted and rnd == args.fail_round:
+        raise ValueError(f"deliberate failure in round {rnd}")
+    if targeted and rnd == args.kill_round:
+        os.kill(os.getpid(), signal.SIGKILL)
+    if targeted and rnd == args.hang_round:
+        time.sleep(3600)
+    new = shifted(model.params, (index + 1) * args.step)
     weight = args.weight if args.weight is not None else float(index + 1)
     out = flare.tree_sub(new, model.params) if args.diff else new
     flare.send(
         flare.FLModel(
             params_type=flare.ParamsType.DIFF if args.diff else flare.ParamsType.FULL,
             params=out,
-            metrics={"accuracy": float(index + 1) + (model.current_round or 0), "site": index},
+            metrics={"accuracy": float(index + 1) + rnd, "site": index},
             meta={"NUM_STEPS_CURRENT_ROUND": weight},
         )
     )
-    if model.current_round == args.exit_early:
+    if targeted and rnd == args.exit_early:
         break

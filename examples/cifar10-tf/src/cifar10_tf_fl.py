@@ -23,8 +23,12 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--max_train", type=int, default=None, help="use fewer train images")
     parser.add_argument("--max_test", type=int, default=None, help="use fewer test images")
-    parser.add_argument("--data_split", choices=["iid", "full"], default="iid",
-                        help="iid: each site trains on its own shard; full: every site on all")
+    parser.add_argument(
+        "--data_split",
+        choices=["iid", "full"],
+        default="iid",
+        help="iid: each site trains on its own shard; full: every site on all",
+    )
     args = parser.parse_args()
 
     # (2) initialise the Client API
@@ -32,8 +36,10 @@ def main() -> None:
     site = flare.system_info()  # this site's index among num_sites picks its shard of the data
 
     (train_images, train_labels), (test_images, test_labels) = load_data(
-        shard=(site["site_index"], site["num_sites"]), split=args.data_split,
-        max_train=args.max_train, max_test=args.max_test,
+        shard=(site["site_index"], site["num_sites"]),
+        split=args.data_split,
+        max_train=args.max_train,
+        max_test=args.max_test,
     )
     # Normalize pixel values to be between 0 and 1
     train_images = train_images.astype("float32") / 255.0

@@ -178,12 +178,7 @@ def send(model: FLModel, clear_cache: bool = True) -> None:
     with _state.lock:
         link = _require_init("send")
         if _state.task is None or _state.answered:
-            if _state.last_round is not None and _state.answered:
-                raise ClientAPIError(
-                    f"send() was already called for round {_state.last_round}. Send once per "
-                    "received model: call receive() to get the next round's model first."
-                )
-            if _state.last_round is not None:
+            if _state.answered or _state.last_round is not None:
                 raise ClientAPIError(
                     f"send() was already called for round {_state.last_round}. Send once per "
                     "received model: call receive() to get the next round's model first."

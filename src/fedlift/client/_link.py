@@ -72,6 +72,8 @@ class LocalLink:
         self._stopped = False
         self._script_ended = False
         self._script_error: str | None = None
+        self._busy = False
+        self.on_script_end: Callable[[], None] | None = None
 
     # ---------------------------------------------------------------- worker side
     def offer(self, task: Task) -> None:
@@ -90,6 +92,17 @@ class LocalLink:
             self._script_ended = True
             self._script_error = error
             self._cond.notify_all()
+        if self.on_script_end is not None:
+            self.on_script_end()
+
+    @property
+    def busy(self) -> bool:
+        """The script took a task and has not answered it yet."""
+        return self._busy
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped
 
     @property
     def script_finished(self) -> bool:
@@ -129,6 +142,7 @@ class LocalLink:
             while True:
                 if self._task is not None:
                     task, self._task = self._task, None
+                    self._busy = True
                     return task
                 if self._stopped:
                     return None
@@ -146,6 +160,7 @@ class LocalLink:
     def submit(self, task_id: str, model: FLModel) -> None:
         with self._cond:
             self._result = (task_id, model)
+            self._busy = False
             self._cond.notify_all()
 
     def log(self, key: str, value: float, data_type: str, step: int | None) -> None:

@@ -12,6 +12,7 @@ import argparse
 import io
 import logging
 import os
+import queue
 import runpy
 import shlex
 import socket
@@ -78,8 +79,12 @@ def unpack_app(archive: np.ndarray | bytes, target: Path) -> Path:
 def _user_traceback(exc: BaseException) -> str:
     """The script's traceback without the worker's and runpy's frames on top."""
     tb = exc.__traceback__
-    internal = (os.path.abspath(__file__), os.path.abspath(runpy.__file__))
-    while tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename) in internal:
+    internal = {os.path.abspath(__file__), os.path.abspath(runpy.__file__), "<frozen runpy>"}
+
+    def is_internal(filename: str) -> bool:
+        return filename in internal or os.path.abspath(filename) in internal
+
+    while tb is not None and is_internal(tb.tb_frame.f_code.co_filename):
         tb = tb.tb_next
     return "".join(traceback.format_exception(type(exc), exc, tb))
 
@@ -204,45 +209,82 @@ class Worker:
         thread.start()
         return self._serve(link)
 
+    def _poll_forever(self, events: queue.Queue[tuple[str, Any]], done: threading.Event) -> None:
+        """Long-poll the server in the background, so a stop arrives even mid-task."""
+        try:
+            while not done.is_set():
+                reply = self._poll()
+                if reply.op == "wait":
+                    continue
+                events.put(("server", reply))
+                if reply.op == "stop":
+                    return
+        except FedliftError as exc:
+            events.put(("error", exc))
+
     def _serve(self, link: LocalLink) -> int:
-        while True:
-            if link.script_error is not None:
-                return 1
-            reply = self._poll()
-            if reply.op == "stop":
-                link.stop()
-                failed = bool(reply.fields.get("failed"))
-                if not link.wait_script(10.0 if failed else 60.0):
-                    log.warning("%s: the script did not end after the job stopped", self.site)
-                    return 1 if failed else 0
-                return 1 if (failed or link.script_error) else 0
-            if reply.op == "wait":
-                if link.script_finished:
+        events: queue.Queue[tuple[str, Any]] = queue.Queue()
+        done = threading.Event()
+        link.on_script_end = lambda: events.put(("script_ended", None))
+        poller = threading.Thread(
+            target=self._poll_forever, args=(events, done), name="fedlift-poll", daemon=True
+        )
+        poller.start()
+        try:
+            while True:
+                kind, payload = events.get()
+                if kind == "error":
+                    raise payload
+                if kind == "script_ended":
+                    if link.script_error is not None:
+                        return 1
                     self.report_error(
                         "the script ended before the job did (it returned while the server "
-                        "still had rounds to run). Loop with `while flare.is_running():`."
+                        "still had rounds to run). Keep the script in "
+                        "`while flare.is_running():` until the job ends."
                     )
                     return 1
-                continue
-            if reply.op != "task":
-                raise ProtocolError(f"get_task: unexpected reply {reply.op!r}")
-            self._run_task(link, reply)
+                reply: Message = payload
+                if reply.op == "stop":
+                    return self._stop(link, bool(reply.fields.get("failed")))
+                if reply.op != "task":
+                    raise ProtocolError(f"get_task: unexpected reply {reply.op!r}")
+                threading.Thread(
+                    target=self._run_task, args=(link, reply), name="fedlift-task", daemon=True
+                ).start()
+        finally:
+            done.set()
+
+    def _stop(self, link: LocalLink, failed: bool) -> int:
+        stale = link.busy  # the script still works on a task whose result nobody wants
+        link.stop()
+        grace = 3.0 if (failed or stale) else 60.0
+        if not link.wait_script(grace):
+            log.warning("%s: the script did not end %.0f s after the job stopped", self.site, grace)
+            return 1 if failed else 0
+        return 1 if (failed or link.script_error) else 0
 
     def _run_task(self, link: LocalLink, reply: Message) -> None:
+        """Hand one task to the script and send its answer back (in its own thread)."""
         fields = reply.fields
         task_id, name = str(fields.get("task_id")), str(fields.get("task_name"))
-        model = model_from_wire(fields.get("model") or {}, list(reply.arrays))
-        link.offer(Task(task_id, name, model))
-        result = link.wait_result(task_id)
-        if result is None:
-            if link.script_error is None:
-                self.report_error(
-                    f"the script ended during task {name!r} (round {model.current_round}) "
-                    "without calling flare.send()."
-                )
-            return
-        model_fields, arrays = model_to_wire(result)
-        self._call("submit", {"task_id": task_id, "model": model_fields}, arrays, timeout=3600)
+        try:
+            model = model_from_wire(fields.get("model") or {}, list(reply.arrays))
+            link.offer(Task(task_id, name, model))
+            result = link.wait_result(task_id)
+            if result is None:
+                if not link.stopped and link.script_error is None:
+                    self.report_error(
+                        f"the script ended before the job did: task {name!r} of round "
+                        f"{model.current_round} got no flare.send(). Keep the script in "
+                        "`while flare.is_running():` until the job ends."
+                    )
+                return
+            model_fields, arrays = model_to_wire(result)
+            self._call("submit", {"task_id": task_id, "model": model_fields}, arrays, timeout=3600)
+        except FedliftError as exc:
+            log.error("%s: task %s failed: %s", self.site, name, exc)
+            self.report_error(f"{type(exc).__name__} while answering task {name!r}: {exc}")
 
 
 def run_worker(server: str, site: str, workspace: Path | None = None) -> int:

@@ -166,7 +166,7 @@ def encode(message: Message) -> Frame:
         if target > position:
             buffers.append(memoryview(_PAD)[: target - position])
         if array.nbytes:
-            buffers.append(memoryview(array).cast("B"))
+            buffers.append(array.data.cast("B"))
         position = target + array.nbytes
     if total > position:
         buffers.append(memoryview(_PAD)[: total - position])
@@ -203,7 +203,7 @@ def decode(
         raise ProtocolError(f"message header length {header_len} is out of bounds.")
     try:
         header = json.loads(bytes(view[PREFIX_BYTES : PREFIX_BYTES + header_len]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, ...
         raise ProtocolError(f"message header is not valid JSON: {exc}") from None
     if not isinstance(header, dict) or set(header) != {"op", "fields", "arrays"}:
         raise ProtocolError("message header must be an object with op, fields and arrays.")
@@ -260,4 +260,7 @@ def _array_from_spec(
     flat = (
         np.frombuffer(view, dtype=dtype, count=count, offset=start) if count else np.empty(0, dtype)
     )
-    return flat.reshape(shape)
+    try:
+        return flat.reshape(shape)
+    except ValueError as exc:  # dims past numpy's limits (a zero dim keeps nbytes at 0)
+        raise ProtocolError(f"array {i}: shape {shape!r:.80} is not valid: {exc}") from None

@@ -79,6 +79,8 @@ class FLModel:
         """The aggregation weight: ``meta[NUM_STEPS_CURRENT_ROUND]``, 1 if absent."""
         raw = self.meta.get(MetaKey.NUM_STEPS_CURRENT_ROUND, 1)
         try:
+            if isinstance(raw, str | bytes | bool):  # float() would accept "5" and True
+                raise TypeError
             value = float(raw)
         except (TypeError, ValueError):
             raise ConfigError(

@@ -122,6 +122,8 @@ def unflatten(structure: Structure, arrays: Sequence[np.ndarray]) -> ParamTree:
                 for item in node["d"]:
                     if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)):
                         raise ProtocolError(f"bad dict entry in param structure: {item!r:.80}")
+                    if item[0] in out:
+                        raise ProtocolError(f"param structure names key {item[0]!r:.80} twice.")
                     out[item[0]] = build(item[1], depth + 1)
                 return out
             if "l" in node and isinstance(node["l"], list):

@@ -47,11 +47,12 @@ class StreamingMean:
     def add(self, model: FLModel, source: str = "a client") -> None:
         """Fold ``model`` (params weighted by its ``NUM_STEPS_CURRENT_ROUND``) into the mean."""
         weight = model.weight()
+        # Validate before changing any state: a rejected result leaves the mean as it was.
+        arrays = None if model.params is None else self._validated(model, source)
         self._add_metrics(model.metrics, weight)
         self.count += 1
-        if model.params is None:
+        if arrays is None:
             return
-        arrays = self._validated(model, source)
         self._weight += weight
         fraction = weight / self._weight
         if self._sums is None:
@@ -64,18 +65,16 @@ class StreamingMean:
 
     def _validated(self, model: FLModel, source: str) -> list[np.ndarray]:
         structure, arrays = flatten(model.params)
-        if self._params_type is None:
-            self._params_type = model.params_type or ParamsType.FULL
-        elif model.params_type not in (None, self._params_type):
+        params_type = self._params_type or model.params_type or ParamsType.FULL
+        if model.params_type not in (None, params_type):
             raise ConfigError(
                 f"{source} sent params_type={model.params_type.value} but earlier results in "
-                f"this round were {self._params_type.value}; all clients must send the same "
+                f"this round were {params_type.value}; all clients must send the same "
                 "kind of params in a round."
             )
         if self._structure is None:
-            self._structure = structure
-            self._shapes = [(a.shape, a.dtype) for a in arrays]
-            self._keys = flat_keys(structure)
+            keys = flat_keys(structure)
+            shapes = [(a.shape, a.dtype) for a in arrays]
         elif structure != self._structure:
             theirs = flat_keys(structure)
             missing = [k for k in self._keys if k not in set(theirs)]
@@ -86,7 +85,9 @@ class StreamingMean:
                 "Send every layer/key of the model received, e.g. "
                 "{layer.name: layer.get_weights() for layer in model.layers}."
             )
-        for key, (shape, _), array in zip(self._keys, self._shapes, arrays, strict=True):
+        else:
+            keys, shapes = self._keys, self._shapes
+        for key, (shape, _), array in zip(keys, shapes, arrays, strict=True):
             if array.shape != shape:
                 raise ConfigError(
                     f"{source} sent {key!r} with shape {array.shape}; the global model has "
@@ -94,6 +95,8 @@ class StreamingMean:
                 )
             if not np.issubdtype(array.dtype, np.number) and array.dtype != np.bool_:
                 raise ConfigError(f"{source} sent {key!r} with non-numeric dtype {array.dtype}.")
+        self._params_type = params_type
+        self._structure, self._keys, self._shapes = structure, keys, shapes
         return arrays
 
     def _add_metrics(self, metrics: Mapping[str, Any] | None, weight: float) -> None:
@@ -130,9 +133,9 @@ def _acc_dtype(dtype: np.dtype[Any]) -> np.dtype[Any]:
 
 
 def _cast_back(acc: np.ndarray, dtype: np.dtype[Any]) -> np.ndarray:
-    if np.issubdtype(dtype, np.integer) or dtype == np.bool_:
-        return np.rint(acc).astype(dtype)
-    return acc.astype(dtype)
+    source = np.rint(acc) if np.issubdtype(dtype, np.integer) or dtype == np.bool_ else acc
+    out: np.ndarray = source.astype(dtype)
+    return out
 
 
 def weighted_mean(models: Iterable[FLModel]) -> StreamingMean:

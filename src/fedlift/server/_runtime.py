@@ -215,24 +215,28 @@ class ServerRuntime:
         with self._cond:
             return [s.name for s in self._sites.values() if s.registered]
 
-    def wait_for_clients(self, count: int, timeout: float) -> list[str]:
-        """Block until ``count`` sites registered; raise on timeout or a site's failure."""
-        deadline = time.monotonic() + timeout
+    def wait_for_clients(self, count: int, timeout: float, grace: float = 10.0) -> list[str]:
+        """Block until every site registered, or at least ``count`` did and ``grace`` seconds
+        passed; raise on timeout or a site's failure."""
+        start = time.monotonic()
+        deadline = start + timeout
         with self._cond:
             while True:
                 self._raise_if_failed()
                 ready = [s.name for s in self._sites.values() if s.registered]
-                if len(ready) >= count:
+                now = time.monotonic()
+                if len(ready) == len(self._sites) or (len(ready) >= count and now - start >= grace):
                     return ready
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                if now >= deadline:
+                    if len(ready) >= count:
+                        return ready
                     missing = [s.name for s in self._sites.values() if not s.registered]
                     raise RoundTimeoutError(
                         f"only {len(ready)} of the {count} clients needed registered within "
                         f"{timeout:.0f} s (missing: {', '.join(missing)}). Check the clients' "
                         "logs and that they reach the server's address."
                     )
-                self._cond.wait(min(remaining, 0.5))
+                self._cond.wait(min(deadline - now, 0.5))
 
     def report_failure(self, site: str, text: str) -> None:
         """A site failed (script error, process died): the running task raises at once."""

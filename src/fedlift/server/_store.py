@@ -139,7 +139,7 @@ class _TensorBoard:
             return
         directory.mkdir(parents=True, exist_ok=True)
         name = f"events.out.tfevents.{time.time():.0f}.{socket.gethostname()}.{os.getpid()}"
-        self._file = open(directory / name, "wb")  # noqa: SIM115 - closed in close()
+        self._file = open(directory / name, "wb")
         self._records = RecordWriter(self._file)
         self._event, self._summary = event_pb2.Event, summary_pb2.Summary
         self._write(self._event(wall_time=time.time(), file_version="brain.Event:2"))

@@ -115,7 +115,7 @@ def run_simulator(
     ws = Path(workspace).resolve()
     server_dir = ws / "server"
     server_dir.mkdir(parents=True, exist_ok=True)
-    console = Console(file=terminal or sys.stdout, highlight=False, quiet=quiet)
+    console = Console(file=terminal or sys.stdout, highlight=False, quiet=quiet, soft_wrap=True)
     out = terminal or sys.stdout
     handler = _file_logging(server_dir / "log.txt")
     job_id = f"{config.name}-{uuid.uuid4().hex[:8]}"
@@ -167,7 +167,7 @@ def run_simulator(
         result = workflow.run(runtime, initial_params, recorder)
         runtime.stop("the job finished")
         for worker in workers:
-            worker.stop(grace=60)
+            worker.stop(grace=30)
     except BaseException as exc:
         runtime.stop(f"the job failed: {exc}", failed=True)
         for worker in workers:

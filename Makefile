@@ -1,0 +1,58 @@
+# fedlift: `make demo` runs the flagship job offline; `make test` runs the whole suite.
+# Both create .venv and install fedlift with the example's dependencies first.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.fedlift-installed
+FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+PYTEST_ARGS ?=
+
+.PHONY: venv data demo test check lint typecheck format bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml examples/cifar10-tf/requirements.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[tf,tensorboard,dev]" \
+		-r examples/cifar10-tf/requirements.txt
+	@touch $@
+
+# Real Fashion-MNIST (Debian's dataset-fashion-mnist) for the accuracy tests.
+data: $(FASHION)
+
+$(FASHION):
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	else \
+		echo "make data: install Debian's dataset-fashion-mnist (sudo apt-get install dataset-fashion-mnist)" >&2; \
+		exit 1; \
+	fi
+
+# The flagship example: CIFAR-10 when available, else the embedded Fashion-MNIST subset.
+demo: venv
+	cd examples/cifar10-tf && ../../$(PY) tf_client_api_job.py --n_clients 2 --num_rounds 3 \
+		--workspace /tmp/fedlift/demo
+
+lint: venv
+	$(VENV)/bin/ruff check src tests examples benchmarks
+	$(VENV)/bin/ruff format --check src tests examples benchmarks
+
+typecheck: venv
+	$(VENV)/bin/mypy
+
+check: lint typecheck
+
+format: venv
+	$(VENV)/bin/ruff format src tests examples benchmarks
+	$(VENV)/bin/ruff check --fix src tests examples benchmarks
+
+test: venv data check
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: venv
+	$(PY) -m benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache src/*.egg-info

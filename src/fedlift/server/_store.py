@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from .._atomic import atomic_path, atomic_write_text, atomic_writer
-from ..errors import ConfigError
+from ..errors import ConfigError, ProtocolError
 from ..model import ParamTree, flat_keys, flatten, unflatten
 from ..model._keras import keras_params, load_keras_model, set_keras_params
 from ._runtime import LogRecord
@@ -73,12 +73,18 @@ def load_npz(path: Path) -> ParamTree:
     raw = named.pop(_STRUCTURE_KEY, None)
     if raw is None:
         return named
-    structure = json.loads(raw.tobytes().decode())
-    keys = flat_keys(structure)
+    try:
+        structure = json.loads(raw.tobytes().decode())
+        keys = flat_keys(structure)
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
+        raise ConfigError(f"{path} holds a corrupt param structure: {exc!r:.200}") from None
     missing = [k for k in keys if k not in named]
     if missing:
         raise ConfigError(f"{path} lacks arrays {missing[:5]} named by its structure.")
-    return unflatten(structure, [named[k] for k in keys])
+    try:
+        return unflatten(structure, [named[k] for k in keys])
+    except ProtocolError as exc:
+        raise ConfigError(f"{path} holds a corrupt param structure: {exc}") from None
 
 
 class ArraysFormat:

@@ -1,0 +1,311 @@
+"""FedAvg's maths: the streaming weighted mean, DIFF updates and metric averaging."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from typing import Any
+
+import numpy as np
+import pytest
+
+from fedlift.errors import ConfigError
+from fedlift.model import FLModel, MetaKey, ParamsType
+from fedlift.server import StreamingMean, apply_update, weighted_mean, weighted_mean_metrics
+
+WEIGHTS = [1, 2, 5]
+
+
+def client_params(i: int) -> dict[str, list[np.ndarray]]:
+    """Keras-like params of client ``i`` (different values per client, float32)."""
+    rng = np.random.default_rng(100 + i)
+    return {
+        "conv": [
+            rng.standard_normal((3, 3, 1, 4)).astype(np.float32),
+            rng.standard_normal(4).astype(np.float32),
+        ],
+        "pool": [],
+        "dense": [
+            rng.standard_normal((4, 2)).astype(np.float32),
+            rng.standard_normal(2).astype(np.float32),
+        ],
+    }
+
+
+def result(
+    params: Any, weight: float | None, metrics: dict[str, Any] | None = None, kind: Any = None
+) -> FLModel:
+    meta = {} if weight is None else {MetaKey.NUM_STEPS_CURRENT_ROUND: weight}
+    return FLModel(params_type=kind, params=params, metrics=metrics, meta=meta)
+
+
+def hand_mean(trees: list[dict[str, list[np.ndarray]]], weights: list[float]) -> dict[str, Any]:
+    """sum(w_i * x_i) / sum(w_i), in float64, written out leaf by leaf."""
+    total = float(sum(weights))
+    out: dict[str, list[np.ndarray]] = {}
+    for layer in trees[0]:
+        out[layer] = []
+        for j in range(len(trees[0][layer])):
+            acc = np.zeros(trees[0][layer][j].shape, np.float64)
+            for tree, w in zip(trees, weights, strict=True):
+                acc += w * tree[layer][j].astype(np.float64)
+            out[layer].append(acc / total)
+    return out
+
+
+# ---------------------------------------------------------------- FULL
+
+
+def test_full_weighted_mean_of_three_clients() -> None:
+    trees = [client_params(i) for i in range(3)]
+    acc = weighted_mean(result(t, w) for t, w in zip(trees, WEIGHTS, strict=True))
+    mean = acc.params()
+    expected = hand_mean(trees, WEIGHTS)
+    assert list(mean) == ["conv", "pool", "dense"]
+    assert mean["pool"] == []
+    for layer in ("conv", "dense"):
+        for got, want in zip(mean[layer], expected[layer], strict=True):
+            assert got.dtype == np.float32
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    assert acc.total_weight == 8.0
+    assert acc.count == 3
+    assert acc.params_type is ParamsType.FULL
+
+
+def test_small_exact_example() -> None:
+    """Hand-computed: (1*[0, 8] + 2*[3, 2] + 5*[6, 0]) / 8 = [36/8, 12/8] = [4.5, 1.5]."""
+    xs = [np.array([0.0, 8.0]), np.array([3.0, 2.0]), np.array([6.0, 0.0])]
+    acc = weighted_mean(result({"w": x}, w) for x, w in zip(xs, WEIGHTS, strict=True))
+    np.testing.assert_allclose(acc.params()["w"], [4.5, 1.5], rtol=1e-12)
+
+
+def test_default_weight_is_one() -> None:
+    xs = [np.array([1.0]), np.array([2.0]), np.array([6.0])]
+    acc = weighted_mean(result({"w": x}, None) for x in xs)
+    np.testing.assert_allclose(acc.params()["w"], [3.0], rtol=1e-12)
+    assert acc.total_weight == 3.0
+
+
+def test_streaming_add_matches_hand_mean_in_any_order() -> None:
+    trees = [client_params(i) for i in range(3)]
+    expected = hand_mean(trees, WEIGHTS)
+    for order in ([0, 1, 2], [2, 0, 1], [1, 2, 0]):
+        acc = StreamingMean(trees[0])
+        for i in order:
+            acc.add(result(trees[i], WEIGHTS[i]), f"site-{i + 1}")
+        np.testing.assert_allclose(acc.params()["dense"][0], expected["dense"][0], rtol=1e-6)
+
+
+def test_single_client_is_returned_exactly() -> None:
+    params = client_params(7)
+    mean = weighted_mean([result(params, 13)]).params()
+    for layer in ("conv", "dense"):
+        for got, want in zip(mean[layer], params[layer], strict=True):
+            assert got.dtype == np.float32
+            assert np.array_equal(got, want)
+            assert got is not want  # a copy, not the client's array
+
+
+def test_float64_and_float16_keep_their_dtype() -> None:
+    a = {"w64": np.array([1.0, 2.0]), "w16": np.array([1.0, 3.0], np.float16)}
+    b = {"w64": np.array([3.0, 4.0]), "w16": np.array([2.0, 5.0], np.float16)}
+    mean = weighted_mean([result(a, 1), result(b, 3)]).params()
+    assert mean["w64"].dtype == np.float64 and mean["w16"].dtype == np.float16
+    np.testing.assert_allclose(mean["w64"], [2.5, 3.5], rtol=1e-12)
+    np.testing.assert_allclose(mean["w16"].astype(np.float64), [1.75, 4.5], rtol=1e-3)
+
+
+def test_integer_arrays_are_rounded_back_to_their_dtype() -> None:
+    # weights 1 and 2: (1*0 + 2*1)/3 = 0.667 -> 1; (1*10 + 2*11)/3 = 10.667 -> 11;
+    # (1*-4 + 2*-5)/3 = -4.667 -> -5; (1*7 + 2*7)/3 = 7 -> 7
+    a = {"steps": np.array([0, 10, -4, 7], np.int32), "mask": np.array([True, False, True])}
+    b = {"steps": np.array([1, 11, -5, 7], np.int32), "mask": np.array([False, False, True])}
+    mean = weighted_mean([result(a, 1), result(b, 2)]).params()
+    assert mean["steps"].dtype == np.int32
+    assert mean["steps"].tolist() == [1, 11, -5, 7]
+    # bools: 1/3 -> False, 0 -> False, 1 -> True
+    assert mean["mask"].dtype == np.bool_
+    assert mean["mask"].tolist() == [False, False, True]
+
+
+# ---------------------------------------------------------------- DIFF
+
+
+def test_diff_updates_are_added_to_the_global_model() -> None:
+    global_params = client_params(9)
+    diffs = [
+        {k: [np.full_like(a, (i + 1) * 0.5) for a in v] for k, v in global_params.items()}
+        for i in range(3)
+    ]
+    acc = weighted_mean(result(d, w, kind="diff") for d, w in zip(diffs, WEIGHTS, strict=True))
+    assert acc.params_type is ParamsType.DIFF
+    mean_diff = acc.params()
+    # (1*0.5 + 2*1.0 + 5*1.5) / 8 = 10 / 8 = 1.25
+    np.testing.assert_allclose(mean_diff["conv"][0], np.full((3, 3, 1, 4), 1.25), rtol=1e-6)
+    new = apply_update(global_params, mean_diff, acc.params_type)
+    assert new["pool"] == []
+    for layer in ("conv", "dense"):
+        for got, base in zip(new[layer], global_params[layer], strict=True):
+            assert got.dtype == np.float32
+            np.testing.assert_allclose(got, base.astype(np.float64) + 1.25, rtol=1e-6)
+
+
+def test_apply_update_full_returns_the_mean() -> None:
+    update = {"w": np.array([1.0])}
+    assert apply_update({"w": np.array([5.0])}, update, ParamsType.FULL) is update
+    assert apply_update({"w": np.array([5.0])}, update, None) is update
+
+
+def test_apply_update_diff_requires_the_global_layout() -> None:
+    with pytest.raises(ConfigError, match="DIFF update must have the global model's layout"):
+        apply_update({"w": np.ones(2)}, {"v": np.ones(2)}, ParamsType.DIFF)
+
+
+def test_apply_update_diff_on_integer_weights() -> None:
+    new = apply_update({"n": np.array([3, 4], np.int64)}, {"n": np.array([1, -2])}, ParamsType.DIFF)
+    assert new["n"].dtype == np.int64 and new["n"].tolist() == [4, 2]
+
+
+def test_mixing_full_and_diff_in_a_round_is_refused() -> None:
+    acc = StreamingMean(None)
+    acc.add(result({"w": np.ones(2)}, 1, kind=ParamsType.FULL), "site-1")
+    with pytest.raises(ConfigError) as info:
+        acc.add(result({"w": np.ones(2)}, 1, kind=ParamsType.DIFF), "site-2")
+    message = str(info.value)
+    assert "site-2 sent params_type=DIFF" in message
+    assert "were FULL" in message
+
+    acc = StreamingMean(None)
+    acc.add(result({"w": np.ones(2)}, 1, kind="diff"), "site-1")
+    with pytest.raises(ConfigError, match="site-2 sent params_type=FULL"):
+        acc.add(result({"w": np.ones(2)}, 1), "site-2")
+
+
+# ---------------------------------------------------------------- layout errors
+
+
+def test_structure_mismatch_names_missing_and_unexpected_keys() -> None:
+    reference = client_params(0)
+    acc = StreamingMean(reference)
+    wrong = {"conv": reference["conv"], "pool": [], "head": [np.ones((4, 2), np.float32)]}
+    with pytest.raises(ConfigError) as info:
+        acc.add(result(wrong, 1), "site-3")
+    message = str(info.value)
+    assert "site-3 sent params whose layout differs" in message
+    assert "missing: ['dense/0', 'dense/1']" in message
+    assert "unexpected: ['head/0']" in message
+
+
+def test_extra_key_only() -> None:
+    acc = StreamingMean({"a": np.ones(1)})
+    with pytest.raises(ConfigError) as info:
+        acc.add(result({"a": np.ones(1), "b": np.ones(1)}, 1), "site-1")
+    assert "missing: none" in str(info.value)
+    assert "unexpected: ['b']" in str(info.value)
+
+
+def test_shape_mismatch_names_key_and_both_shapes() -> None:
+    reference = client_params(0)
+    acc = StreamingMean(reference)
+    wrong = client_params(1)
+    wrong["dense"][0] = np.ones((5, 2), np.float32)
+    with pytest.raises(ConfigError) as info:
+        acc.add(result(wrong, 1), "site-2")
+    message = str(info.value)
+    assert "site-2 sent 'dense/0' with shape (5, 2)" in message
+    assert "the global model has (4, 2)" in message
+
+
+def test_non_numeric_dtype_is_refused() -> None:
+    acc = StreamingMean({"w": np.ones(2)})
+    with pytest.raises(ConfigError, match="'w' with non-numeric dtype"):
+        acc.add(result({"w": np.array(["a", "b"])}, 1), "site-1")
+
+
+def test_rejected_result_leaves_the_mean_unchanged() -> None:
+    acc = StreamingMean({"w": np.zeros(2)})
+    acc.add(result({"w": np.array([2.0, 4.0])}, 1, {"accuracy": 0.5}), "site-1")
+    with pytest.raises(ConfigError):
+        acc.add(result({"w": np.ones(3)}, 100, {"accuracy": 0.0}), "site-2")
+    assert acc.count == 1
+    assert acc.total_weight == 1.0
+    assert acc.metrics() == {"accuracy": 0.5}
+    np.testing.assert_array_equal(acc.params()["w"], [2.0, 4.0])
+
+
+def test_rejected_first_result_does_not_fix_layout_or_kind() -> None:
+    acc = StreamingMean(None)
+    with pytest.raises(ConfigError, match="non-numeric dtype"):
+        acc.add(result({"w": np.array(["x"])}, 1, kind="diff"), "site-1")
+    assert acc.structure is None and acc.params_type is None and acc.count == 0
+    acc.add(result({"v": np.array([1.0, 3.0])}, 1), "site-2")
+    assert acc.params_type is ParamsType.FULL
+    np.testing.assert_array_equal(acc.params()["v"], [1.0, 3.0])
+
+
+def test_weighted_mean_of_nothing() -> None:
+    with pytest.raises(ConfigError, match="at least one model"):
+        weighted_mean([])
+
+
+def test_bad_weight_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="NUM_STEPS_CURRENT_ROUND"):
+        weighted_mean([result({"w": np.ones(1)}, 0)])
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def test_metrics_weighted_mean_over_reporting_clients() -> None:
+    models = [
+        result(None, 1, {"accuracy": 0.5, "loss": 2.0, "note": "warm-up"}),
+        result(None, 2, {"accuracy": 0.8, "flag": True}),
+        result(None, 5, {"accuracy": np.float32(0.25), "loss": np.int64(4), "hist": [1, 2]}),
+    ]
+    metrics = weighted_mean_metrics(models)
+    assert set(metrics) == {"accuracy", "loss"}
+    # accuracy: (0.5 + 1.6 + 1.25) / 8 = 3.35 / 8; loss: (1*2 + 5*4) / 6 = 22 / 6
+    assert metrics["accuracy"] == pytest.approx(3.35 / 8, rel=1e-9)
+    assert metrics["loss"] == pytest.approx(22 / 6, rel=1e-12)
+
+
+def test_streaming_mean_collects_metrics_with_params() -> None:
+    trees = [client_params(i) for i in range(3)]
+    acc = StreamingMean(trees[0])
+    for i, (tree, w) in enumerate(zip(trees, WEIGHTS, strict=True)):
+        acc.add(result(tree, w, {"accuracy": float(i)}), f"site-{i}")
+    # (0*1 + 1*2 + 2*5) / 8 = 1.5
+    assert acc.metrics() == {"accuracy": 1.5}
+
+
+def test_metrics_only_results() -> None:
+    acc = StreamingMean(None)
+    acc.add(FLModel(metrics={"accuracy": 0.9}), "site-1")
+    assert acc.params() is None
+    assert acc.params_type is None
+    assert acc.count == 1
+    assert acc.metrics() == {"accuracy": 0.9}
+    assert weighted_mean_metrics([]) == {}
+
+
+# ---------------------------------------------------------------- memory
+
+
+def test_accumulator_holds_one_set_of_sums() -> None:
+    reference = client_params(0)
+    acc = StreamingMean(reference)
+    refs: list[weakref.ref[np.ndarray]] = []
+    for i in range(50):
+        params = {k: [a + np.float32(i) for a in v] for k, v in reference.items()}
+        refs.extend(weakref.ref(a) for v in params.values() for a in v)
+        acc.add(result(params, i + 1), f"site-{i}")
+        del params
+    gc.collect()
+    assert acc.count == 50
+    assert acc._sums is not None and len(acc._sums) == 4  # one array per param, not per client
+    assert [s.shape for s in acc._sums] == [(3, 3, 1, 4), (4,), (4, 2), (2,)]
+    assert all(r() is None for r in refs), "the accumulator kept a client's array"
+    # mean over i of (x + i) weighted by (i + 1): x + sum(i (i + 1)) / sum(i + 1) = x + 41650 / 1275
+    np.testing.assert_allclose(
+        acc.params()["dense"][1], reference["dense"][1].astype(np.float64) + 41650 / 1275, rtol=1e-5
+    )

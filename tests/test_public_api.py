@@ -1,0 +1,276 @@
+"""Guards the public API (what ``__all__`` exports) and two source-wide rules."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import fedlift
+import fedlift.client
+import fedlift.errors
+
+SRC = Path(fedlift.__file__).resolve().parent
+
+EXPECTED: dict[str, list[str]] = {
+    "fedlift": [
+        "FLModel",
+        "FedAvgJob",
+        "FedliftError",
+        "MetaKey",
+        "ParamsType",
+        "ScriptRunner",
+        "SimulationResult",
+        "__version__",
+        "run_simulator",
+    ],
+    "fedlift.client": [
+        "AnalyticsDataType",
+        "FLModel",
+        "MetaKey",
+        "ParamsType",
+        "clear",
+        "get_config",
+        "get_job_id",
+        "get_site_name",
+        "init",
+        "is_evaluate",
+        "is_running",
+        "is_submit_model",
+        "is_train",
+        "log",
+        "receive",
+        "send",
+        "shutdown",
+        "system_info",
+        "tree_add",
+        "tree_sub",
+    ],
+    "fedlift.model": [
+        "FLModel",
+        "MetaKey",
+        "ParamTree",
+        "ParamsType",
+        "Structure",
+        "flat_keys",
+        "flatten",
+        "iter_with_keys",
+        "map_arrays",
+        "tree_add",
+        "tree_sub",
+        "unflatten",
+    ],
+    "fedlift.codec": [
+        "ALLOWED_DTYPES",
+        "DEFAULT_MAX_MESSAGE_BYTES",
+        "Frame",
+        "Message",
+        "PREFIX_BYTES",
+        "decode",
+        "encode",
+        "frame_length",
+        "model_from_wire",
+        "model_to_wire",
+    ],
+    "fedlift.transport": [
+        "DEFAULT_CHUNK_BYTES",
+        "GrpcListener",
+        "GrpcTransport",
+        "Handler",
+        "Listener",
+        "MemoryListener",
+        "MemoryTransport",
+        "Transport",
+        "describe_error",
+    ],
+    "fedlift.server": [
+        "ArraysFormat",
+        "FedAvg",
+        "FedAvgResult",
+        "KerasWeightsFormat",
+        "LogRecord",
+        "ModelFormat",
+        "RoundRecord",
+        "RunRecorder",
+        "ServerRuntime",
+        "StreamingMean",
+        "all_clients",
+        "apply_update",
+        "weighted_mean",
+        "weighted_mean_metrics",
+    ],
+    "fedlift.job": [
+        "CONFIG_NAME",
+        "FedAvgJob",
+        "JobConfig",
+        "RunnerConfig",
+        "ScriptRunner",
+        "WorkflowConfig",
+        "load_job",
+        "zip_dir",
+    ],
+    "fedlift.simulator": [
+        "SimulationResult",
+        "assign_groups",
+        "parse_gpu_groups",
+        "run_simulator",
+    ],
+    "fedlift.errors": [
+        "ClientAPIError",
+        "ClientFailedError",
+        "ConfigError",
+        "ConnectionLostError",
+        "FedliftError",
+        "JobAbortedError",
+        "ProtocolError",
+        "ReceiveTimeoutError",
+        "RemoteError",
+        "RoundTimeoutError",
+        "TransportError",
+        "TransportTimeoutError",
+        "error_from_name",
+    ],
+}
+
+NVFLARE_CLIENT_API = [
+    "init",
+    "receive",
+    "send",
+    "is_running",
+    "system_info",
+    "get_job_id",
+    "get_site_name",
+    "get_config",
+    "is_train",
+    "is_evaluate",
+    "is_submit_model",
+    "log",
+    "clear",
+    "shutdown",
+    "FLModel",
+    "ParamsType",
+]
+
+
+@pytest.mark.parametrize("module_name", sorted(EXPECTED))
+def test_all_is_exactly_the_expected_names(module_name: str) -> None:
+    module = importlib.import_module(module_name)
+    exported = list(module.__all__)
+    assert len(exported) == len(set(exported)), f"{module_name}.__all__ has duplicates"
+    assert sorted(exported) == EXPECTED[module_name]
+
+
+@pytest.mark.parametrize("module_name", sorted(EXPECTED))
+def test_every_exported_name_resolves(module_name: str) -> None:
+    module = importlib.import_module(module_name)
+    missing = [name for name in module.__all__ if not hasattr(module, name)]
+    assert missing == []
+    namespace: dict[str, object] = {}
+    exec(f"from {module_name} import *", namespace)  # star import of our own module
+    assert set(EXPECTED[module_name]) <= set(namespace)
+
+
+def test_client_has_the_nvflare_client_api() -> None:
+    for name in NVFLARE_CLIENT_API:
+        assert name in fedlift.client.__all__, name
+        assert hasattr(fedlift.client, name), name
+    for name in NVFLARE_CLIENT_API[:-2]:
+        assert callable(getattr(fedlift.client, name)), name
+    assert fedlift.client.FLModel is fedlift.FLModel
+    assert fedlift.client.ParamsType.FULL.value == "FULL"
+    assert fedlift.client.ParamsType.DIFF.value == "DIFF"
+
+
+def test_top_level_objects_are_the_subpackage_objects() -> None:
+    from fedlift.job import FedAvgJob, ScriptRunner
+    from fedlift.simulator import run_simulator
+
+    assert fedlift.FedAvgJob is FedAvgJob
+    assert fedlift.ScriptRunner is ScriptRunner
+    assert fedlift.run_simulator is run_simulator
+    assert fedlift.FedliftError is fedlift.errors.FedliftError
+    assert fedlift.__version__ == "0.1.0"
+
+
+def test_error_hierarchy() -> None:
+    e = fedlift.errors
+    for name in EXPECTED["fedlift.errors"][:-1]:
+        assert issubclass(getattr(e, name), e.FedliftError), name
+    assert issubclass(e.ConfigError, ValueError)
+    assert issubclass(e.ProtocolError, ValueError)
+    assert issubclass(e.ClientAPIError, RuntimeError)
+    assert issubclass(e.ReceiveTimeoutError, e.ClientAPIError)
+    assert issubclass(e.ReceiveTimeoutError, TimeoutError)
+    assert issubclass(e.ConnectionLostError, e.TransportError)
+    assert issubclass(e.TransportError, ConnectionError)
+    assert issubclass(e.TransportTimeoutError, TimeoutError)
+    assert issubclass(e.RoundTimeoutError, TimeoutError)
+
+
+def test_errors_are_rebuilt_by_name() -> None:
+    e = fedlift.errors
+    rebuilt = e.error_from_name("ConfigError", "bad n_clients")
+    assert type(rebuilt) is e.ConfigError and str(rebuilt) == "bad n_clients"
+    unknown = e.error_from_name("KeyError", "'x'")
+    assert type(unknown) is e.RemoteError and str(unknown) == "KeyError: 'x'"
+
+
+def test_importing_fedlift_does_not_import_tensorflow() -> None:
+    code = (
+        "import sys, fedlift, fedlift.client, fedlift.server, fedlift.job, fedlift.simulator\n"
+        "print(sorted(m for m in ('tensorflow', 'keras', 'torch') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.strip() == "[]"
+
+
+# ---------------------------------------------------------------- source-wide rules
+
+
+def source_files() -> list[Path]:
+    files = sorted(SRC.rglob("*.py"))
+    assert len(files) > 20  # the scan really sees the package
+    return files
+
+
+def test_no_assert_statements_in_the_package() -> None:
+    found = []
+    for path in source_files():
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        found += [
+            f"{path.relative_to(SRC)}:{node.lineno}"
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Assert)
+        ]
+    assert found == [], "use explicit checks that raise FedliftError, not assert"
+
+
+def test_no_pickle_imports_in_the_package() -> None:
+    banned = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "shelve", "marshal"}
+    found = []
+    for path in source_files():
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [alias.name.split(".")[0] for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module.split(".")[0]]
+            else:
+                continue
+            found += [f"{path.relative_to(SRC)}:{node.lineno} {n}" for n in names if n in banned]
+    assert found == []
+
+
+def test_the_scanners_can_fail() -> None:
+    """The AST checks above do catch the constructs they look for."""
+    sample = ast.parse("import pickle\nfrom pickle import loads\nassert x\n")
+    nodes = list(ast.walk(sample))
+    assert sum(isinstance(n, ast.Assert) for n in nodes) == 1
+    assert [n.names[0].name for n in nodes if isinstance(n, ast.Import)] == ["pickle"]
+    assert [n.module for n in nodes if isinstance(n, ast.ImportFrom)] == ["pickle"]

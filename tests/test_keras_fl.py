@@ -10,12 +10,12 @@ import pytest
 
 pytest.importorskip("tensorflow")
 
-from conftest import SCRIPTS  # noqa: E402
+from conftest import SCRIPTS
 
 sys.path.insert(0, str(SCRIPTS))
-from keras_common import DATA, build_model, deterministic, fit, load  # noqa: E402
+from keras_common import DATA, build_model, deterministic, fit, load
 
-from fedlift import FedAvgJob, ScriptRunner  # noqa: E402
+from fedlift import FedAvgJob, ScriptRunner
 
 ROUNDS = 3
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SCRIPTS, worker_pids
 
+from conftest import SCRIPTS, worker_pids
 from fedlift import FedAvgJob, ScriptRunner
-from fedlift.errors import ClientFailedError, ConfigError, RoundTimeoutError
+from fedlift.errors import ClientFailedError, RoundTimeoutError
 from fedlift.server._store import load_npz
 
 N_ROUNDS = 2
@@ -67,7 +67,9 @@ def test_fedavg_aggregates_the_hand_computed_weighted_mean(tmp_path: Path, diff:
     saved = load_npz(result.global_model)
     np.testing.assert_array_equal(saved["dense"][0], result.params["dense"][0])
 
-    lines = [json.loads(x) for x in (result.workspace / "server/metrics.jsonl").read_text().splitlines()]
+    lines = [
+        json.loads(x) for x in (result.workspace / "server/metrics.jsonl").read_text().splitlines()
+    ]
     assert [x["task"] for x in lines] == ["train", "train", "validate"]
     for record in lines:
         # accuracy of site i in round r is (i + 1) + r; weighted mean with weights 1, 2, 3
@@ -147,8 +149,14 @@ def test_a_silent_client_is_bounded_by_the_round_timeout(tmp_path: Path) -> None
 
 
 def test_min_clients_lets_the_round_go_on_without_a_silent_client(tmp_path: Path) -> None:
-    job = make_job(2, "--hang-round 1 --only-site 1", num_rounds=2, min_clients=1,
-                   round_timeout=3.0, final_evaluation=False)
+    job = make_job(
+        2,
+        "--hang-round 1 --only-site 1",
+        num_rounds=2,
+        min_clients=1,
+        round_timeout=3.0,
+        final_evaluation=False,
+    )
     result = job.simulator_run(tmp_path / "ws")
     # round 0: both clients (weights 1, 2); round 1: only site-1 (shift 1)
     shift = expected_shift(2, [1.0, 2.0], 1) + 1.0
@@ -156,19 +164,25 @@ def test_min_clients_lets_the_round_go_on_without_a_silent_client(tmp_path: Path
     assert [len(r.clients) for r in result.rounds] == [2, 1]
 
 
-def test_launch_external_process_is_refused_clearly(tmp_path: Path) -> None:
-    job = FedAvgJob("ext", 1, 1, {"w": np.zeros(2)})
-    job.to_clients(ScriptRunner(SCRIPTS / "numpy_client.py", launch_external_process=True))
-    with pytest.raises(ConfigError, match="launch_external_process"):
-        job.simulator_run(tmp_path / "ws")
-
-
 def test_cli_runs_an_exported_job_and_reports_a_failure(tmp_path: Path) -> None:
     good = make_job(2).export_job(tmp_path / "jobs")
     run = subprocess.run(
-        [sys.executable, "-m", "fedlift", "simulator", "-n", "2", "-t", "2", "-w",
-         str(tmp_path / "ws"), str(good)],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "fedlift",
+            "simulator",
+            "-n",
+            "2",
+            "-t",
+            "2",
+            "-w",
+            str(tmp_path / "ws"),
+            str(good),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert run.returncode == 0, run.stderr
     assert "round 2/2" in run.stdout and "final model" in run.stdout
@@ -179,7 +193,9 @@ def test_cli_runs_an_exported_job_and_reports_a_failure(tmp_path: Path) -> None:
     bad = bad_job.export_job(tmp_path / "jobs")
     run = subprocess.run(
         [sys.executable, "-m", "fedlift", "simulator", "-w", str(tmp_path / "ws2"), str(bad)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert run.returncode == 1
     assert "the job failed because a client failed" in run.stderr
@@ -190,7 +206,9 @@ def test_cli_runs_an_exported_job_and_reports_a_failure(tmp_path: Path) -> None:
 def test_cli_rejects_a_folder_that_is_not_a_job(tmp_path: Path) -> None:
     run = subprocess.run(
         [sys.executable, "-m", "fedlift", "simulator", str(tmp_path)],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert run.returncode == 1
     assert "job.json is missing" in run.stderr
@@ -200,7 +218,9 @@ def test_cli_rejects_a_folder_that_is_not_a_job(tmp_path: Path) -> None:
 def test_a_script_run_outside_a_job_says_how_to_run_it() -> None:
     run = subprocess.run(
         [sys.executable, str(SCRIPTS / "numpy_client.py")],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert run.returncode != 0
     assert "found no fedlift job" in run.stderr

@@ -24,8 +24,19 @@ parser.add_argument("--exit-early", type=int, default=-1)
 parser.add_argument("--hang-round", type=int, default=-1)
 parser.add_argument("--kill-round", type=int, default=-1)
 parser.add_argument("--only-site", type=int, default=-1)
+parser.add_argument("--exit-round", type=int, default=-1)
+parser.add_argument("--exit-code", type=int, default=3)
+parser.add_argument("--kill-parent-round", type=int, default=-1)
+parser.add_argument("--no-init", action="store_true")
+parser.add_argument("--linger", action="store_true")
+parser.add_argument("--record", action="store_true", help="append pid/rank/round to rounds.txt")
+parser.add_argument(
+    "--lockstep", action="store_true", help="rank 0 waits for rank 1's record (like DDP's sync)"
+)
 args = parser.parse_args()
 
+if args.no_init:
+    time.sleep(3600)
 flare.init()
 index = flare.system_info()["site_index"]
 targeted = args.only_site in (-1, index)
@@ -48,6 +59,19 @@ while flare.is_running():
         os.kill(os.getpid(), signal.SIGKILL)
     if targeted and rnd == args.hang_round:
         time.sleep(3600)
+    if targeted and rnd == args.exit_round:
+        raise SystemExit(args.exit_code)
+    if targeted and rnd == args.kill_parent_round:
+        os.kill(os.getppid(), signal.SIGKILL)
+        time.sleep(3600)
+    if args.record:
+        with open("rounds.txt", "a") as f:
+            rank = os.environ.get("RANK", "-")
+            f.write(f"{os.getpid()} {rank} {rnd} {model.params is not None}\n")
+    if args.lockstep and os.environ.get("RANK") == "0":
+        deadline = time.monotonic() + 30
+        while f" 1 {rnd} " not in open("rounds.txt").read() and time.monotonic() < deadline:
+            time.sleep(0.01)
     new = shifted(model.params, (index + 1) * args.step)
     weight = args.weight if args.weight is not None else float(index + 1)
     out = flare.tree_sub(new, model.params) if args.diff else new
@@ -61,3 +85,5 @@ while flare.is_running():
     )
     if targeted and rnd == args.exit_early:
         break
+if args.linger:
+    time.sleep(3600)

@@ -19,6 +19,7 @@ from typing import Any
 from ..errors import ClientAPIError, ConfigError
 from ..model import FLModel, flatten
 from ._link import Link, Task, current_link
+from ._remote import connect_from_env
 
 __all__ = [
     "AnalyticsDataType",
@@ -101,11 +102,14 @@ def init(rank: str | int | None = None) -> None:
         if _state.link is not None:
             _log.debug("init() called again; ignored")
             return
-        link = current_link()
+        resolved = str(
+            rank if rank is not None else os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))
+        )
+        link = current_link() or connect_from_env(resolved)
         if link is None:
             raise ClientAPIError(NOT_IN_A_JOB.format(script=_script_name()))
         _state.link = link
-        _state.rank = str(rank if rank is not None else os.environ.get("RANK", "0"))
+        _state.rank = resolved
 
 
 def _fetch(timeout: float | None) -> Task | None:
@@ -188,8 +192,11 @@ def send(model: FLModel, clear_cache: bool = True) -> None:
                 "flare.receive() first (it returns the global model of the round)."
             )
         if _state.rank != "0":
-            _log.debug("rank %s: send() is a no-op; rank 0 reports for the site", _state.rank)
+            # Only rank 0 reports for the site; other ranks' send() ends their round.
             _state.answered = True
+            _state.last_round = _state.task.model.current_round
+            if clear_cache:
+                _state.task = None
             return
         _validate_outgoing(model)
         task = _state.task

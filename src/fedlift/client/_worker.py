@@ -30,6 +30,7 @@ from ..codec import Message, model_from_wire, model_to_wire
 from ..errors import ConnectionLostError, FedliftError, ProtocolError, TransportError
 from ..transport import GrpcTransport, Transport
 from ._link import ClientContext, LocalLink, Task, set_current_link
+from ._service import ScriptProcess
 
 __all__ = ["run_worker", "main", "unpack_app"]
 
@@ -127,6 +128,8 @@ class Worker:
         self.site = site
         self.workspace = workspace
         self._reported = threading.Event()
+        self._process: ScriptProcess | None = None
+        self._stop_timeout = 60.0
 
     def _call(
         self,
@@ -191,20 +194,31 @@ class Worker:
             text = f"the job's script {runner.get('script')!r} is not in the job's app ({app_dir})."
             self.report_error(text)
             return 2
-        if runner.get("launch_external_process"):
-            text = (
-                "launch_external_process=True is not available in this version of fedlift; "
-                "run the script in-process (ScriptRunner(launch_external_process=False))."
-            )
-            self.report_error(text)
-            return 2
         link = LocalLink(ctx, on_log=self._send_log)
+        self._stop_timeout = float(runner.get("stop_timeout", 60.0))
+        args = shlex.split(str(runner.get("script_args", "")))
+        if runner.get("launch_external_process"):
+            process = ScriptProcess(
+                str(runner.get("command") or "python3 -u"),
+                script,
+                args,
+                app_dir,
+                link,
+                self.report_error,
+                float(runner.get("init_timeout", 300.0)),
+            )
+            self._process = process
+            log.info("%s: job %s, launching %s", self.site, ctx.job_id, runner.get("script"))
+            try:
+                process.start()
+                return self._serve(link)
+            finally:
+                process.terminate(grace=0)
+                process.close()
         set_current_link(link)
         if str(app_dir) not in sys.path:
             sys.path.insert(0, str(app_dir))
-        thread = ScriptThread(
-            script, shlex.split(str(runner.get("script_args", ""))), link, self.report_error
-        )
+        thread = ScriptThread(script, args, link, self.report_error)
         log.info("%s: job %s, running %s in-process", self.site, ctx.job_id, runner.get("script"))
         thread.start()
         return self._serve(link)
@@ -258,9 +272,11 @@ class Worker:
     def _stop(self, link: LocalLink, failed: bool) -> int:
         stale = link.busy  # the script still works on a task whose result nobody wants
         link.stop()
-        grace = 3.0 if (failed or stale) else 60.0
+        grace = 3.0 if (failed or stale) else self._stop_timeout
         if not link.wait_script(grace):
             log.warning("%s: the script did not end %.0f s after the job stopped", self.site, grace)
+            if self._process is not None:
+                self._process.terminate(grace=0)
             return 1 if failed else 0
         return 1 if (failed or link.script_error) else 0
 

@@ -36,6 +36,8 @@ class RunnerConfig:
     launch_external_process: bool = False
     command: str = "python3 -u"
     framework: str = "tensorflow"
+    init_timeout: float = 300.0
+    stop_timeout: float = 60.0
 
 
 @dataclass

@@ -29,8 +29,12 @@ class ScriptRunner:
 
     In-process (default) the script runs as ``__main__`` in a thread of its client's worker
     process; ``launch_external_process=True`` launches ``command script script_args`` as a
-    subprocess instead (for multi-GPU scripts). ``app_dir`` is the folder shipped to the
-    clients with the job (default: the script's folder); ``script`` may be relative to it.
+    subprocess instead (for multi-GPU scripts, other launchers such as torchrun, or scripts
+    that need a process of their own). ``python3``/``python`` at the start of ``command``
+    mean the worker's own interpreter. The subprocess must call ``flare.init()`` within
+    ``init_timeout`` seconds; when the job ends it gets ``stop_timeout`` seconds to return
+    before it is terminated. ``app_dir`` is the folder shipped to the clients with the job
+    (default: the script's folder); ``script`` may be relative to it.
     """
 
     script: str | Path
@@ -39,12 +43,29 @@ class ScriptRunner:
     command: str = "python3 -u"
     framework: str = "tensorflow"
     app_dir: str | Path | None = None
+    init_timeout: float = 300.0
+    stop_timeout: float = 60.0
 
     def __post_init__(self) -> None:
         if self.framework not in _FRAMEWORKS:
             raise ConfigError(
                 f"ScriptRunner(framework=...) must be one of {_FRAMEWORKS}; "
                 f"received: framework={self.framework!r}."
+            )
+        if not (isinstance(self.init_timeout, int | float) and self.init_timeout > 0):
+            raise ConfigError(
+                "ScriptRunner(init_timeout=...) must be seconds > 0; "
+                f"received: {self.init_timeout!r}."
+            )
+        if not (isinstance(self.stop_timeout, int | float) and self.stop_timeout >= 0):
+            raise ConfigError(
+                "ScriptRunner(stop_timeout=...) must be seconds >= 0; "
+                f"received: {self.stop_timeout!r}."
+            )
+        if not isinstance(self.command, str) or not self.command.split():
+            raise ConfigError(
+                f"ScriptRunner(command=...) must be a launcher such as 'python3 -u'; "
+                f"received: {self.command!r}."
             )
         if not isinstance(self.script_args, str):
             raise ConfigError(
@@ -173,6 +194,8 @@ class FedAvgJob:
                     launch_external_process=self.runner.launch_external_process,
                     command=self.runner.command,
                     framework=self.runner.framework,
+                    init_timeout=float(self.runner.init_timeout),
+                    stop_timeout=float(self.runner.stop_timeout),
                 ),
                 initial_model=model_file,
             )

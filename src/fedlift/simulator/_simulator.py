@@ -55,6 +55,7 @@ def _site_env(gpus: list[str] | None) -> dict[str, str]:
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     env.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
     env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")  # workers fork external scripts
     if gpus is not None:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
     return env
@@ -104,12 +105,6 @@ def run_simulator(
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise ConfigError(f"-t (threads) must be an int >= 1; received: {threads!r}.")
     min_clients = min(config.workflow.min_clients, n)
-    if config.runner.launch_external_process:
-        raise ConfigError(
-            "this job launches its script as an external process "
-            "(ScriptRunner(launch_external_process=True)), which this fedlift version does "
-            "not run yet; export it with launch_external_process=False (drop --launch_process)."
-        )
     sites = [f"site-{i + 1}" for i in range(n)]
     placement = assign_groups(sites, parse_gpu_groups(gpu)) if gpu else {}
     ws = Path(workspace).resolve()

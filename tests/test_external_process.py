@@ -121,7 +121,7 @@ def test_other_ranks_receive_every_task_and_only_rank_0_reports(tmp_path: Path) 
     np.testing.assert_allclose(result.params["w"], np.full(4, 10 / 3), rtol=1e-6)
     for site in ("site-1", "site-2"):
         lines = [line.split() for line in (ws / site / "rounds.txt").read_text().splitlines()]
-        by_rank = {rank: [rnd for _, r, rnd, _ in lines if r == rank] for rank in ("0", "1")}
+        by_rank = {rank: [x[2] for x in lines if x[1] == rank] for rank in ("0", "1")}
         assert by_rank == {"0": ["0", "1", "2"], "1": ["0", "1", "2"]}
-        assert all(has_params == "True" for *_, has_params in lines)
+        assert all(x[3] == "True" for x in lines)
     assert_no_leftovers(ws)

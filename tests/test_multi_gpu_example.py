@@ -6,6 +6,7 @@ strategy really runs N replicas. GPUs are hidden so the CPU path is tested every
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -77,3 +78,34 @@ def test_make_strategy_splits_the_cpu_and_refuses_a_late_resplit(tmp_path: Path)
     assert "replicas 3" in lines
     assert "again 3" in lines
     assert "call make_strategy() before any TensorFlow op" in done.stdout
+
+
+def test_multi_gpu_fl_script_runs_as_an_external_process_with_two_replicas(
+    tmp_path: Path,
+) -> None:
+    """The seed's multi-GPU flow on CPU replicas: --launch_process, 2 clients, 2 rounds."""
+    ws = tmp_path / "ws"
+    done = run(
+        [
+            sys.executable,
+            str(EXAMPLE_SRC.parent / "tf_client_api_job.py"),
+            "--script",
+            "src/cifar10_tf_multi_gpu_fl.py",
+            "--launch_process",
+            "--num_rounds",
+            "2",
+            "--script_args",
+            "--cpu_replicas 2 --max_train 512 --max_test 128",
+            "--workspace",
+            str(ws),
+        ],
+        cwd=EXAMPLE_SRC.parent,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = (ws / "server" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["task"] for x in lines] == ["train", "train", "validate"]
+    for site in ("site-1", "site-2"):
+        log = (ws / site / "log.txt").read_text()
+        assert "Number of replicas in sync: 2" in log
+        assert "launched" in log and "cifar10_tf_multi_gpu_fl.py" in log

@@ -116,8 +116,11 @@ EXPECTED: dict[str, list[str]] = {
     "fedlift.simulator": [
         "SimulationResult",
         "assign_groups",
+        "available_gpus",
+        "check_gpu_ids",
         "parse_gpu_groups",
         "run_simulator",
+        "site_environment",
     ],
     "fedlift.errors": [
         "ClientAPIError",

@@ -67,7 +67,8 @@ while flare.is_running():
     if args.record:
         with open("rounds.txt", "a") as f:
             rank = os.environ.get("RANK", "-")
-            f.write(f"{os.getpid()} {rank} {rnd} {model.params is not None}\n")
+            gpus = os.environ.get("CUDA_VISIBLE_DEVICES", "-")
+            f.write(f"{os.getpid()} {rank} {rnd} {model.params is not None} {gpus}\n")
     if args.lockstep and os.environ.get("RANK") == "0":
         deadline = time.monotonic() + 30
         while f" 1 {rnd} " not in open("rounds.txt").read() and time.monotonic() < deadline:

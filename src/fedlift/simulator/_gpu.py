@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import re
+import shutil
+import subprocess
 
 from ..errors import ConfigError
 
-__all__ = ["assign_groups", "parse_gpu_groups"]
+__all__ = ["assign_groups", "available_gpus", "check_gpu_ids", "parse_gpu_groups"]
+
+log = logging.getLogger("fedlift.simulator")
 
 _GROUP = re.compile(r"\[([^\[\]]*)\]")
 
@@ -45,3 +50,40 @@ def assign_groups(sites: list[str], groups: list[list[str]]) -> dict[str, list[s
             "give at most one group per client."
         )
     return {site: groups[i % len(groups)] for i, site in enumerate(sites)}
+
+
+def available_gpus() -> list[str] | None:
+    """Physical GPU indices from ``nvidia-smi``; None when it is absent or fails."""
+    tool = shutil.which("nvidia-smi")
+    if tool is None:
+        return None
+    try:
+        done = subprocess.run(
+            [tool, "--query-gpu=index", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if done.returncode != 0:
+        return None
+    return [line.strip() for line in done.stdout.splitlines() if line.strip().isdigit()]
+
+
+def check_gpu_ids(groups: list[list[str]], available: list[str] | None) -> None:
+    """Refuse GPU ids this machine does not have (skipped, with a warning, if unknown)."""
+    if available is None:
+        log.warning(
+            "cannot check the -gpu ids: nvidia-smi is not available; passing them to the "
+            "clients as CUDA_VISIBLE_DEVICES unchecked"
+        )
+        return
+    unknown = sorted({g for group in groups for g in group} - set(available), key=int)
+    if unknown:
+        have = ",".join(available) if available else "none"
+        raise ConfigError(
+            f"-gpu names GPU {', '.join(unknown)} but this machine has GPU ids {have} "
+            "(nvidia-smi). Use ids from `nvidia-smi -L`."
+        )

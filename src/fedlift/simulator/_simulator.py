@@ -26,10 +26,11 @@ from ..model import ParamTree
 from ..server import FedAvg, RoundRecord, RunRecorder, ServerRuntime
 from ..server._store import load_initial_model
 from ..transport import GrpcListener
-from ._gpu import assign_groups, parse_gpu_groups
+from . import _gpu
+from ._gpu import assign_groups, check_gpu_ids, parse_gpu_groups
 from ._processes import WorkerProcess, start_worker
 
-__all__ = ["SimulationResult", "run_simulator"]
+__all__ = ["SimulationResult", "run_simulator", "site_environment"]
 
 log = logging.getLogger("fedlift.simulator")
 
@@ -50,8 +51,13 @@ class SimulationResult:
     seconds: float
 
 
-def _site_env(gpus: list[str] | None) -> dict[str, str]:
-    env = dict(os.environ)
+def site_environment(gpus: list[str] | None, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a client's worker process (and of its external script).
+
+    ``CUDA_VISIBLE_DEVICES`` is the client's GPU group; TensorFlow's memory growth is on
+    unless the user chose otherwise, so several clients can share a GPU.
+    """
+    env = dict(os.environ if base is None else base)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     env.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
     env["PYTHONUNBUFFERED"] = "1"
@@ -106,7 +112,11 @@ def run_simulator(
         raise ConfigError(f"-t (threads) must be an int >= 1; received: {threads!r}.")
     min_clients = min(config.workflow.min_clients, n)
     sites = [f"site-{i + 1}" for i in range(n)]
-    placement = assign_groups(sites, parse_gpu_groups(gpu)) if gpu else {}
+    placement: dict[str, list[str]] = {}
+    if gpu:
+        groups = parse_gpu_groups(gpu)
+        placement = assign_groups(sites, groups)
+        check_gpu_ids(groups, _gpu.available_gpus())
     ws = Path(workspace).resolve()
     server_dir = ws / "server"
     server_dir.mkdir(parents=True, exist_ok=True)
@@ -150,13 +160,23 @@ def run_simulator(
     console.print(
         f"[bold]fedlift simulator[/]: job {job_id}, {n} clients"
         + (f", {threads} at a time" if threads else "")
+        + (
+            ", GPUs " + " ".join(f"{s}:[{','.join(g)}]" for s, g in placement.items())
+            if placement
+            else ""
+        )
         + f", {config.workflow.num_rounds} rounds, workspace {ws}"
     )
     try:
         for site in sites:
             workers.append(
                 start_worker(
-                    site, listener.address, ws / site, _site_env(placement.get(site)), out, on_exit
+                    site,
+                    listener.address,
+                    ws / site,
+                    site_environment(placement.get(site)),
+                    out,
+                    on_exit,
                 )
             )
         result = workflow.run(runtime, initial_params, recorder)

@@ -180,6 +180,8 @@ class RoundRecord:
     seconds: float
     is_best: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    ended_at: float = field(default_factory=time.time)
+    """Wall-clock time (``time.time()``) when the round's results were all in."""
 
 
 class RunRecorder:

@@ -121,7 +121,7 @@ def run_simulator(
     server_dir = ws / "server"
     server_dir.mkdir(parents=True, exist_ok=True)
     console = Console(file=terminal or sys.stdout, highlight=False, quiet=quiet, soft_wrap=True)
-    out = terminal or sys.stdout
+    out = None if quiet else (terminal or sys.stdout)
     handler = _file_logging(server_dir / "log.txt")
     job_id = f"{config.name}-{uuid.uuid4().hex[:8]}"
     model_format, initial_params = load_initial_model(root / config.initial_model)

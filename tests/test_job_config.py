@@ -220,6 +220,8 @@ def test_load_job_round_trip(tmp_path: Path) -> None:
             "launch_external_process": False,
             "command": "python3 -u",
             "framework": "tensorflow",
+            "init_timeout": 300.0,
+            "stop_timeout": 60.0,
         },
     }
     # The loaded config writes the same JSON back.

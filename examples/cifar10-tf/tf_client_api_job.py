@@ -8,8 +8,11 @@ fedlift simulator -n 2 -t 2 -w /tmp/ws jobs/cifar10_tf_fedavg   # run the export
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "src"))

@@ -89,6 +89,7 @@ EXPECTED: dict[str, list[str]] = {
     ],
     "fedlift.server": [
         "ArraysFormat",
+        "Controller",
         "FedAvg",
         "FedAvgResult",
         "KerasWeightsFormat",

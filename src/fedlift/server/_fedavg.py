@@ -6,19 +6,49 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from ..errors import ConfigError
 from ..model import FLModel, MetaKey, ParamTree
 from ._aggregate import StreamingMean, apply_update
-from ._runtime import ServerRuntime
 from ._store import RoundRecord, RunRecorder
 
-__all__ = ["FedAvg", "FedAvgResult", "all_clients"]
+__all__ = ["Controller", "FedAvg", "FedAvgResult", "all_clients"]
 
 log = logging.getLogger("fedlift.server")
 
 RoundCallback = Callable[[RoundRecord], None]
+
+
+class Controller(Protocol):
+    """What a workflow needs from the clients' side of a job.
+
+    :class:`~fedlift.server.ServerRuntime` implements it for clients that connect over a
+    transport (worker processes, real sites); local backends implement it by calling client
+    functions directly.
+    """
+
+    def wait_for_clients(self, count: int, timeout: float, grace: float = 10.0) -> list[str]:
+        """Block until enough clients are there; returns their names."""
+        ...
+
+    def registered_sites(self) -> list[str]:
+        """The clients available now."""
+        ...
+
+    def run_task(
+        self,
+        task_name: str,
+        model: FLModel,
+        sites: Sequence[str],
+        *,
+        on_result: Callable[[str, FLModel], None],
+        timeout: float,
+        min_responses: int,
+    ) -> list[str]:
+        """Send ``model`` to ``sites``; call ``on_result`` for each result as it arrives;
+        return the sites that answered (see :meth:`ServerRuntime.run_task`)."""
+        ...
 
 
 def all_clients(sites: Sequence[str], round_number: int) -> list[str]:
@@ -68,7 +98,7 @@ class FedAvg:
 
     def run(
         self,
-        runtime: ServerRuntime,
+        runtime: Controller,
         initial_params: ParamTree,
         recorder: RunRecorder,
         start_round: int = 0,
@@ -128,7 +158,7 @@ class FedAvg:
         return apply_update(params, aggregate, mean.params_type)
 
     def _evaluate_final(
-        self, runtime: ServerRuntime, params: ParamTree, recorder: RunRecorder, start_round: int
+        self, runtime: Controller, params: ParamTree, recorder: RunRecorder, start_round: int
     ) -> dict[str, float]:
         started = time.monotonic()
         mean = StreamingMean(None)

@@ -7,7 +7,7 @@ matter how many clients answer, and the mean of one client is that client's para
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -16,17 +16,47 @@ from ..errors import ConfigError
 from ..model import FLModel, ParamsType, ParamTree, Structure, flat_keys, flatten, unflatten
 
 __all__ = [
+    "Allocator",
     "StreamingMean",
     "apply_update",
+    "fold_into",
     "weighted_mean",
     "weighted_mean_metrics",
 ]
 
 
-class StreamingMean:
-    """Running weighted mean of param trees and numeric metrics, one result at a time."""
+Allocator = Callable[[list[tuple[tuple[int, ...], np.dtype[Any]]]], list[np.ndarray]]
+"""Makes zeroed arrays of the given shapes and dtypes (e.g. in shared memory)."""
 
-    def __init__(self, reference: ParamTree | None) -> None:
+_BLOCK = 1 << 18  # elements folded at a time: temporaries stay in the CPU cache
+
+
+def fold_into(acc: np.ndarray, x: np.ndarray, fraction: float) -> None:
+    """``acc += fraction * (x - acc)``, in cache-sized blocks (no full-size temporary)."""
+    flat_acc, flat_x = acc.reshape(-1), x.reshape(-1)
+    if flat_acc.size <= _BLOCK:
+        delta = np.subtract(flat_x, flat_acc, dtype=acc.dtype)
+        delta *= fraction
+        flat_acc += delta
+        return
+    scratch = np.empty(_BLOCK, acc.dtype)
+    for start in range(0, flat_acc.size, _BLOCK):
+        stop = min(start + _BLOCK, flat_acc.size)
+        tmp = scratch[: stop - start]
+        np.subtract(flat_x[start:stop], flat_acc[start:stop], out=tmp, casting="unsafe")
+        tmp *= fraction
+        flat_acc[start:stop] += tmp
+
+
+class StreamingMean:
+    """Running weighted mean of param trees and numeric metrics, one result at a time.
+
+    ``allocate`` makes the accumulator's arrays (default: numpy); the simulator puts them in
+    shared memory, so the new global model goes out to the clients without another copy.
+    """
+
+    def __init__(self, reference: ParamTree | None, allocate: Allocator | None = None) -> None:
+        self._allocate = allocate
         if reference is not None:
             self._structure, ref = flatten(reference)
             self._shapes = [(a.shape, a.dtype) for a in ref]
@@ -56,12 +86,21 @@ class StreamingMean:
         self._weight += weight
         fraction = weight / self._weight
         if self._sums is None:
-            self._sums = [np.array(a, dtype=_acc_dtype(a.dtype), copy=True) for a in arrays]
+            self._sums = self._new_sums(arrays)
             return
         for acc, x in zip(self._sums, arrays, strict=True):
-            delta = np.subtract(x, acc, dtype=acc.dtype)
-            delta *= fraction
-            acc += delta
+            fold_into(acc, x, fraction)
+
+    def _new_sums(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        specs = [(a.shape, _acc_dtype(a.dtype)) for a in arrays]
+        sums = (
+            self._allocate(specs)
+            if self._allocate is not None
+            else [np.empty(shape, dtype) for shape, dtype in specs]
+        )
+        for acc, a in zip(sums, arrays, strict=True):
+            np.copyto(acc, a, casting="unsafe")
+        return sums
 
     def _validated(self, model: FLModel, source: str) -> list[np.ndarray]:
         structure, arrays = flatten(model.params)

@@ -11,7 +11,9 @@ import logging
 import math
 import os
 import socket
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -169,6 +171,71 @@ class _TensorBoard:
             self._file = None
 
 
+class _BackgroundWriter:
+    """Writes models in one background thread, so rounds do not wait for the disk.
+
+    A newer write for the same file replaces an older one that has not started yet (only
+    the latest global model matters). Errors surface at the next ``submit`` or ``flush``.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._pending: dict[str, Callable[[], None]] = {}
+        self._busy = False
+        self._error: BaseException | None = None
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="fedlift-writer", daemon=True)
+        self._thread.start()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def submit(self, key: str, job: Callable[[], None]) -> None:
+        with self._cond:
+            self._raise()
+            self._pending.pop(key, None)
+            self._pending[key] = job
+            self._cond.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._closed:
+                    self._cond.wait()
+                if not self._pending:
+                    return
+                key = next(iter(self._pending))
+                job = self._pending.pop(key)
+                self._busy = True
+            try:
+                job()
+            except BaseException as exc:  # handed to the workflow at its next call
+                log.error("writing %s failed: %s", key, exc)
+                with self._cond:
+                    self._error = exc
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def flush(self) -> None:
+        with self._cond:
+            while self._pending or self._busy:
+                self._cond.wait()
+            self._raise()
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            with self._cond:
+                self._closed = True
+                self._cond.notify_all()
+            self._thread.join()
+
+
 @dataclass
 class RoundRecord:
     """One line of ``metrics.jsonl``."""
@@ -206,6 +273,7 @@ class RunRecorder:
         self.best_round: int | None = None
         self.records: list[RoundRecord] = []
         self._tb = _TensorBoard(directory / "tensorboard")
+        self._writer = _BackgroundWriter()
 
     @property
     def global_model_path(self) -> Path:
@@ -230,7 +298,8 @@ class RunRecorder:
             self.best_value = record.metrics[self.key_metric]
             self.best_round = record.round
             record.is_best = True
-            self._format.save(evaluated_params, self.best_model_path)
+            best, path = evaluated_params, self.best_model_path
+            self._writer.submit("best", lambda: self._format.save(best, path))
         self.records.append(record)
         with open(self.metrics_path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(asdict(record), allow_nan=True) + "\n")
@@ -240,18 +309,32 @@ class RunRecorder:
         return record
 
     def save_global(self, params: ParamTree, round_done: int) -> None:
-        """Save the global model after ``round_done`` and the job state, atomically."""
-        self._format.save(params, self.global_model_path)
+        """Save the global model after ``round_done``, then the job state (both atomic).
+
+        Runs in the background; :meth:`flush` waits for it.
+        """
         state = {
             "round_done": round_done,
             "best_round": self.best_round,
             "best_value": self.best_value,
             "key_metric": self.key_metric,
         }
-        atomic_write_text(self.directory / "state.json", json.dumps(state, indent=2) + "\n")
+
+        def write() -> None:
+            self._format.save(params, self.global_model_path)
+            atomic_write_text(self.directory / "state.json", json.dumps(state, indent=2) + "\n")
+
+        self._writer.submit("global", write)
+
+    def flush(self) -> None:
+        """Wait until every model handed over so far is on disk."""
+        self._writer.flush()
 
     def client_log(self, record: LogRecord) -> None:
         self._tb.scalar(f"{record.site}/{record.key}", record.value, record.step or 0)
 
     def close(self) -> None:
-        self._tb.close()
+        try:
+            self._writer.close()
+        finally:
+            self._tb.close()

@@ -1,0 +1,343 @@
+"""What the peer benchmarks share: model shapes, timestamps, process-tree memory, ``run_peer``.
+
+Stdlib only: this module is imported both by fedlift's interpreter (``run_peer``) and by the
+peers' own venvs (``benchmarks.peers.nvflare_bench`` / ``flower_bench``), which never import
+fedlift.
+
+How a peer's rounds are timed (the same for every peer; see ``summarize``):
+
+* each client appends ``recv <round> <time.time()>`` when ``receive`` returns the round's
+  global model and ``send <round> <time.time()>`` just before it sends its result, one file
+  per site in a folder the harness passes to the client script;
+* round *r* starts when the last site has received round *r*'s model:
+  ``start[r] = max over sites of recv[r]``;
+* round *r* lasts ``start[r + 1] - start[r]``: the whole cycle (clients receive, add, send;
+  the server aggregates, persists when the peer does, and sends the next model). With R rounds
+  that is R - 1 measured rounds; the first is excluded from median/min/max, as in fedlift's
+  benchmark, so R - 2 samples remain (``rounds >= 3``);
+* startup is launch (just before the peer's process is started) to the end of round 0, taken
+  as the first arrival of round 1's model at any site (``min over sites of recv[1]``);
+* teardown is the last send of the last round (``max over sites``) to the peer's process exit.
+
+Memory: peak RSS and PSS summed over the launched process and all its descendants, polled
+every 50 ms from ``/proc/<pid>/smaps_rollup``. The poller marks the measuring process a child
+subreaper, so daemons that double-fork (Ray's) stay in the tree.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import statistics
+import subprocess
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+PEERS = ("nvflare", "flower")
+N_ARRAYS = 10
+FIELDS = (
+    "scenario",
+    "params",
+    "clients",
+    "median_s",
+    "min_s",
+    "max_s",
+    "startup_s",
+    "teardown_s",
+    "peak_rss_mb",
+    "peak_pss_mb",
+)
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+def model_sizes(n_params: int, n_arrays: int = N_ARRAYS) -> list[int]:
+    """Array sizes of the benchmark model, exactly as ``benchmarks.__main__.model_of``."""
+    sizes = [n_params // n_arrays] * n_arrays
+    sizes[-1] += n_params - sum(sizes)
+    return sizes
+
+
+def scenario_name(params: int, clients: int) -> str:
+    """The name fedlift's benchmark gives the scenario: ``"10M params, 2 clients"``."""
+    if params >= 1_000_000 and params % 1_000_000 == 0:
+        size = f"{params // 1_000_000}M"
+    elif params >= 1000 and params % 1000 == 0:
+        size = f"{params // 1000}k"
+    else:
+        size = str(params)
+    return f"{size} params, {clients} clients"
+
+
+# ----------------------------------------------------------------------------- timestamps
+
+
+def append_event(folder: str | Path, site: str, kind: str, round_number: int) -> None:
+    """One line ``kind round time`` in ``folder/site.txt`` (what the clients call)."""
+    with open(Path(folder) / f"{site}.txt", "a") as f:
+        f.write(f"{kind} {round_number} {time.time():.6f}\n")
+
+
+def read_events(folder: str | Path) -> dict[str, dict[str, dict[int, float]]]:
+    """``{site: {"recv": {round: t}, "send": {round: t}}}`` from a timestamp folder."""
+    out: dict[str, dict[str, dict[int, float]]] = {}
+    for path in sorted(Path(folder).glob("*.txt")):
+        events: dict[str, dict[int, float]] = {"recv": {}, "send": {}}
+        for line in path.read_text().splitlines():
+            parts = line.split()
+            if len(parts) != 3 or parts[0] not in events:
+                continue
+            events[parts[0]][int(parts[1])] = float(parts[2])
+        out[path.stem] = events
+    return out
+
+
+def round_starts(events: dict[str, dict[str, dict[int, float]]], rounds: int) -> list[float]:
+    """``start[r] = max over sites of recv[r]`` for every round all sites received."""
+    starts = []
+    for r in range(rounds):
+        times = [e["recv"].get(r) for e in events.values()]
+        if not times or any(t is None for t in times):
+            break
+        starts.append(max(t for t in times if t is not None))
+    return starts
+
+
+def summarize(
+    events: dict[str, dict[str, dict[int, float]]],
+    rounds: int,
+    launched: float,
+    exited: float,
+) -> dict[str, object]:
+    """Round, startup and teardown seconds from the clients' timestamps (see module doc)."""
+    if len(events) == 0:
+        raise ValueError("no client wrote a timestamp: the peer's clients never ran")
+    if rounds < 3:
+        raise ValueError(f"rounds must be >= 3 to time a round after the first; got {rounds}")
+    starts = round_starts(events, rounds)
+    if len(starts) < rounds:
+        raise ValueError(f"only {len(starts)} of {rounds} rounds reached every site")
+    durations = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+    samples = durations[1:]
+    first_end = min(e["recv"][1] for e in events.values())
+    last_send = max(e["send"].get(rounds - 1, float("nan")) for e in events.values())
+    if last_send != last_send:  # nan: a site never sent the last round
+        raise ValueError("a site never sent its last round")
+    return {
+        "median_s": statistics.median(samples),
+        "min_s": min(samples),
+        "max_s": max(samples),
+        "startup_s": first_end - launched,
+        "teardown_s": exited - last_send,
+        "round_s": durations,
+    }
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def become_subreaper() -> bool:
+    """Make orphaned descendants reparent to this process (Linux); False if unavailable."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return bool(libc.prctl(36, 1, 0, 0, 0) == 0)  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        return False
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and all its living descendants."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
+def tree_memory(pids: Iterable[int]) -> tuple[float, float]:
+    """Summed RSS and PSS in MiB of ``pids`` (processes that vanished count 0)."""
+    rss = pss = 0
+    for pid in pids:
+        try:
+            text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if line.startswith("Rss:"):
+                rss += int(line.split()[1])
+            elif line.startswith("Pss:"):
+                pss += int(line.split()[1])
+    return rss / 1024, pss / 1024
+
+
+class TreePoller:
+    """Peak summed RSS/PSS of the descendants of ``root`` (``root`` itself unless excluded)."""
+
+    def __init__(self, root: int, interval: float = 0.05, include_root: bool = True) -> None:
+        self.root = root
+        self.interval = interval
+        self.include_root = include_root
+        self.peak_rss = self.peak_pss = 0.0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def pids(self) -> list[int]:
+        pids = process_tree(self.root)
+        return pids if self.include_root else [p for p in pids if p != self.root]
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            rss, pss = tree_memory(self.pids())
+            self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
+            self.samples += 1
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> TreePoller:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def kill_descendants(grace: float = 5.0) -> list[int]:
+    """SIGTERM, then SIGKILL, what is left below this process (ours: we are its subreaper)."""
+    me = os.getpid()
+    left = [p for p in process_tree(me) if p != me]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in left:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            try:
+                while os.waitpid(-1, os.WNOHANG)[0] > 0:
+                    pass
+            except ChildProcessError:
+                pass
+            left = [p for p in process_tree(me) if p != me]
+            if not left:
+                return []
+            time.sleep(0.1)
+    return left
+
+
+def measure(
+    command: Sequence[str],
+    events_dir: Path,
+    rounds: int,
+    timeout: float,
+    cwd: Path,
+    env: dict[str, str] | None = None,
+    log: Path | None = None,
+) -> dict[str, object]:
+    """Launch ``command``, poll its tree's memory until it exits, time its rounds."""
+    subreaper = become_subreaper()
+    out = open(log, "wb") if log else subprocess.DEVNULL
+    try:
+        launched = time.time()
+        proc = subprocess.Popen(
+            list(command), cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+        # With the subreaper set, orphans land on us: poll everything below us.
+        with TreePoller(os.getpid() if subreaper else proc.pid, include_root=False) as poller:
+            try:
+                code = proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                kill_descendants()
+                raise TimeoutError(f"{command[0]} ran past {timeout:.0f} s") from None
+            exited = time.time()
+    finally:
+        if log:
+            out.close()  # type: ignore[union-attr]
+    lingering = kill_descendants() if subreaper else []
+    if code != 0:
+        tail = log.read_text(errors="replace")[-3000:] if log else ""
+        raise RuntimeError(f"{command[0]} exited with {code}:\n{tail}")
+    result = summarize(read_events(events_dir), rounds, launched, exited)
+    result.update(
+        peak_rss_mb=poller.peak_rss,
+        peak_pss_mb=poller.peak_pss,
+        memory_samples=poller.samples,
+        lingering_pids=lingering,
+    )
+    return result
+
+
+def run_peer(
+    peer: str, params: int, clients: int, rounds: int, timeout: float = 1800.0
+) -> dict[str, object]:
+    """Run one scenario with ``peer`` ("nvflare" or "flower") in its own venv.
+
+    Creates the venv on first use (``benchmarks/.venvs/<peer>``), then runs
+    ``<venv>/bin/python -m benchmarks.peers.<peer>_bench`` and returns its JSON: the fields
+    of fedlift's ``Outcome`` plus ``peer``, ``version`` and ``round_s`` (every measured round).
+    """
+    from .venvs import ensure_peer, python_of
+
+    if peer not in PEERS:
+        raise ValueError(f"peer must be one of {PEERS}; got {peer!r}")
+    venv = ensure_peer(peer)
+    command = [
+        str(python_of(venv)),
+        "-m",
+        f"benchmarks.peers.{peer}_bench",
+        f"--params={params}",
+        f"--clients={clients}",
+        f"--rounds={rounds}",
+        f"--timeout={timeout}",
+    ]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout + 120)
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"{peer} benchmark failed ({done.returncode}):\n{done.stdout[-2000:]}"
+            f"\n{done.stderr[-4000:]}"
+        )
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if not lines:
+        raise RuntimeError(f"{peer} benchmark printed no JSON:\n{done.stdout[-2000:]}")
+    result: dict[str, object] = json.loads(lines[-1])
+    return result
+
+
+def outcome(
+    peer: str, version: str, params: int, clients: int, timing: dict[str, object]
+) -> dict[str, object]:
+    """The JSON line a peer benchmark prints: ``Outcome``'s fields first, then the extras."""
+    out: dict[str, object] = {
+        "scenario": scenario_name(params, clients),
+        "params": params,
+        "clients": clients,
+    }
+    for key in FIELDS[3:]:
+        out[key] = timing[key]
+    out["peer"] = peer
+    out["version"] = version
+    for key, value in timing.items():
+        out.setdefault(key, value)
+    return out

@@ -1,0 +1,87 @@
+"""NVFlare's side of the benchmark; runs in ``benchmarks/.venvs/nvflare`` (never with fedlift).
+
+``python -m benchmarks.peers.nvflare_bench --params N --clients C --rounds R`` (from the repo
+root, with the NVFlare venv's python) builds a job with NVFlare's job API -- ``FedJob`` with
+the ``FedAvg`` controller, a persistor of N float32 zeros in 10 arrays (``nvflare_persistor``)
+and a ``ScriptRunner`` (in-process, framework NUMPY) of ``nvflare_client.py`` -- exports it,
+then times ``nvflare simulator JOB -n C -t C`` (every client at once) as a subprocess and
+prints one JSON line. The timing rules are in ``benchmarks.peers.common``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from benchmarks.peers.common import ROOT, measure, model_sizes, outcome
+
+HERE = Path(__file__).resolve().parent
+
+
+def build_job(folder: Path, params: int, clients: int, rounds: int, times: Path) -> Path:
+    """Export the NVFlare job into ``folder``; returns the job's directory."""
+    from nvflare.app_common.workflows.fedavg import FedAvg
+    from nvflare.fuel.utils.constants import FrameworkType
+    from nvflare.job_config.api import FedJob
+    from nvflare.job_config.script_runner import ScriptRunner
+
+    sys.path.insert(0, str(HERE))  # so FedJob sees a top-level module it copies into custom/
+    from nvflare_persistor import ZerosPersistor
+
+    job = FedJob(name="bench", min_clients=clients)
+    job.to_server(ZerosPersistor(model_sizes(params)), id="persistor")
+    job.to_server(FedAvg(num_clients=clients, num_rounds=rounds, persistor_id="persistor"))
+    job.to_clients(
+        ScriptRunner(
+            script=str(HERE / "nvflare_client.py"),
+            script_args=f"--times {times}",
+            framework=FrameworkType.NUMPY,
+        )
+    )
+    job.export_job(str(folder))
+    return folder / "bench"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.peers.nvflare_bench")
+    parser.add_argument("--params", type=int, required=True)
+    parser.add_argument("--clients", type=int, required=True)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--timeout", type=float, default=1800.0)
+    parser.add_argument("--keep", type=Path, default=None, help="keep the workdir here")
+    args = parser.parse_args(argv)
+
+    import nvflare
+
+    with tempfile.TemporaryDirectory(prefix="peer-nvflare-") as tmp:
+        work = args.keep or Path(tmp)
+        times = work / "times"
+        times.mkdir(parents=True, exist_ok=True)
+        job = build_job(work / "jobs", args.params, args.clients, args.rounds, times)
+        nvflare_cli = Path(sys.executable).parent / "nvflare"
+        command = [
+            str(nvflare_cli),
+            "simulator",
+            str(job),
+            "-w",
+            str(work / "ws"),
+            "-n",
+            str(args.clients),
+            "-t",
+            str(args.clients),
+        ]
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        timing = measure(
+            command, times, args.rounds, args.timeout, cwd=ROOT, env=env, log=work / "log.txt"
+        )
+    result = outcome("nvflare", nvflare.__version__, args.params, args.clients, timing)
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -34,7 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-from ..codec import Message, model_from_wire, model_to_wire
+from ..codec import Message, _shm, model_from_wire, model_to_wire
 from ..errors import ClientAPIError, ConfigError, ProtocolError
 from ..transport import GrpcListener
 from ._link import LocalLink, Task
@@ -204,7 +204,11 @@ class ScriptProcess:
         self._dir = Path(tempfile.mkdtemp(prefix="fedlift-"))
         self._token = secrets.token_hex(16)
         self.service = ScriptService(link, self._token)
-        self._listener = GrpcListener(self.service.handle, f"unix:{self._dir / 'client.sock'}")
+        self._listener = GrpcListener(
+            self.service.handle,
+            f"unix:{self._dir / 'client.sock'}",
+            shared_memory=_shm.available(),
+        )
         self._app_dir = app_dir
         self._script = script
         self.process: subprocess.Popen[bytes] | None = None

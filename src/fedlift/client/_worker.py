@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from ..codec import Message, model_from_wire, model_to_wire
+from ..codec import Message, _shm, model_from_wire, model_to_wire
 from ..errors import ConnectionLostError, FedliftError, ProtocolError, TransportError
 from ..transport import GrpcTransport, Transport
 from ._link import ClientContext, LocalLink, Task, set_current_link
@@ -35,6 +35,9 @@ from ._service import ScriptProcess
 __all__ = ["run_worker", "main", "unpack_app"]
 
 log = logging.getLogger("fedlift.client")
+
+SHARED_MEMORY_ENV = "FEDLIFT_SHARED_MEMORY"
+"""Set to 1 (by the simulator) when the server runs on this host: payloads go by /dev/shm."""
 
 _POLL_SECONDS = 5.0
 _MAX_APP_BYTES = 2 << 30
@@ -305,7 +308,8 @@ class Worker:
 
 def run_worker(server: str, site: str, workspace: Path | None = None) -> int:
     """Serve one site until the job ends; returns the process exit status."""
-    transport = GrpcTransport(server, wait_for_ready=True)
+    shared = os.environ.get(SHARED_MEMORY_ENV) == "1" and _shm.available()
+    transport = GrpcTransport(server, wait_for_ready=True, shared_memory=shared)
     worker = Worker(transport, site, Path(workspace or os.getcwd()))
     try:
         return worker.run()

@@ -8,6 +8,7 @@ from ._wire import (
     Frame,
     Message,
     decode,
+    decode_frame,
     encode,
     frame_length,
 )
@@ -19,6 +20,7 @@ __all__ = [
     "Frame",
     "Message",
     "decode",
+    "decode_frame",
     "encode",
     "frame_length",
     "model_from_wire",

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ProtocolError
+from . import _shm
 
 __all__ = [
     "ALLOWED_DTYPES",
@@ -33,6 +34,7 @@ __all__ = [
     "Message",
     "PREFIX_BYTES",
     "decode",
+    "decode_frame",
     "encode",
     "frame_length",
 ]
@@ -49,6 +51,7 @@ ALLOWED_DTYPES: frozenset[str] = frozenset(
     ["|b1", "|i1", "|u1", "<i2", "<u2", "<i4", "<u4", "<i8", "<u8", "<f2", "<f4", "<f8"]
 )
 _PAD = bytes(_ALIGN)
+_HEADER_KEYS = frozenset({"op", "fields", "arrays", "shm", "accept_shm"})
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,13 @@ class Frame:
 
     buffers: list[memoryview]
     nbytes: int
+    shm_name: str | None = None
+    """A transfer segment holding the payload; the sender unlinks it if delivery fails."""
+
+    def discard(self) -> None:
+        """Free what the frame holds outside the process (call when delivery failed)."""
+        if self.shm_name is not None:
+            _shm.unlink(self.shm_name)
 
     def tobytes(self) -> bytes:
         return b"".join(self.buffers)
@@ -112,8 +122,15 @@ def _little_endian() -> bool:
     return np.little_endian
 
 
-def encode(message: Message) -> Frame:
-    """Encode ``message``; array data is referenced, not copied (non-contiguous arrays are)."""
+def encode(
+    message: Message, *, shm_min_bytes: int | None = None, accept_shm: bool = False
+) -> Frame:
+    """Encode ``message``; array data is referenced, not copied (non-contiguous arrays are).
+
+    With ``shm_min_bytes``, a payload of at least that many bytes travels in shared memory
+    (see :mod:`._shm`): by reference when the arrays already lie in one owned segment, else
+    copied once into a transfer segment. ``accept_shm`` tells the peer it may reply so.
+    """
     if not isinstance(message.op, str) or not message.op:
         raise ProtocolError(f"message op must be a non-empty string; received: {message.op!r}")
     specs: list[list[Any]] = []
@@ -138,18 +155,40 @@ def encode(message: Message) -> Frame:
         specs.append([dtype, list(array.shape), offset])
         payload.append(array)
         offset = _aligned(offset + array.nbytes)
+    header_obj: dict[str, Any] = {"op": message.op, "fields": message.fields, "arrays": specs}
+    if accept_shm:
+        header_obj["accept_shm"] = True
+    shm_name: str | None = None
+    if shm_min_bytes is not None and offset >= shm_min_bytes and offset > 0 and _shm.available():
+        placed = _shm.locate(payload)
+        if placed is not None:
+            name, size, offsets = placed
+            for spec, at in zip(specs, offsets, strict=True):
+                spec[2] = at
+            header_obj["shm"] = {"name": name, "size": size, "unlink": False}
+        else:
+            shm_name, segment = _shm.create_transfer(offset)
+            for spec, array in zip(specs, payload, strict=True):
+                if array.nbytes:
+                    _copy_into(segment, spec[2], array)
+            segment.close()
+            header_obj["shm"] = {"name": shm_name, "size": offset, "unlink": True}
+        payload, specs_inline = [], []
+        offset = 0
+    else:
+        specs_inline = specs
     try:
-        header = json.dumps(
-            {"op": message.op, "fields": message.fields, "arrays": specs},
-            separators=(",", ":"),
-            allow_nan=True,
-        ).encode()
+        header = json.dumps(header_obj, separators=(",", ":"), allow_nan=True).encode()
     except (TypeError, ValueError) as exc:
+        if shm_name is not None:
+            _shm.unlink(shm_name)
         raise ProtocolError(
             f"fields of message {message.op!r} are not JSON-serialisable: {exc}. "
             "Metrics and meta must hold str, int, float, bool, None, lists and dicts."
         ) from exc
     if len(header) > MAX_HEADER_BYTES:
+        if shm_name is not None:
+            _shm.unlink(shm_name)
         raise ProtocolError(
             f"message header is {len(header):,} bytes; the limit is {MAX_HEADER_BYTES:,}. "
             "Put large data in arrays, not in metrics or meta."
@@ -161,16 +200,21 @@ def encode(message: Message) -> Frame:
     head[PREFIX_BYTES : PREFIX_BYTES + len(header)] = header
     buffers: list[memoryview] = [memoryview(head)]
     position = data_start
-    for spec, array in zip(specs, payload, strict=True):
-        target = data_start + spec[2]
-        if target > position:
-            buffers.append(memoryview(_PAD)[: target - position])
+    for spec, array in zip(specs_inline, payload, strict=True):
+        target_at = data_start + spec[2]
+        if target_at > position:
+            buffers.append(memoryview(_PAD)[: target_at - position])
         if array.nbytes:
             buffers.append(array.data.cast("B"))
-        position = target + array.nbytes
+        position = target_at + array.nbytes
     if total > position:
         buffers.append(memoryview(_PAD)[: total - position])
-    return Frame(buffers, total)
+    return Frame(buffers, total, shm_name)
+
+
+def _copy_into(segment: Any, offset: int, array: np.ndarray) -> None:
+    target = np.frombuffer(segment, array.dtype, count=array.size, offset=offset)
+    np.copyto(target.reshape(array.shape), array)
 
 
 def frame_length(prefix: bytes | bytearray | memoryview) -> int:
@@ -189,9 +233,27 @@ def frame_length(prefix: bytes | bytearray | memoryview) -> int:
 
 
 def decode(
-    buffer: bytes | bytearray | memoryview, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    buffer: bytes | bytearray | memoryview,
+    max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    *,
+    allow_shm: bool = False,
 ) -> Message:
-    """Validate and decode one message. Arrays are views on ``buffer`` (no copy)."""
+    """Validate and decode one message. Arrays are views on ``buffer`` (no copy), or on a
+    private mapping of the sender's shared-memory segment when ``allow_shm``."""
+    return decode_frame(buffer, max_bytes, allow_shm=allow_shm)[0]
+
+
+def decode_frame(
+    buffer: bytes | bytearray | memoryview,
+    max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    *,
+    allow_shm: bool = False,
+    populate: bool = True,
+) -> tuple[Message, bool]:
+    """:func:`decode`, plus whether the peer accepts a shared-memory reply.
+
+    ``populate=False`` maps a shared-memory payload lazily (see ``_shm.open_segment``).
+    """
     view = memoryview(buffer).cast("B")
     total = frame_length(view)
     if total != len(view):
@@ -205,7 +267,11 @@ def decode(
         header = json.loads(bytes(view[PREFIX_BYTES : PREFIX_BYTES + header_len]))
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, ...
         raise ProtocolError(f"message header is not valid JSON: {exc}") from None
-    if not isinstance(header, dict) or set(header) != {"op", "fields", "arrays"}:
+    if (
+        not isinstance(header, dict)
+        or not {"op", "fields", "arrays"} <= set(header)
+        or not set(header) <= _HEADER_KEYS
+    ):
         raise ProtocolError("message header must be an object with op, fields and arrays.")
     op, fields, specs = header["op"], header["fields"], header["arrays"]
     if not isinstance(op, str) or not op or len(op) > 128:
@@ -214,8 +280,14 @@ def decode(
         raise ProtocolError("message fields must be a JSON object.")
     if not isinstance(specs, list):
         raise ProtocolError("message arrays must be a JSON list.")
+    accept_shm = header.get("accept_shm", False) is True
     data_start = _aligned(PREFIX_BYTES + header_len)
     data_len = total - data_start
+    if "shm" in header:
+        if data_len != 0:
+            raise ProtocolError("a shared-memory message must carry no inline payload.")
+        shared = _shm_arrays(header["shm"], specs, max_bytes, allow_shm, populate)
+        return Message(op, fields, shared), accept_shm
     arrays: list[np.ndarray] = []
     expected_offset = 0
     for i, spec in enumerate(specs):
@@ -226,11 +298,45 @@ def decode(
             f"message carries {data_len} payload bytes but its arrays account for "
             f"{expected_offset}."
         )
-    return Message(op, fields, arrays)
+    return Message(op, fields, arrays), accept_shm
+
+
+def _shm_arrays(
+    ref: Any, specs: list[Any], max_bytes: int, allow_shm: bool, populate: bool
+) -> list[np.ndarray]:
+    if not allow_shm:
+        raise ProtocolError(
+            "the peer sent its payload in shared memory, which this endpoint does not accept "
+            "(it is only for processes on one host)."
+        )
+    if not (
+        isinstance(ref, dict)
+        and set(ref) == {"name", "size", "unlink"}
+        and isinstance(ref["size"], int)
+        and not isinstance(ref["size"], bool)
+        and 0 <= ref["size"] <= max_bytes
+        and isinstance(ref["unlink"], bool)
+    ):
+        raise ProtocolError(f"bad shared-memory reference {ref!r:.120}")
+    segment = _shm.open_segment(ref["name"], ref["size"], populate)
+    if ref["unlink"]:
+        _shm.unlink(ref["name"])
+    view = memoryview(segment).cast("B")
+    arrays = []
+    for i, spec in enumerate(specs):
+        offset = spec[2] if isinstance(spec, list) and len(spec) == 3 else None
+        arrays.append(_array_from_spec(view, i, spec, 0, ref["size"], offset, shared=True))
+    return arrays
 
 
 def _array_from_spec(
-    view: memoryview, i: int, spec: Any, data_start: int, data_len: int, expected_offset: int
+    view: memoryview,
+    i: int,
+    spec: Any,
+    data_start: int,
+    data_len: int,
+    expected_offset: Any,
+    shared: bool = False,
 ) -> np.ndarray:
     if not (isinstance(spec, list) and len(spec) == 3):
         raise ProtocolError(f"array {i}: spec must be [dtype, shape, offset]; got {spec!r:.80}")
@@ -248,6 +354,8 @@ def _array_from_spec(
             f"array {i}: offset {offset!r:.20} is not the expected {expected_offset}."
         )
     dtype = np.dtype(dtype_str)
+    if shared and (offset < 0 or offset % dtype.itemsize):
+        raise ProtocolError(f"array {i}: offset {offset} is not aligned for {dtype}.")
     count = 1
     for d in shape:
         count *= d

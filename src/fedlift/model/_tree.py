@@ -69,71 +69,69 @@ def _short_repr(value: Any) -> str:
 def flatten(tree: ParamTree) -> tuple[Structure, list[np.ndarray]]:
     """Split ``tree`` into its structure and its arrays (in a stable order)."""
     arrays: list[np.ndarray] = []
-
-    def walk(node: Any, path: str, depth: int) -> Structure:
-        if depth > _MAX_DEPTH:
-            raise ConfigError(f"params nest deeper than {_MAX_DEPTH} levels at {path!r}.")
-        if isinstance(node, Mapping):
-            items = []
-            for key, value in node.items():
-                if not isinstance(key, str):
-                    raise ConfigError(
-                        f"params keys must be strings; found {key!r} "
-                        f"({type(key).__name__}) at {path or '<root>'!r}. "
-                        "Use layer names or str(key)."
-                    )
-                items.append([key, walk(value, f"{path}/{key}" if path else key, depth + 1)])
-            return {"d": items}
-        if isinstance(node, list | tuple):
-            return {
-                "l": [
-                    walk(value, f"{path}/{i}" if path else str(i), depth + 1)
-                    for i, value in enumerate(node)
-                ]
-            }
-        arrays.append(_leaf(node, path))
-        return None
-
-    structure = walk(tree, "", 0)
+    structure = _walk(tree, "", 0, arrays)
     return structure, arrays
+
+
+# Module-level recursion (not nested closures): a recursive closure is a reference cycle,
+# and it would keep whole models alive until the garbage collector happens to run.
+def _walk(node: Any, path: str, depth: int, arrays: list[np.ndarray]) -> Structure:
+    if depth > _MAX_DEPTH:
+        raise ConfigError(f"params nest deeper than {_MAX_DEPTH} levels at {path!r}.")
+    if isinstance(node, Mapping):
+        items = []
+        for key, value in node.items():
+            if not isinstance(key, str):
+                raise ConfigError(
+                    f"params keys must be strings; found {key!r} "
+                    f"({type(key).__name__}) at {path or '<root>'!r}. "
+                    "Use layer names or str(key)."
+                )
+            items.append([key, _walk(value, f"{path}/{key}" if path else key, depth + 1, arrays)])
+        return {"d": items}
+    if isinstance(node, list | tuple):
+        return {
+            "l": [
+                _walk(value, f"{path}/{i}" if path else str(i), depth + 1, arrays)
+                for i, value in enumerate(node)
+            ]
+        }
+    arrays.append(_leaf(node, path))
+    return None
 
 
 def unflatten(structure: Structure, arrays: Sequence[np.ndarray]) -> ParamTree:
     """Rebuild the tree that :func:`flatten` described. Validates the structure."""
-    it = iter(arrays)
-    count = 0
-
-    def build(node: Any, depth: int) -> Any:
-        nonlocal count
-        if depth > _MAX_DEPTH:
-            raise ProtocolError(f"param structure nests deeper than {_MAX_DEPTH} levels.")
-        if node is None:
-            try:
-                value = next(it)
-            except StopIteration:
-                raise ProtocolError(
-                    f"param structure names more arrays than the {len(arrays)} sent."
-                ) from None
-            count += 1
-            return value
-        if isinstance(node, dict) and len(node) == 1:
-            if "d" in node and isinstance(node["d"], list):
-                out: dict[str, Any] = {}
-                for item in node["d"]:
-                    if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)):
-                        raise ProtocolError(f"bad dict entry in param structure: {item!r:.80}")
-                    if item[0] in out:
-                        raise ProtocolError(f"param structure names key {item[0]!r:.80} twice.")
-                    out[item[0]] = build(item[1], depth + 1)
-                return out
-            if "l" in node and isinstance(node["l"], list):
-                return [build(child, depth + 1) for child in node["l"]]
-        raise ProtocolError(f"bad node in param structure: {node!r:.80}")
-
-    tree = build(structure, 0)
-    if count != len(arrays):
-        raise ProtocolError(f"param structure names {count} arrays but {len(arrays)} were sent.")
+    position = [0]
+    tree = _build(structure, 0, arrays, position)
+    if position[0] != len(arrays):
+        raise ProtocolError(
+            f"param structure names {position[0]} arrays but {len(arrays)} were sent."
+        )
     return tree
+
+
+def _build(node: Any, depth: int, arrays: Sequence[np.ndarray], position: list[int]) -> Any:
+    if depth > _MAX_DEPTH:
+        raise ProtocolError(f"param structure nests deeper than {_MAX_DEPTH} levels.")
+    if node is None:
+        if position[0] >= len(arrays):
+            raise ProtocolError(f"param structure names more arrays than the {len(arrays)} sent.")
+        position[0] += 1
+        return arrays[position[0] - 1]
+    if isinstance(node, dict) and len(node) == 1:
+        if "d" in node and isinstance(node["d"], list):
+            out: dict[str, Any] = {}
+            for item in node["d"]:
+                if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)):
+                    raise ProtocolError(f"bad dict entry in param structure: {item!r:.80}")
+                if item[0] in out:
+                    raise ProtocolError(f"param structure names key {item[0]!r:.80} twice.")
+                out[item[0]] = _build(item[1], depth + 1, arrays, position)
+            return out
+        if "l" in node and isinstance(node["l"], list):
+            return [_build(child, depth + 1, arrays, position) for child in node["l"]]
+    raise ProtocolError(f"bad node in param structure: {node!r:.80}")
 
 
 def flat_keys(structure: Structure) -> list[str]:

@@ -8,9 +8,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import numpy as np
+
 from ..errors import ConfigError
-from ..model import FLModel, MetaKey, ParamTree
-from ._aggregate import StreamingMean, apply_update
+from ..model import FLModel, MetaKey, ParamTree, flatten, unflatten
+from ._aggregate import Allocator, StreamingMean, apply_update
 from ._store import RoundRecord, RunRecorder
 
 __all__ = ["Controller", "FedAvg", "FedAvgResult", "all_clients"]
@@ -87,6 +89,8 @@ class FedAvg:
     final_evaluation: bool = True
     sample_clients: Callable[[Sequence[str], int], list[str]] = all_clients
     on_round: RoundCallback | None = field(default=None, repr=False)
+    allocate: Allocator | None = field(default=None, repr=False)
+    """Where aggregates live (the simulator: shared memory, sent on without a copy)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_rounds, int) or self.num_rounds < 1:
@@ -104,12 +108,12 @@ class FedAvg:
         start_round: int = 0,
     ) -> FedAvgResult:
         runtime.wait_for_clients(self.min_clients, self.register_timeout)
-        params = initial_params
+        params = self._publish(initial_params)
         for round_number in range(start_round, self.num_rounds):
             started = time.monotonic()
             sites = self.sample_clients(runtime.registered_sites(), round_number)
             task = self._task_model(params, round_number, start_round)
-            mean = StreamingMean(params)
+            mean = StreamingMean(params, allocate=self.allocate)
             answered = runtime.run_task(
                 "train",
                 task,
@@ -139,6 +143,17 @@ class FedAvg:
         return FedAvgResult(
             params, recorder.records, final_metrics, recorder.best_round, recorder.best_value
         )
+
+    def _publish(self, params: ParamTree) -> ParamTree:
+        """Copy the initial params to where ``allocate`` puts aggregates (shared memory), so
+        every client's first task references one copy instead of getting its own."""
+        if self.allocate is None:
+            return params
+        structure, arrays = flatten(params)
+        published = self.allocate([(a.shape, a.dtype) for a in arrays])
+        for target, source in zip(published, arrays, strict=True):
+            np.copyto(target, source)
+        return unflatten(structure, published)
 
     def _task_model(self, params: ParamTree, round_number: int, start_round: int) -> FLModel:
         return FLModel(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import sys
 import time
 import uuid
@@ -20,6 +21,8 @@ from typing import Any, TextIO
 from rich.console import Console
 from rich.table import Table
 
+from ..client._worker import SHARED_MEMORY_ENV
+from ..codec import _shm
 from ..errors import ClientFailedError, ConfigError, FedliftError
 from ..job import load_job, zip_dir
 from ..model import ParamTree
@@ -97,11 +100,14 @@ def run_simulator(
     *,
     terminal: TextIO | None = None,
     quiet: bool = False,
+    shared_memory: bool = True,
 ) -> SimulationResult:
     """Run an exported job with ``n_clients`` local clients, ``threads`` of them at once.
 
     Raises :class:`~fedlift.errors.ClientFailedError` (with the client's traceback) when a
     client script fails, and other :class:`~fedlift.errors.FedliftError` for bad input.
+    Models move between the processes through shared memory (``/dev/shm``) unless
+    ``shared_memory=False``; control messages always go over gRPC.
     """
     started = time.monotonic()
     config, root = load_job(job_dir)
@@ -144,7 +150,15 @@ def run_simulator(
         final_evaluation=config.workflow.final_evaluation,
         on_round=lambda r: console.print(_round_line(r, config.workflow.num_rounds)),
     )
-    listener = GrpcListener(runtime.handle, "127.0.0.1:0", max_workers=2 * n + 8)
+    shared = shared_memory and _shm.available()
+    if shared:
+        workflow.allocate = _shm.allocate
+    session_id = secrets.token_hex(4)
+    previous_session = os.environ.get(_shm.SESSION_ENV)
+    os.environ[_shm.SESSION_ENV] = session_id  # this process and its workers: one sweep
+    listener = GrpcListener(
+        runtime.handle, "127.0.0.1:0", max_workers=2 * n + 8, shared_memory=shared
+    )
     workers: list[WorkerProcess] = []
 
     def on_exit(worker: WorkerProcess, code: int) -> None:
@@ -174,7 +188,7 @@ def run_simulator(
                     site,
                     listener.address,
                     ws / site,
-                    site_environment(placement.get(site)),
+                    {**site_environment(placement.get(site)), SHARED_MEMORY_ENV: str(int(shared))},
                     out,
                     on_exit,
                 )
@@ -192,9 +206,18 @@ def run_simulator(
         raise
     finally:
         listener.stop(grace=1)
-        recorder.close()
-        logging.getLogger("fedlift").removeHandler(handler)
-        handler.close()
+        try:
+            recorder.close()
+        finally:
+            leftovers = _shm.sweep(session_id)
+            if leftovers:
+                log.debug("removed %d shared-memory segments at exit", len(leftovers))
+            if previous_session is None:
+                os.environ.pop(_shm.SESSION_ENV, None)
+            else:
+                os.environ[_shm.SESSION_ENV] = previous_session
+            logging.getLogger("fedlift").removeHandler(handler)
+            handler.close()
     elapsed = time.monotonic() - started
     _print_summary(console, result.rounds, recorder, elapsed)
     return SimulationResult(

@@ -14,7 +14,15 @@ from typing import Any
 
 import grpc
 
-from ..codec import DEFAULT_MAX_MESSAGE_BYTES, PREFIX_BYTES, Message, decode, encode, frame_length
+from ..codec import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    PREFIX_BYTES,
+    Message,
+    decode,
+    decode_frame,
+    encode,
+    frame_length,
+)
 from ..errors import (
     ConfigError,
     ConnectionLostError,
@@ -26,10 +34,11 @@ from ..errors import (
 )
 from ._base import Handler, describe_error
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "GrpcListener", "GrpcTransport"]
+__all__ = ["DEFAULT_CHUNK_BYTES", "DEFAULT_SHM_MIN_BYTES", "GrpcListener", "GrpcTransport"]
 
 _METHOD = "/fedlift.v1.Exchange/Call"
 DEFAULT_CHUNK_BYTES = 1 << 20
+DEFAULT_SHM_MIN_BYTES = 1 << 20
 _MAX_DETAIL = 8000
 
 
@@ -115,12 +124,14 @@ class GrpcListener:
         credentials: grpc.ServerCredentials | None = None,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        shared_memory: bool = False,
     ) -> None:
         if chunk_bytes < 4096:
             raise ConfigError(f"chunk_bytes must be at least 4096; received: {chunk_bytes}.")
         self._handler = handler
         self._chunk = chunk_bytes
         self._max = max_message_bytes
+        self._shm = shared_memory
         self._server = grpc.server(
             ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="fedlift-grpc"),
             options=_channel_options(chunk_bytes),
@@ -156,9 +167,20 @@ class GrpcListener:
         self, request_chunks: Iterator[bytes], context: grpc.ServicerContext
     ) -> Iterator[bytes]:
         try:
-            request = decode(_assemble(request_chunks, self._max), self._max)
+            # Lazily mapped: results queued on a server cost no memory until they are read.
+            request, peer_accepts_shm = decode_frame(
+                _assemble(request_chunks, self._max),
+                self._max,
+                allow_shm=self._shm,
+                populate=False,
+            )
             reply = self._handler(request)
-            frame = encode(reply)
+            # Do not keep the request (maybe a whole model) alive while the reply streams:
+            # gRPC may hold this generator for a while after the call.
+            del request
+            shm = DEFAULT_SHM_MIN_BYTES if (self._shm and peer_accepts_shm) else None
+            frame = encode(reply, shm_min_bytes=shm)
+            del reply
         except Exception as exc:  # the boundary: errors travel as their class name
             code = (
                 grpc.StatusCode.INVALID_ARGUMENT
@@ -167,7 +189,13 @@ class GrpcListener:
             )
             context.abort(code, _error_details(exc))
             return
-        yield from frame.chunks(self._chunk)
+        sent = False
+        try:
+            yield from frame.chunks(self._chunk)
+            sent = True
+        finally:
+            if not sent:
+                frame.discard()
 
 
 class GrpcTransport:
@@ -182,8 +210,10 @@ class GrpcTransport:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         wait_for_ready: bool = False,
         server_name_override: str | None = None,
+        shared_memory: bool = False,
     ) -> None:
         self._address = address
+        self._shm = shared_memory
         self._chunk = chunk_bytes
         self._max = max_message_bytes
         self._wait = wait_for_ready
@@ -200,13 +230,18 @@ class GrpcTransport:
     def call(self, request: Message, timeout: float | None = None) -> Message:
         if self._closed:
             raise ConnectionLostError("this transport is closed.")
-        frame = encode(request)
+        frame = encode(
+            request,
+            shm_min_bytes=DEFAULT_SHM_MIN_BYTES if self._shm else None,
+            accept_shm=self._shm,
+        )
         try:
             replies = self._method(
                 frame.chunks(self._chunk), timeout=timeout, wait_for_ready=self._wait
             )
-            return decode(_assemble(replies, self._max), self._max)
+            return decode(_assemble(replies, self._max), self._max, allow_shm=self._shm)
         except grpc.RpcError as exc:
+            frame.discard()
             raise _translate(exc, request.op, self._address, timeout) from None
 
     def close(self) -> None:

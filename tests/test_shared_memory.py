@@ -1,0 +1,186 @@
+"""Shared-memory payloads: same results as the socket, nothing leaked in /dev/shm."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import SCRIPTS
+from fedlift import FedAvgJob, ScriptRunner
+from fedlift.codec import Message, _shm, decode, encode
+from fedlift.errors import ClientFailedError, ProtocolError
+from fedlift.transport import GrpcListener, GrpcTransport, Handler
+from fedlift.transport.testing import CHECKS
+
+pytestmark = pytest.mark.skipif(not _shm.available(), reason="no writable /dev/shm here")
+
+
+def segments() -> set[str]:
+    return {p.name for p in _shm.SHM_DIR.glob("fedlift-*")}
+
+
+def shm_factory(handler: Handler) -> tuple[GrpcListener, GrpcTransport]:
+    listener = GrpcListener(handler, shared_memory=True)
+    return listener, GrpcTransport(listener.address, shared_memory=True)
+
+
+@pytest.mark.parametrize("check", CHECKS, ids=[c.__name__ for c in CHECKS])
+def test_grpc_with_shared_memory_passes_the_conformance_suite(check: object) -> None:
+    before = segments()
+    check(shm_factory)  # type: ignore[operator]
+    gc.collect()
+    assert segments() - before == set()
+
+
+def test_large_payloads_travel_in_shared_memory_and_are_unlinked() -> None:
+    seen: list[np.ndarray] = []
+
+    def handler(request: Message) -> Message:
+        seen.append(request.arrays[0])
+        return Message("ok", {}, [request.arrays[0] * 2])
+
+    listener, transport = shm_factory(handler)
+    try:
+        before = segments()
+        big = np.arange(2_000_000, dtype=np.float32)
+        reply = transport.call(Message("big", {}, [big]), timeout=30)
+        np.testing.assert_array_equal(reply.arrays[0], big * 2)
+        # The handler's array was a mapping of a segment, not bytes off the socket.
+        assert isinstance(seen[0].base, memoryview | np.ndarray) or seen[0].base is not None
+        assert segments() - before == set()  # both transfer segments were unlinked on receipt
+    finally:
+        transport.close()
+        listener.stop(0)
+
+
+def test_owned_arrays_go_by_reference_to_every_receiver() -> None:
+    arrays = _shm.allocate([((1000,), np.dtype(np.float32)), ((3, 4), np.dtype(np.float64))])
+    arrays[0][:] = 7.0
+    arrays[1][:] = 2.5
+    before = segments()
+    frame = encode(Message("task", {}, arrays), shm_min_bytes=1)
+    assert frame.shm_name is None  # a reference, no new segment
+    assert len(frame.tobytes()) < 1000  # the frame is only the header
+    first, second = (decode(frame.tobytearray(), allow_shm=True) for _ in range(2))
+    assert segments() == before
+    first.arrays[0][0] = -1.0  # receivers get private, writable copies-on-write
+    assert arrays[0][0] == 7.0 and second.arrays[0][0] == 7.0
+    np.testing.assert_array_equal(second.arrays[1], np.full((3, 4), 2.5))
+    name = next(iter(before))
+    del arrays, frame, first, second
+    gc.collect()
+    assert name not in segments()  # unlinked once no array uses it
+
+
+@pytest.mark.parametrize(
+    "ref, message",
+    [
+        ({"name": "../../etc/passwd", "size": 4, "unlink": False}, "invalid shared-memory"),
+        ({"name": "fedlift-x-1-1-0123abcd/../y", "size": 4, "unlink": False}, "invalid"),
+        ({"name": "fedlift-nosuch-1-1-0123abcd", "size": 4, "unlink": False}, "cannot open"),
+        ({"name": "fedlift-x-1-1-0123abcd", "size": -1, "unlink": False}, "bad shared-memory"),
+        ({"name": "fedlift-x-1-1-0123abcd", "size": 4, "unlink": "yes"}, "bad shared-memory"),
+    ],
+)
+def test_bad_segment_references_are_refused(ref: dict[str, object], message: str) -> None:
+    header = json.dumps({"op": "x", "fields": {}, "arrays": [["<f4", [1], 0]], "shm": ref})
+    frame = encode(Message("x"))  # borrow a valid prefix, then swap in the forged header
+    raw = bytearray(frame.tobytes())
+    body = header.encode()
+    total = (16 + len(body) + 63) // 64 * 64
+    forged = bytearray(total)
+    forged[:4] = raw[:4]
+    forged[4:8] = len(body).to_bytes(4, "little")
+    forged[8:16] = total.to_bytes(8, "little")
+    forged[16 : 16 + len(body)] = body
+    with pytest.raises(ProtocolError, match=message):
+        decode(forged, allow_shm=True)
+
+
+def test_a_segment_larger_than_the_file_is_refused() -> None:
+    frame = encode(Message("x", {}, [np.ones(1000)]), shm_min_bytes=1)
+    raw = frame.tobytes().replace(b'"size":8000', b'"size":9000')
+    try:
+        with pytest.raises(ProtocolError, match="holds 8000 bytes, not 9000"):
+            decode(bytearray(raw), allow_shm=True)
+    finally:
+        frame.discard()
+
+
+def test_a_listener_without_shared_memory_refuses_it_and_nothing_leaks() -> None:
+    listener = GrpcListener(lambda m: Message("ok"))  # shared_memory=False
+    transport = GrpcTransport(listener.address, shared_memory=True)
+    before = segments()
+    try:
+        with pytest.raises(ProtocolError, match="does not accept"):
+            transport.call(Message("big", {}, [np.ones(1_000_000)]), timeout=30)
+        assert segments() - before == set()
+    finally:
+        transport.close()
+        listener.stop(0)
+
+
+def _job(script_args: str, launch: bool = False) -> FedAvgJob:
+    job = FedAvgJob("shm", 2, 2, {"w": np.zeros(600_000, np.float32)})
+    job.to_clients(
+        ScriptRunner(
+            SCRIPTS / "numpy_client.py",
+            script_args=script_args,
+            launch_external_process=launch,
+            framework="numpy",
+        )
+    )
+    return job
+
+
+@pytest.mark.parametrize("launch", [False, True], ids=["in-process", "external"])
+def test_simulations_leave_no_segments_behind(tmp_path: Path, launch: bool) -> None:
+    before = segments()
+    result = _job("", launch).simulator_run(tmp_path / "ok")
+    np.testing.assert_allclose(result.params["w"][:3], [10 / 3] * 3, rtol=1e-6)
+    with pytest.raises(ClientFailedError):
+        _job("--fail-round 1 --only-site 0", launch).simulator_run(tmp_path / "fail")
+    with pytest.raises(ClientFailedError):
+        _job("--kill-round 1 --only-site 1", launch).simulator_run(tmp_path / "kill")
+    del result
+    gc.collect()
+    assert segments() - before == set()
+
+
+def test_server_memory_does_not_grow_with_the_number_of_clients(tmp_path: Path) -> None:
+    """Streaming aggregation: peak RSS of the server with 8 clients is within 10% of 2."""
+    code = f"""
+import resource, sys
+import numpy as np
+sys.path.insert(0, {str(SCRIPTS.parent.parent)!r})
+from fedlift import FedAvgJob, ScriptRunner
+job = FedAvgJob("mem", int(sys.argv[1]), 2,
+                {{f"l{{i}}": np.zeros(6_000_000, np.float32) for i in range(5)}},
+                final_evaluation=False)
+job.to_clients(ScriptRunner({str(SCRIPTS / "numpy_client.py")!r}, framework="numpy"))
+from fedlift.simulator import run_simulator
+run_simulator(job.export_job(sys.argv[2] + "/jobs"), sys.argv[2], quiet=True)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+    peaks = {}
+    for n in (2, 8):
+        done = subprocess.run(
+            [sys.executable, "-c", code, str(n), str(tmp_path / f"ws{n}")],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        peaks[n] = int(done.stdout.split()[-1]) / 1024  # MB
+    model_mb = 5 * 6_000_000 * 4 / 2**20
+    assert peaks[2] > model_mb  # the server really held the model
+    assert peaks[8] <= peaks[2] * 1.10, peaks

@@ -14,7 +14,7 @@ import pytest
 from conftest import SCRIPTS, worker_pids
 from fedlift import FedAvgJob, ScriptRunner
 from fedlift.errors import ClientFailedError, RoundTimeoutError
-from fedlift.server._store import load_npz
+from fedlift.server._store import load_params
 
 N_ROUNDS = 2
 
@@ -64,7 +64,7 @@ def test_fedavg_aggregates_the_hand_computed_weighted_mean(tmp_path: Path, diff:
             assert got.dtype == np.float32
             np.testing.assert_allclose(got, start + shift, rtol=1e-6, atol=1e-6)
 
-    saved = load_npz(result.global_model)
+    saved = load_params(result.global_model)
     np.testing.assert_array_equal(saved["dense"][0], result.params["dense"][0])
 
     lines = [

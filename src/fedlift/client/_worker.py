@@ -28,7 +28,7 @@ import numpy as np
 
 from ..codec import Message, _shm, model_from_wire, model_to_wire
 from ..errors import ConnectionLostError, FedliftError, ProtocolError, TransportError
-from ..transport import GrpcTransport, Transport
+from ..transport import DEFAULT_SHM_MIN_BYTES, GrpcTransport, Transport
 from ._link import ClientContext, LocalLink, Task, set_current_link
 from ._service import ScriptProcess
 
@@ -126,8 +126,13 @@ class ScriptThread(threading.Thread):
 class Worker:
     """One site's connection to the server, for one job."""
 
-    def __init__(self, transport: Transport, site: str, workspace: Path) -> None:
+    def __init__(
+        self, transport: Transport, site: str, workspace: Path, shared_memory: bool = False
+    ) -> None:
         self.transport = transport
+        self._shared = shared_memory
+        self._outbox: list[np.ndarray] | None = None
+        self._outbox_lock = threading.Lock()
         self.site = site
         self.workspace = workspace
         self._reported = threading.Event()
@@ -305,12 +310,31 @@ class Worker:
             log.error("%s: task %s failed: %s", self.site, name, exc)
             self.report_error(f"{type(exc).__name__} while answering task {name!r}: {exc}")
 
+    def _in_outbox(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        """Copy a result into this site's reusable shared-memory segment.
+
+        The server reads a result by name (no copy) and is done with it before it sends the
+        next task, so one segment serves every round, and its pages stay mapped: no fresh
+        memory per round. Small results and cross-host links use the socket.
+        """
+        if not self._shared or sum(a.nbytes for a in arrays) < DEFAULT_SHM_MIN_BYTES:
+            return arrays
+        specs = [
+            (a.shape, a.dtype if a.dtype.byteorder in "|<=" else a.dtype.newbyteorder("<"))
+            for a in arrays
+        ]
+        if self._outbox is None or [(o.shape, o.dtype) for o in self._outbox] != specs:
+            self._outbox = _shm.allocate(specs)
+        for target, source in zip(self._outbox, arrays, strict=True):
+            np.copyto(target, source)
+        return self._outbox
+
 
 def run_worker(server: str, site: str, workspace: Path | None = None) -> int:
     """Serve one site until the job ends; returns the process exit status."""
     shared = os.environ.get(SHARED_MEMORY_ENV) == "1" and _shm.available()
     transport = GrpcTransport(server, wait_for_ready=True, shared_memory=shared)
-    worker = Worker(transport, site, Path(workspace or os.getcwd()))
+    worker = Worker(transport, site, Path(workspace or os.getcwd()), shared_memory=shared)
     try:
         return worker.run()
     except FedliftError as exc:

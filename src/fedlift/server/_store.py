@@ -24,6 +24,7 @@ from .._atomic import atomic_path, atomic_write_text, atomic_writer
 from ..errors import ConfigError, ProtocolError
 from ..model import ParamTree, flat_keys, flatten, unflatten
 from ..model._keras import keras_params, load_keras_model, set_keras_params
+from ..model._safetensors import load_safetensors, save_safetensors
 from ._runtime import LogRecord
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "RunRecorder",
     "load_initial_model",
     "load_npz",
+    "load_params",
     "save_npz",
 ]
 
@@ -90,12 +92,19 @@ def load_npz(path: Path) -> ParamTree:
 
 
 class ArraysFormat:
-    """Params trees of plain arrays, saved as ``.npz``."""
+    """Params trees of plain arrays, saved as ``.safetensors`` (fast: no checksum pass)."""
 
-    suffix = ".npz"
+    suffix = ".safetensors"
 
     def save(self, params: ParamTree, path: Path) -> None:
-        save_npz(params, path)
+        save_safetensors(params, path)
+
+
+def load_params(path: Path) -> ParamTree:
+    """A params tree from ``.safetensors`` or ``.npz`` (never unpickles)."""
+    if path.suffix == ".safetensors":
+        return load_safetensors(path)
+    return load_npz(path)
 
 
 class KerasWeightsFormat:
@@ -123,8 +132,8 @@ def load_initial_model(path: Path) -> tuple[ModelFormat, ParamTree]:
         raise ConfigError(f"the initial model {path} does not exist.")
     if path.name.endswith(".keras"):
         return KerasWeightsFormat.from_file(path)
-    if path.suffix == ".npz":
-        return ArraysFormat(), load_npz(path)
+    if path.suffix in (".npz", ".safetensors"):
+        return ArraysFormat(), load_params(path)
     raise ConfigError(
         f"the initial model {path.name} has an unknown format; expected .keras or .npz."
     )

@@ -1,0 +1,66 @@
+"""Global models of array jobs are .safetensors files, written and read without pickle."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedlift.errors import ConfigError
+from fedlift.model._safetensors import load_safetensors, save_safetensors
+
+
+def test_round_trip_keeps_tree_dtypes_and_values(tmp_path: Path) -> None:
+    tree = {
+        "conv": [np.arange(24, dtype=np.float32).reshape(2, 3, 4), np.zeros(4, np.float16)],
+        "pool": [],
+        "head": {"w": np.array([[1, 2]], dtype=np.int64), "flag": np.array(True)},
+    }
+    path = tmp_path / "m.safetensors"
+    save_safetensors(tree, path)
+    back = load_safetensors(path)
+    assert list(back) == ["conv", "pool", "head"] and back["pool"] == []
+    np.testing.assert_array_equal(back["conv"][0], tree["conv"][0])
+    assert back["conv"][1].dtype == np.float16 and back["head"]["w"].dtype == np.int64
+    assert back["head"]["flag"].shape == () and bool(back["head"]["flag"])
+
+
+def test_the_file_follows_the_safetensors_layout(tmp_path: Path) -> None:
+    path = tmp_path / "m.safetensors"
+    save_safetensors(
+        {"a": np.array([1.5, 2.5], np.float32), "b": np.arange(3, dtype=np.int32)}, path
+    )
+    raw = path.read_bytes()
+    (size,) = struct.unpack("<Q", raw[:8])
+    assert size % 8 == 0
+    header = json.loads(raw[8 : 8 + size])
+    assert header["a"] == {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+    assert header["b"] == {"dtype": "I32", "shape": [3], "data_offsets": [8, 20]}
+    body = raw[8 + size :]
+    assert np.frombuffer(body[:8], "<f4").tolist() == [1.5, 2.5]
+    assert len(body) == 20
+
+
+@pytest.mark.parametrize(
+    "content, phrase",
+    [
+        (b"abc", "too short"),
+        (struct.pack("<Q", 10**12) + b"{}", "header size"),
+        (struct.pack("<Q", 4) + b"nope", "not JSON"),
+        (struct.pack("<Q", 8) + b'{"a": 1}', "malformed"),
+        (
+            struct.pack("<Q", 56)
+            + b'{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}'
+            + b"\0" * 4,
+            "malformed",
+        ),
+    ],
+)
+def test_malformed_files_are_refused(tmp_path: Path, content: bytes, phrase: str) -> None:
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=phrase):
+        load_safetensors(path)

@@ -20,8 +20,11 @@ How a peer's rounds are timed (the same for every peer; see ``summarize``):
 * teardown is the last send of the last round (``max over sites``) to the peer's process exit.
 
 Memory: peak RSS and PSS summed over the launched process and all its descendants, polled
-every 50 ms from ``/proc/<pid>/smaps_rollup``. The poller marks the measuring process a child
-subreaper, so daemons that double-fork (Ray's) stay in the tree.
+every 50 ms from ``/proc/<pid>/smaps_rollup``. The measuring process marks itself a child
+subreaper, so a daemon that double-forks stays in the tree (Ray's processes are plain
+descendants anyway); what is left when the peer's process exited is killed and listed in
+``lingering_pids``. ``load_avg_before``/``after`` (1-minute load) tell whether something
+else competed for the CPUs during the run.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 PEERS = ("nvflare", "flower")
 N_ARRAYS = 10
+MAX_RSS_MB = 16 * 1024  # the machine has 24 GiB; a peer run over this is killed
 FIELDS = (
     "scenario",
     "params",
@@ -253,9 +257,15 @@ def measure(
     cwd: Path,
     env: dict[str, str] | None = None,
     log: Path | None = None,
+    max_rss_mb: float = MAX_RSS_MB,
 ) -> dict[str, object]:
-    """Launch ``command``, poll its tree's memory until it exits, time its rounds."""
+    """Launch ``command``, poll its tree's memory until it exits, time its rounds.
+
+    The run is killed (and an error raised) past ``timeout`` seconds or when the tree's RSS
+    goes over ``max_rss_mb``.
+    """
     subreaper = become_subreaper()
+    load_before = os.getloadavg()[0]
     out = open(log, "wb") if log else subprocess.DEVNULL
     try:
         launched = time.time()
@@ -263,14 +273,21 @@ def measure(
             list(command), cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT
         )
         # With the subreaper set, orphans land on us: poll everything below us.
-        with TreePoller(os.getpid() if subreaper else proc.pid, include_root=False) as poller:
-            try:
-                code = proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-                kill_descendants()
-                raise TimeoutError(f"{command[0]} ran past {timeout:.0f} s") from None
+        root = os.getpid() if subreaper else proc.pid
+        with TreePoller(root, include_root=not subreaper) as poller:
+            deadline = time.monotonic() + timeout
+            while (code := proc.poll()) is None:
+                why = ""
+                if time.monotonic() > deadline:
+                    why = f"ran past {timeout:.0f} s"
+                elif poller.peak_rss > max_rss_mb:
+                    why = f"went over {max_rss_mb:.0f} MB RSS ({poller.peak_rss:.0f} MB)"
+                if why:
+                    proc.kill()
+                    proc.wait()
+                    kill_descendants()
+                    raise RuntimeError(f"{command[0]} {why}; killed")
+                time.sleep(0.01)
             exited = time.time()
     finally:
         if log:
@@ -285,6 +302,8 @@ def measure(
         peak_pss_mb=poller.peak_pss,
         memory_samples=poller.samples,
         lingering_pids=lingering,
+        load_avg_before=load_before,
+        load_avg_after=os.getloadavg()[0],
     )
     return result
 

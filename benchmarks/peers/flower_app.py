@@ -5,7 +5,8 @@ Simulation Runtime (``flwr.simulation.run_simulation``, Ray backend) with a ``Se
 running the message-API ``FedAvg`` strategy (initial arrays: N float32 zeros in 10 arrays;
 no federated evaluation) and a ``ClientApp`` whose ``train`` adds 1.0 to every array.
 Every client runs at once: Ray gets C CPUs and each client 1 (Flower's default of 2 CPUs per
-client would run one client at a time on a 2-core machine). Standalone on purpose (it runs in
+client would run one client at a time on a 2-core machine), in a Ray cluster of its own.
+Standalone on purpose (it runs in
 Flower's venv); clients append ``recv``/``send`` timestamps to ``DIR/<site>.txt``.
 """
 
@@ -70,6 +71,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, required=True)
     parser.add_argument("--rounds", type=int, required=True)
     parser.add_argument("--times", required=True)
+    parser.add_argument("--ray-tmp", required=True, help="Ray's own temp dir (not /tmp/ray)")
     args = parser.parse_args()
     sizes = [args.params // 10] * 10
     sizes[-1] += args.params - sum(sizes)
@@ -79,7 +81,13 @@ def main() -> None:
         num_supernodes=args.clients,
         backend_config={
             "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-            "init_args": {"num_cpus": args.clients},
+            # A cluster of our own, in a folder of our own: without "local", ray.init()
+            # joins a Ray cluster another program on this machine started.
+            "init_args": {
+                "address": "local",
+                "num_cpus": args.clients,
+                "_temp_dir": args.ray_tmp,
+            },
         },
     )
 

@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
             f"--clients={args.clients}",
             f"--rounds={args.rounds}",
             f"--times={times}",
+            f"--ray-tmp={work / 'ray'}",
         ]
         env = dict(os.environ, PYTHONUNBUFFERED="1", RAY_DISABLE_USAGE_STATS="1")
         timing = measure(

@@ -184,3 +184,21 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
     model_mb = 5 * 6_000_000 * 4 / 2**20
     assert peaks[2] > model_mb  # the server really held the model
     assert peaks[8] <= peaks[2] * 1.10, peaks
+
+
+def test_the_one_message_path_rejects_garbage_and_keeps_serving() -> None:
+    import grpc
+
+    listener = GrpcListener(lambda m: Message("ok"), shared_memory=True)
+    channel = grpc.insecure_channel(listener.address)
+    try:
+        small = channel.unary_unary("/fedlift.v1.Exchange/Small")
+        with pytest.raises(grpc.RpcError) as info:
+            small(b"not a fedlift frame at all", timeout=10)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "magic" in info.value.details()
+        transport = GrpcTransport(listener.address, shared_memory=True)
+        assert transport.call(Message("fine"), timeout=10).op == "ok"
+    finally:
+        channel.close()
+        listener.stop(0)

@@ -109,6 +109,7 @@ class FedAvg:
     ) -> FedAvgResult:
         runtime.wait_for_clients(self.min_clients, self.register_timeout)
         params = self._publish(initial_params)
+        del initial_params  # once published, the caller's copy can go
         for round_number in range(start_round, self.num_rounds):
             started = time.monotonic()
             sites = self.sample_clients(runtime.registered_sites(), round_number)

@@ -130,7 +130,9 @@ def run_simulator(
     out = None if quiet else (terminal or sys.stdout)
     handler = _file_logging(server_dir / "log.txt")
     job_id = f"{config.name}-{uuid.uuid4().hex[:8]}"
-    model_format, initial_params = load_initial_model(root / config.initial_model)
+    model_format, initial = load_initial_model(root / config.initial_model)
+    initial_params = [initial]  # handed over below, so this frame keeps no copy alive
+    del initial
     recorder = RunRecorder(
         server_dir, model_format, config.workflow.key_metric, config.workflow.higher_is_better
     )
@@ -193,7 +195,7 @@ def run_simulator(
                     on_exit,
                 )
             )
-        result = workflow.run(runtime, initial_params, recorder)
+        result = workflow.run(runtime, initial_params.pop(), recorder)
         runtime.stop("the job finished")
         for worker in workers:
             worker.stop(grace=30)

@@ -2,7 +2,8 @@
 
 Runs one scenario with a peer framework in its own venv (created under ``benchmarks/.venvs/``
 on first use) and prints one JSON line: the fields of fedlift's benchmark ``Outcome`` plus
-``peer``, ``version`` and ``round_s``.
+``peer``, ``version`` and ``round_s``. Other arguments go to the peer's module
+(``benchmarks.peers.nvflare_bench --help``).
 """
 
 from __future__ import annotations
@@ -21,13 +22,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, required=True)
     parser.add_argument("--rounds", type=int, default=6, help="at least 3")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds for the run")
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
     if args.rounds < 3:
         parser.error(
             "--rounds must be >= 3 (the first round is excluded, and the last ends "
             "no measured interval)"
         )
-    result = run_peer(args.peer, args.params, args.clients, args.rounds, timeout=args.timeout)
+    result = run_peer(
+        args.peer, args.params, args.clients, args.rounds, timeout=args.timeout, extra_args=extra
+    )
     print(json.dumps(result), flush=True)
     return 0
 

@@ -309,13 +309,21 @@ def measure(
 
 
 def run_peer(
-    peer: str, params: int, clients: int, rounds: int, timeout: float = 1800.0
+    peer: str,
+    params: int,
+    clients: int,
+    rounds: int,
+    timeout: float = 1800.0,
+    extra_args: Sequence[str] = (),
 ) -> dict[str, object]:
     """Run one scenario with ``peer`` ("nvflare" or "flower") in its own venv.
 
     Creates the venv on first use (``benchmarks/.venvs/<peer>``), then runs
     ``<venv>/bin/python -m benchmarks.peers.<peer>_bench`` and returns its JSON: the fields
-    of fedlift's ``Outcome`` plus ``peer``, ``version`` and ``round_s`` (every measured round).
+    of fedlift's ``Outcome`` plus ``peer``, ``version``, ``round_s`` (every measured round)
+    and a few diagnostics. ``extra_args`` go to the peer's module (e.g. NVFlare's
+    ``["--task-request-interval", "0.1"]``). Raises ``RuntimeError`` when the run fails,
+    goes past ``timeout`` seconds or over ``MAX_RSS_MB``.
     """
     from .venvs import ensure_peer, python_of
 
@@ -330,6 +338,7 @@ def run_peer(
         f"--clients={clients}",
         f"--rounds={rounds}",
         f"--timeout={timeout}",
+        *extra_args,
     ]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout + 120)
     if done.returncode != 0:

@@ -6,6 +6,11 @@ the ``FedAvg`` controller, a persistor of N float32 zeros in 10 arrays (``nvflar
 and a ``ScriptRunner`` (in-process, framework NUMPY) of ``nvflare_client.py`` -- exports it,
 then times ``nvflare simulator JOB -n C -t C`` (every client at once) as a subprocess and
 prints one JSON line. The timing rules are in ``benchmarks.peers.common``.
+
+NVFlare runs with its defaults. One of them bounds its round time from below: after each task
+the simulator's client worker sleeps ``server.task_request_interval`` (2 s); the JSON carries
+``task_request_interval`` (null: the default), and ``--task-request-interval 0.1`` shows what
+the rest of NVFlare costs.
 """
 
 from __future__ import annotations
@@ -46,12 +51,30 @@ def build_job(folder: Path, params: int, clients: int, rounds: int, times: Path)
     return folder / "bench"
 
 
+def set_task_request_interval(job: Path, seconds: float) -> None:
+    """Set ``server.task_request_interval`` in the exported job (NVFlare's default: 2 s).
+
+    The server hands it to clients with every task; the simulator's client worker sleeps that
+    long after each task it processed, so it is a floor on NVFlare's round time.
+    """
+    path = job / "app" / "config" / "config_fed_server.json"
+    config = json.loads(path.read_text())
+    config.setdefault("server", {})["task_request_interval"] = seconds
+    path.write_text(json.dumps(config, indent=2))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.peers.nvflare_bench")
     parser.add_argument("--params", type=int, required=True)
     parser.add_argument("--clients", type=int, required=True)
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--timeout", type=float, default=1800.0)
+    parser.add_argument(
+        "--task-request-interval",
+        type=float,
+        default=None,
+        help="override NVFlare's server.task_request_interval (default: NVFlare's, 2 s)",
+    )
     parser.add_argument("--keep", type=Path, default=None, help="keep the workdir here")
     args = parser.parse_args(argv)
 
@@ -62,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         times = work / "times"
         times.mkdir(parents=True, exist_ok=True)
         job = build_job(work / "jobs", args.params, args.clients, args.rounds, times)
+        if args.task_request_interval is not None:
+            set_task_request_interval(job, args.task_request_interval)
         nvflare_cli = Path(sys.executable).parent / "nvflare"
         command = [
             str(nvflare_cli),
@@ -78,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         timing = measure(
             command, times, args.rounds, args.timeout, cwd=ROOT, env=env, log=work / "log.txt"
         )
+    timing["task_request_interval"] = args.task_request_interval
     result = outcome("nvflare", nvflare.__version__, args.params, args.clients, timing)
     print(json.dumps(result), flush=True)
     return 0

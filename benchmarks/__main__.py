@@ -1,9 +1,19 @@
 """fedlift's round-overhead benchmark: ``python -m benchmarks`` (or ``make bench``).
 
-Clients do no compute (receive, add a constant, send), so what is measured is what fedlift
-itself costs per round: encoding, gRPC, the worker, aggregation, persistence. Prints a table
-and writes ``benchmarks/results/latest.json``. ``--smoke`` runs every scenario at tiny sizes
-(no numbers worth reading; it only proves the benchmark still runs).
+Clients do no compute (receive, add a constant, send), so what is measured is what the
+framework itself costs per round. fedlift runs exactly as a user runs it (``fedlift
+simulator`` as a subprocess) and, with ``--peers``, NVFlare and Flower run the same
+scenarios in their own venvs (``benchmarks/peers``), measured by the same rules:
+
+* s/round: the gaps between consecutive round ends (aggregation, saving, sending the next
+  model and the clients' work all included); the first gap is excluded;
+* startup: launch to the first round done; teardown: the last round done to the exit;
+* peak RSS and PSS summed over the whole process tree, polled every 50 ms;
+* floor: this machine's warm memcpy of the bytes a round must move (the model to and from
+  every client), measured at start.
+
+Prints one table and writes ``benchmarks/results/latest.json``. ``--smoke`` runs every
+scenario at tiny sizes (only proves the benchmark still runs).
 """
 
 from __future__ import annotations
@@ -11,16 +21,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import statistics
+import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
+from benchmarks.peers.common import TreePoller
 from fedlift import FedAvgJob, ScriptRunner
 
 HERE = Path(__file__).resolve().parent
@@ -32,6 +44,8 @@ class Scenario:
     params: int
     clients: int
     rounds: int = 6
+    target_s: float | None = None
+    target_pss_mb: float | None = None
 
 
 @dataclass
@@ -46,14 +60,17 @@ class Outcome:
     teardown_s: float
     peak_rss_mb: float
     peak_pss_mb: float
+    floor_s: float = 0.0
+    peer: str = "fedlift"
 
 
 SCENARIOS = [
-    Scenario("1M params, 2 clients", 1_000_000, 2),
-    Scenario("10M params, 2 clients", 10_000_000, 2),
-    Scenario("10M params, 8 clients", 10_000_000, 8),
-    Scenario("100M params, 2 clients", 100_000_000, 2, rounds=4),
-]
+    Scenario("1M params, 2 clients", 1_000_000, 2, target_s=0.01),
+    Scenario("10M params, 2 clients", 10_000_000, 2, target_s=0.04),
+    Scenario("10M params, 8 clients", 10_000_000, 8, target_s=0.12),
+    Scenario("100M params, 2 clients", 100_000_000, 2, rounds=4, target_s=0.5,
+             target_pss_mb=2200),
+]  # fmt: skip
 
 
 def model_of(n_params: int, n_arrays: int = 10) -> dict[str, np.ndarray]:
@@ -62,96 +79,98 @@ def model_of(n_params: int, n_arrays: int = 10) -> dict[str, np.ndarray]:
     return {f"layer{i}": np.zeros(size, np.float32) for i, size in enumerate(sizes)}
 
 
-def _tree(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(entry.name))
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo.extend(children.get(pid, []))
-    return out
+def memcpy_floor(n_params: int, clients: int) -> float:
+    """Seconds to copy the model once to and once from every client, warm buffers."""
+    source = np.ones(n_params, np.float32)
+    target = np.empty_like(source)
+    np.copyto(target, source)
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        np.copyto(target, source)
+        times.append(time.perf_counter() - start)
+    return min(times) * 2 * clients
 
 
-def _memory(pids: list[int]) -> tuple[float, float]:
-    rss = pss = 0
-    for pid in pids:
-        try:
-            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Rss:"):
-                    rss += int(line.split()[1])
-                elif line.startswith("Pss:"):
-                    pss += int(line.split()[1])
-        except OSError:
-            continue
-    return rss / 1024, pss / 1024
-
-
-class MemoryPoller:
-    """Peak RSS and PSS summed over this process and all its descendants."""
-
-    def __init__(self, interval: float = 0.05) -> None:
-        self.interval = interval
-        self.peak_rss = self.peak_pss = 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            rss, pss = _memory(_tree(os.getpid()))
-            self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> MemoryPoller:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
-def run(scenario: Scenario, workdir: Path) -> Outcome:
+def run_fedlift(scenario: Scenario, workdir: Path) -> Outcome:
     job = FedAvgJob(
-        "bench",
-        scenario.clients,
-        scenario.rounds,
-        model_of(scenario.params),
+        "bench", scenario.clients, scenario.rounds, model_of(scenario.params),
         final_evaluation=False,
-    )
+    )  # fmt: skip
     job.to_clients(ScriptRunner(HERE / "noop_client.py", framework="numpy"))
     folder = job.export_job(workdir / "jobs")
-    from fedlift.simulator import run_simulator
-
-    with MemoryPoller() as memory:
-        start = time.time()
-        result = run_simulator(folder, workdir / "ws", quiet=True)
-        end = time.time()
-    times = [r.seconds for r in result.rounds[1:]] or [result.rounds[0].seconds]
+    command = [sys.executable, "-m", "fedlift", "simulator", "-q", "-w", str(workdir / "ws"),
+               str(folder)]  # fmt: skip
+    start = time.time()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    with TreePoller(process.pid) as memory:
+        _, err = process.communicate(timeout=1800)
+    end = time.time()
+    if process.returncode != 0:
+        raise RuntimeError(f"fedlift failed ({process.returncode}):\n{err.decode()[-3000:]}")
+    lines = (workdir / "ws" / "server" / "metrics.jsonl").read_text().splitlines()
+    ended = [json.loads(line)["ended_at"] for line in lines]
+    gaps = [b - a for a, b in zip(ended, ended[1:], strict=False)][1:] or [ended[0] - start]
     return Outcome(
-        scenario.name,
-        scenario.params,
-        scenario.clients,
-        statistics.median(times),
-        min(times),
-        max(times),
-        result.rounds[0].ended_at - start,
-        end - result.rounds[-1].ended_at,
-        memory.peak_rss,
-        memory.peak_pss,
-    )
+        scenario.name, scenario.params, scenario.clients,
+        statistics.median(gaps), min(gaps), max(gaps),
+        ended[0] - start, end - ended[-1], memory.peak_rss, memory.peak_pss,
+    )  # fmt: skip
+
+
+def run_peer_outcome(peer: str, scenario: Scenario) -> Outcome:
+    from benchmarks.peers import run_peer
+
+    r = run_peer(peer, scenario.params, scenario.clients, scenario.rounds)
+    fields = {k: r[k] for k in Outcome.__dataclass_fields__ if k in r and k != "peer"}
+    return Outcome(**fields, peer=f"{peer} {r.get('version', '')}".strip())  # type: ignore[arg-type]
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.1f}x" if b > 0 else "-"
+
+
+def print_table(scenarios: list[Scenario], results: list[Outcome]) -> None:
+    by = {(o.scenario, o.peer.split()[0]): o for o in results}
+    peers = sorted({o.peer.split()[0] for o in results} - {"fedlift"})
+    head = (f"{'scenario':<24} {'framework':<16} {'median s':>9} {'min':>7} {'max':>7} "
+            f"{'start s':>8} {'end s':>6} {'RSS MB':>7} {'PSS MB':>7}")  # fmt: skip
+    print(head)
+    for s in scenarios:
+        for name in ["fedlift", *peers]:
+            o = by.get((s.name, name))
+            if o is None:
+                continue
+            print(f"{s.name:<24} {o.peer:<16} {o.median_s:>9.4f} {o.min_s:>7.3f} {o.max_s:>7.3f} "
+                  f"{o.startup_s:>8.2f} {o.teardown_s:>6.2f} {o.peak_rss_mb:>7.0f} "
+                  f"{o.peak_pss_mb:>7.0f}")  # fmt: skip
+        f = by.get((s.name, "fedlift"))
+        if f is None:
+            continue
+        notes = [f"floor {f.floor_s:.4f} s (fedlift {_ratio(f.median_s, f.floor_s)} floor)"]
+        for name in peers:
+            p = by.get((s.name, name))
+            if p is not None:
+                notes.append(f"{name} / fedlift: {_ratio(p.median_s, f.median_s)} time, "
+                             f"{_ratio(p.peak_pss_mb, f.peak_pss_mb)} PSS")  # fmt: skip
+        if s.target_s is not None:
+            notes.append(
+                f"target <= {s.target_s} s: {'met' if f.median_s <= s.target_s else 'NOT met'}"
+            )
+        if s.target_pss_mb is not None:
+            met = "met" if f.peak_pss_mb <= s.target_pss_mb else "NOT met"
+            notes.append(f"target PSS <= {s.target_pss_mb:.0f} MB: {met}")
+        print(f"{'':<24} " + "; ".join(notes))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: check it runs")
+    parser.add_argument("--peers", action="store_true", help="also run NVFlare and Flower")
     parser.add_argument("--only", default=None, help="run scenarios whose name contains this")
     parser.add_argument("--json", type=Path, default=HERE / "results" / "latest.json")
     args = parser.parse_args(argv)
@@ -159,26 +178,30 @@ def main(argv: list[str] | None = None) -> int:
     if args.only:
         scenarios = [s for s in scenarios if args.only in s.name]
     if args.smoke:
-        scenarios = [Scenario(s.name + " (smoke)", 1000, s.clients, 2) for s in scenarios]
-    outcomes = []
-    header = (
-        f"{'scenario':<30} {'median s/round':>14} {'min':>8} {'max':>8} {'startup s':>10} "
-        f"{'teardown s':>10} {'peak RSS MB':>11} {'peak PSS MB':>11}"
-    )
-    print(header)
+        scenarios = [Scenario(s.name + " (smoke)", 1000, s.clients, 3) for s in scenarios]
+    results: list[Outcome] = []
     for scenario in scenarios:
         with tempfile.TemporaryDirectory(prefix="fedlift-bench-") as tmp:
-            o = run(scenario, Path(tmp))
-        outcomes.append(o)
-        print(
-            f"{o.scenario:<30} {o.median_s:>14.4f} {o.min_s:>8.4f} {o.max_s:>8.4f} "
-            f"{o.startup_s:>10.2f} {o.teardown_s:>10.2f} {o.peak_rss_mb:>11.0f} "
-            f"{o.peak_pss_mb:>11.0f}",
-            flush=True,
-        )
+            outcome = run_fedlift(scenario, Path(tmp))
+        outcome.floor_s = memcpy_floor(scenario.params, scenario.clients)
+        results.append(outcome)
+        print(f"ran fedlift: {scenario.name}: {outcome.median_s:.4f} s/round", flush=True)
+        if args.peers:
+            for peer in ("nvflare", "flower"):
+                try:
+                    results.append(run_peer_outcome(peer, scenario))
+                    print(f"ran {peer}: {scenario.name}: {results[-1].median_s:.4f} s/round",
+                          flush=True)  # fmt: skip
+                except RuntimeError as exc:
+                    print(f"{peer}: {scenario.name} failed: {str(exc)[:300]}", flush=True)
+    print()
+    print_table(scenarios, results)
+    meta = {"machine": platform.machine(), "cpus": os.cpu_count(), "python": sys.version.split()[0],
+            "load_avg": os.getloadavg(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps([asdict(o) for o in outcomes], indent=2) + "\n")
-    print(f"results: {args.json}")
+    args.json.write_text(json.dumps({"meta": meta, "results": [asdict(o) for o in results]},
+                                    indent=2) + "\n")  # fmt: skip
+    print(f"\nresults: {args.json}")
     return 0
 
 

@@ -62,6 +62,7 @@ class Outcome:
     peak_pss_mb: float
     floor_s: float = 0.0
     peer: str = "fedlift"
+    server_peak_pss_mb: float = 0.0
 
 
 SCENARIOS = [
@@ -71,6 +72,17 @@ SCENARIOS = [
     Scenario("100M params, 2 clients", 100_000_000, 2, rounds=4, target_s=0.5,
              target_pss_mb=2200),
 ]  # fmt: skip
+
+
+LARGE = Scenario("3 GB model, 1 client", 750_000_000, 1, rounds=2)
+"""Beyond gRPC's 2 GB message limit; run with --large (needs ~16 GB of memory)."""
+
+
+class ServerPoller(TreePoller):
+    """Peak memory of the server process alone (the simulator's main process)."""
+
+    def pids(self) -> list[int]:
+        return [self.root]
 
 
 def model_of(n_params: int, n_arrays: int = 10) -> dict[str, np.ndarray]:
@@ -92,7 +104,7 @@ def memcpy_floor(n_params: int, clients: int) -> float:
     return min(times) * 2 * clients
 
 
-def run_fedlift(scenario: Scenario, workdir: Path) -> Outcome:
+def run_fedlift(scenario: Scenario, workdir: Path, shared_memory: bool = True) -> Outcome:
     job = FedAvgJob(
         "bench", scenario.clients, scenario.rounds, model_of(scenario.params),
         final_evaluation=False,
@@ -100,10 +112,10 @@ def run_fedlift(scenario: Scenario, workdir: Path) -> Outcome:
     job.to_clients(ScriptRunner(HERE / "noop_client.py", framework="numpy"))
     folder = job.export_job(workdir / "jobs")
     command = [sys.executable, "-m", "fedlift", "simulator", "-q", "-w", str(workdir / "ws"),
-               str(folder)]  # fmt: skip
+               str(folder)] + ([] if shared_memory else ["--no-shared-memory"])  # fmt: skip
     start = time.time()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    with TreePoller(process.pid) as memory:
+    with TreePoller(process.pid) as memory, ServerPoller(process.pid) as server:
         _, err = process.communicate(timeout=1800)
     end = time.time()
     if process.returncode != 0:
@@ -115,6 +127,7 @@ def run_fedlift(scenario: Scenario, workdir: Path) -> Outcome:
         scenario.name, scenario.params, scenario.clients,
         statistics.median(gaps), min(gaps), max(gaps),
         ended[0] - start, end - ended[-1], memory.peak_rss, memory.peak_pss,
+        server_peak_pss_mb=server.peak_pss,
     )  # fmt: skip
 
 
@@ -173,7 +186,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peers", action="store_true", help="also run NVFlare and Flower")
     parser.add_argument("--only", default=None, help="run scenarios whose name contains this")
     parser.add_argument("--json", type=Path, default=HERE / "results" / "latest.json")
+    parser.add_argument(
+        "--large", action="store_true",
+        help="only the 3 GB model, with shared memory and through gRPC chunks",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.large:
+        return run_large(args.json)
     scenarios = SCENARIOS
     if args.only:
         scenarios = [s for s in scenarios if args.only in s.name]
@@ -202,6 +221,24 @@ def main(argv: list[str] | None = None) -> int:
     args.json.write_text(json.dumps({"meta": meta, "results": [asdict(o) for o in results]},
                                     indent=2) + "\n")  # fmt: skip
     print(f"\nresults: {args.json}")
+    return 0
+
+
+def run_large(json_path: Path) -> int:
+    """A 3 GB model (past gRPC's 2 GB message limit) through both paths between processes."""
+    model_mb = LARGE.params * 4 / 2**20
+    rows = []
+    for shared in (True, False):
+        with tempfile.TemporaryDirectory(prefix="fedlift-bench-") as tmp:
+            o = run_fedlift(LARGE, Path(tmp), shared_memory=shared)
+        path = "shared memory" if shared else "gRPC chunks"
+        print(f"{LARGE.name} via {path}: {o.median_s:.2f} s/round (first round included), "
+              f"server peak PSS {o.server_peak_pss_mb:.0f} MB = "
+              f"{o.server_peak_pss_mb / model_mb:.2f}x the model, whole tree PSS "
+              f"{o.peak_pss_mb:.0f} MB", flush=True)  # fmt: skip
+        rows.append({**asdict(o), "path": path, "model_mb": model_mb})
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(rows, indent=2) + "\n")
     return 0
 
 

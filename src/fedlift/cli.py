@@ -19,6 +19,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"fedlift {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_provision(commands)
     sim = commands.add_parser(
         "simulator",
         help="run an exported job on this machine (server + one process per client)",
@@ -53,7 +54,75 @@ def _parser() -> argparse.ArgumentParser:
         help="GPU groups, assigned to clients round-robin: 0,1 or [0,1],[2,3]",
     )
     sim.add_argument("-q", "--quiet", action="store_true", help="print only errors")
+    sim.add_argument(
+        "--no-shared-memory",
+        action="store_true",
+        help="send models through gRPC even on this host (as between machines)",
+    )
     return parser
+
+
+def _names(values: list[str] | None) -> list[str]:
+    return [n.strip() for v in values or [] for n in v.split(",") if n.strip()]
+
+
+def _add_provision(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    prov = commands.add_parser(
+        "provision",
+        help="make a project CA and a TLS kit for the server, every site and every admin",
+        description="Make a project CA and one kit (folder) per party for mutual TLS.",
+    )
+    prov.add_argument("--project", required=True, help="the project's name, e.g. demo")
+    prov.add_argument(
+        "--server",
+        required=True,
+        help="host:port that sites connect to; the server certificate is made for this host",
+    )
+    prov.add_argument(
+        "--sites", action="append", required=True, help="site names: site-1,site-2 (repeatable)"
+    )
+    prov.add_argument(
+        "--admin", "--admins", action="append", help="admin names: alice@org (repeatable)"
+    )
+    prov.add_argument("-o", "--out", type=Path, required=True, help="folder to write kits to")
+    prov.add_argument(
+        "--force", action="store_true", help="replace the kits already in the output folder"
+    )
+    prov.add_argument(
+        "--valid-days", type=int, default=365, help="certificate lifetime (default: %(default)s)"
+    )
+
+
+def _provision(args: argparse.Namespace) -> int:
+    from .deploy import provision
+
+    sites, admins = _names(args.sites), _names(args.admin)
+    try:
+        kits = provision(
+            args.project,
+            args.server,
+            sites,
+            admins,
+            args.out,
+            valid_days=args.valid_days,
+            force=args.force,
+        )
+    except FedliftError as exc:
+        print(f"fedlift: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    rows = [(kits["server"], f"the server ({args.server})")]
+    rows += [(kits[s], f"site {s}") for s in sites] + [(kits[a], f"admin {a}") for a in admins]
+    rows.append((kits["ca"], "no one: the project CA's key; keep it offline"))
+    width = max(len(f"{path}/") for path, _ in rows)
+    print(f"Provisioned project {args.project!r} in {args.out}/; give each folder to its party:")
+    for path, who in rows:
+        print(f"  {f'{path}/':<{width}}  -> {who}")
+    print(
+        "Each kit holds ca.pem, cert.pem, key.pem (private: send it over a secure channel)\n"
+        f"and fedlift.json. Sites connect to {args.server}: the server certificate is valid "
+        "for that name only."
+    )
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,12 +131,20 @@ def main(argv: list[str] | None = None) -> int:
         _parser().print_help()
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "provision":
+        return _provision(args)
     if args.command == "simulator":
         from .simulator import run_simulator
 
         try:
             run_simulator(
-                args.job, args.workspace, args.n_clients, args.threads, args.gpu, quiet=args.quiet
+                args.job,
+                args.workspace,
+                args.n_clients,
+                args.threads,
+                args.gpu,
+                quiet=args.quiet,
+                shared_memory=not args.no_shared_memory,
             )
         except ClientFailedError as exc:
             print(f"\nfedlift: the job failed because a client failed.\n{exc}", file=sys.stderr)

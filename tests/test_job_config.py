@@ -15,7 +15,7 @@ from fedlift import FedAvgJob, ScriptRunner
 from fedlift.client._worker import unpack_app
 from fedlift.errors import ConfigError, ProtocolError
 from fedlift.job import CONFIG_NAME, JobConfig, load_job, zip_dir
-from fedlift.server._store import load_npz, save_npz
+from fedlift.server._store import load_npz, load_params, save_npz
 
 INITIAL = {"dense": [np.ones((3, 2), np.float32), np.zeros(2, np.float32)], "pool": []}
 
@@ -137,17 +137,17 @@ def test_export_job_writes_config_app_and_model(tmp_path: Path) -> None:
     assert data["runner"]["script_args"] == "--epochs 2"
     assert data["runner"]["framework"] == "tensorflow"
     assert data["runner"]["launch_external_process"] is False
-    assert data["initial_model"] == "initial_model.npz"
+    assert data["initial_model"] == "initial_model.safetensors"
     assert data["app"] == "app"
     assert files_under(folder) == [
         "app/data/labels.txt",
         "app/helper.py",
         "app/train.py",
-        "initial_model.npz",
+        "initial_model.safetensors",
         "job.json",
     ]
     assert (folder / "app" / "helper.py").read_text() == "VALUE = 41 + 1\n"
-    model = load_npz(folder / "initial_model.npz")
+    model = load_params(folder / "initial_model.safetensors")
     assert list(model) == ["dense", "pool"] and model["pool"] == []
     assert model["dense"][0].dtype == np.float32
     assert np.array_equal(model["dense"][0], INITIAL["dense"][0])
@@ -210,7 +210,7 @@ def test_load_job_round_trip(tmp_path: Path) -> None:
     assert config.workflow.final_evaluation is False
     assert config.runner.script == "train.py"
     assert config.runner.script_args == "--epochs 2"
-    assert config.initial_model == "initial_model.npz"
+    assert config.initial_model == "initial_model.safetensors"
     assert config.client_config() == {
         "job_name": "demo",
         "num_rounds": 4,

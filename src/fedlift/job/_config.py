@@ -5,7 +5,7 @@ Layout::
     JOB/
       job.json            what to run: clients, rounds, workflow settings, the script
       app/                the script and its local modules (shipped to every client)
-      initial_model.keras the initial model (or initial_model.npz for plain arrays)
+      initial_model.keras the initial model (or initial_model.safetensors for plain arrays)
 """
 
 from __future__ import annotations

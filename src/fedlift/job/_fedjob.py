@@ -12,7 +12,7 @@ import numpy as np
 from ..errors import ConfigError
 from ..model import flatten
 from ..model._keras import is_keras_model, plain_keras_copy
-from ..server._store import save_npz
+from ..model._safetensors import save_safetensors
 from ._config import _SKIP_DIRS, JobConfig, RunnerConfig, WorkflowConfig
 
 if TYPE_CHECKING:
@@ -97,7 +97,7 @@ class FedAvgJob:
     """A FedAvg job: ``n_clients`` sites train ``initial_model`` for ``num_rounds`` rounds.
 
     ``initial_model`` is a Keras model (saved as ``.keras``; global models are written as
-    ``.weights.h5``) or a params tree of numpy arrays (saved as ``.npz``).
+    ``.weights.h5``) or a params tree of numpy arrays (saved as ``.safetensors``).
     """
 
     def __init__(
@@ -212,9 +212,9 @@ class FedAvgJob:
             name = "initial_model.keras"
             plain_keras_copy(self.initial_model).save(str(folder / name))
             return name
-        name = "initial_model.npz"
+        name = "initial_model.safetensors"
         tree = _as_arrays(self.initial_model)
-        save_npz(tree, folder / name)
+        save_safetensors(tree, folder / name)
         return name
 
     def simulator_run(

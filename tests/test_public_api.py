@@ -129,6 +129,14 @@ EXPECTED: dict[str, list[str]] = {
         "run_simulator",
         "site_environment",
     ],
+    "fedlift.deploy": [
+        "Kit",
+        "ROLES",
+        "channel_credentials",
+        "load_kit",
+        "provision",
+        "server_credentials",
+    ],
     "fedlift.errors": [
         "ClientAPIError",
         "ClientFailedError",

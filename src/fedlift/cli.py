@@ -118,9 +118,9 @@ def _provision(args: argparse.Namespace) -> int:
     for path, who in rows:
         print(f"  {f'{path}/':<{width}}  -> {who}")
     print(
-        "Each kit holds ca.pem, cert.pem, key.pem (private: send it over a secure channel)\n"
-        f"and fedlift.json. Sites connect to {args.server}: the server certificate is valid "
-        "for that name only."
+        "Each kit holds ca.pem, cert.pem, fedlift.json and key.pem (private: hand it over on a\n"
+        f"secure channel). Sites and admins connect to {args.server}, the name in the server's\n"
+        "certificate; TLS refuses connections made to any other name."
     )
     return 0
 

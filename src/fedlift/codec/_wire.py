@@ -61,6 +61,11 @@ class Message:
     op: str
     fields: dict[str, Any] = field(default_factory=dict)
     arrays: Sequence[np.ndarray] = ()
+    peer: str | None = None
+    """Who sent the request: the CN of the client's verified TLS certificate, set by the
+    receiving listener. Never encoded, so a peer cannot claim it; None without TLS."""
+    peer_role: str | None = None
+    """The role in that certificate (``site``, ``admin``, ...); see :mod:`fedlift.deploy`."""
 
 
 @dataclass(frozen=True)

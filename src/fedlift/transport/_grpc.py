@@ -7,6 +7,7 @@ learns the total size from the first chunk and fills one preallocated buffer.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -118,6 +119,17 @@ def _translate(exc: grpc.RpcError, op: str, target: str, timeout: float | None) 
     return TransportError(f"{op!r} to {target} failed ({name}): {details}")
 
 
+def _with_peer(request: Message, context: grpc.ServicerContext) -> Message:
+    """``request`` with the identity of the client's verified certificate (not from the wire)."""
+    certificates = context.auth_context().get("x509_pem_cert")
+    if not certificates:
+        return request
+    from ..deploy._identity import identity_from_pem  # needs cryptography: only with TLS
+
+    identity = identity_from_pem(bytes(certificates[0]))
+    return dataclasses.replace(request, peer=identity.name, peer_role=identity.role)
+
+
 class GrpcListener:
     """Serves ``handler`` over gRPC at ``address`` (``host:port``, port 0 picks a free one)."""
 
@@ -138,6 +150,7 @@ class GrpcListener:
         self._chunk = chunk_bytes
         self._max = max_message_bytes
         self._shm = shared_memory
+        self._tls = credentials is not None
         self._server = grpc.server(
             ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="fedlift-grpc"),
             options=_channel_options(chunk_bytes),
@@ -172,11 +185,13 @@ class GrpcListener:
     def stop(self, grace: float | None = None) -> None:
         self._server.stop(grace).wait()
 
-    def _reply_frame(self, request_bytes: bytearray) -> Frame:
+    def _reply_frame(self, request_bytes: bytearray, context: grpc.ServicerContext) -> Frame:
         # Lazily mapped: results queued on a server cost no memory until they are read.
         request, peer_accepts_shm = decode_frame(
             request_bytes, self._max, allow_shm=self._shm, populate=False
         )
+        if self._tls:
+            request = _with_peer(request, context)
         reply = self._handler(request)
         # Do not keep the request (maybe a whole model) alive while the reply streams:
         # gRPC may hold the serving generator for a while after the call.
@@ -197,7 +212,7 @@ class GrpcListener:
         self, request_chunks: Iterator[bytes], context: grpc.ServicerContext
     ) -> Iterator[bytes]:
         try:
-            frame = self._reply_frame(_assemble(request_chunks, self._max))
+            frame = self._reply_frame(_assemble(request_chunks, self._max), context)
         except Exception as exc:  # the boundary: errors travel as their class name
             self._abort(context, exc)
             return
@@ -212,7 +227,7 @@ class GrpcListener:
     def _serve_small(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         """One-message calls (used with shared memory, where every message is small)."""
         try:
-            frame = self._reply_frame(_assemble((request,), self._max))
+            frame = self._reply_frame(_assemble((request,), self._max), context)
             if frame.nbytes > _channel_limit(self._chunk):
                 frame.discard()
                 raise ProtocolError(

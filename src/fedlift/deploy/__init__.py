@@ -1,0 +1,14 @@
+"""Deployment across machines: provisioning kits and mutual TLS with certificate identities.
+
+``provision`` makes a project CA and a kit per party (server, sites, admins); the server
+serves with ``server_credentials(kit)``, sites and admins connect with
+``channel_credentials(kit)``, and every request a TLS :class:`~fedlift.transport.GrpcListener`
+hands its handler carries ``peer`` and ``peer_role`` from the client's verified certificate
+(never from the wire).
+"""
+
+from ._identity import ROLES
+from ._provision import provision
+from ._tls import Kit, channel_credentials, load_kit, server_credentials
+
+__all__ = ["ROLES", "Kit", "channel_credentials", "load_kit", "provision", "server_credentials"]

@@ -53,10 +53,15 @@ class StreamingMean:
 
     ``allocate`` makes the accumulator's arrays (default: numpy); the simulator puts them in
     shared memory, so the new global model goes out to the clients without another copy.
+    ``adopt=True`` lets the first result's arrays become the sums (folded in place) when the
+    caller guarantees nobody else holds them (results decoded off the wire).
     """
 
-    def __init__(self, reference: ParamTree | None, allocate: Allocator | None = None) -> None:
+    def __init__(
+        self, reference: ParamTree | None, allocate: Allocator | None = None, adopt: bool = False
+    ) -> None:
         self._allocate = allocate
+        self._adopt = adopt
         if reference is not None:
             self._structure, ref = flatten(reference)
             self._shapes = [(a.shape, a.dtype) for a in ref]
@@ -93,6 +98,16 @@ class StreamingMean:
 
     def _new_sums(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
         specs = [(a.shape, _acc_dtype(a.dtype)) for a in arrays]
+        if (
+            self._adopt
+            and self._allocate is None
+            and all(
+                a.flags.writeable and a.flags.c_contiguous and a.dtype == dtype
+                for a, (_, dtype) in zip(arrays, specs, strict=True)
+            )
+        ):
+            # The first result's own buffers become the sums: no copy, no second model.
+            return arrays
         sums = (
             self._allocate(specs)
             if self._allocate is not None

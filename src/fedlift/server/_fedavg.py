@@ -114,7 +114,11 @@ class FedAvg:
             started = time.monotonic()
             sites = self.sample_clients(runtime.registered_sites(), round_number)
             task = self._task_model(params, round_number, start_round)
-            mean = StreamingMean(params, allocate=self.allocate)
+            mean = StreamingMean(
+                params,
+                allocate=self.allocate,
+                adopt=bool(getattr(runtime, "results_are_private", False)),
+            )
             answered = runtime.run_task(
                 "train",
                 task,

@@ -91,6 +91,10 @@ def _str_field(fields: dict[str, Any], name: str) -> str:
 class ServerRuntime:
     """Serves client workers for one job (see module docstring)."""
 
+    results_are_private = True
+    """Results arrive off the wire in buffers nobody else holds: aggregation may fold into
+    the first one in place instead of copying it."""
+
     def __init__(
         self,
         job_id: str,

@@ -127,9 +127,18 @@ class Worker:
     """One site's connection to the server, for one job."""
 
     def __init__(
-        self, transport: Transport, site: str, workspace: Path, shared_memory: bool = False
+        self,
+        transport: Transport,
+        site: str,
+        workspace: Path,
+        shared_memory: bool = False,
+        *,
+        job_id: str | None = None,
+        reconnect_seconds: float = 30.0,
     ) -> None:
         self.transport = transport
+        self._job_id = job_id
+        self._reconnect = reconnect_seconds
         self._shared = shared_memory
         self._outbox: list[np.ndarray] | None = None
         self._outbox_lock = threading.Lock()
@@ -146,9 +155,15 @@ class Worker:
         arrays: list[np.ndarray] | None = None,
         timeout: float = 60.0,
     ) -> Message:
-        return self.transport.call(
-            Message(op, {"site": self.site, **fields}, arrays or []), timeout
+        routing = (
+            {"site": self.site}
+            if self._job_id is None
+            else {
+                "site": self.site,
+                "job_id": self._job_id,
+            }
         )
+        return self.transport.call(Message(op, {**routing, **fields}, arrays or []), timeout)
 
     def report_error(self, text: str) -> None:
         if self._reported.is_set():
@@ -180,17 +195,21 @@ class Worker:
         return ctx, reply
 
     def _poll(self) -> Message:
-        """``get_task`` with a few retries while the connection blips."""
-        delay, deadline = 0.2, time.monotonic() + 30.0
+        """``get_task``, retried with backoff while the server is unreachable (a restart)."""
+        delay, deadline = 0.2, time.monotonic() + self._reconnect
         while True:
             try:
                 return self._call("get_task", {"wait": _POLL_SECONDS}, timeout=_POLL_SECONDS + 30)
             except (ConnectionLostError, TransportError) as exc:
                 if time.monotonic() > deadline:
                     raise ConnectionLostError(
-                        f"{self.site} lost the server and could not reconnect for 30 s: {exc}"
+                        f"{self.site} lost the server and could not reconnect for "
+                        f"{self._reconnect:g} s: {exc}"
                     ) from None
-                time.sleep(delay)
+                log.warning(
+                    "%s: server unreachable (%s); retrying in %.1f s", self.site, exc, delay
+                )
+                time.sleep(delay)  # backoff while disconnected; not on any hot path
                 delay = min(delay * 2, 5.0)
 
     def run(self, register_timeout: float = 120.0) -> int:
@@ -330,11 +349,37 @@ class Worker:
         return self._outbox
 
 
-def run_worker(server: str, site: str, workspace: Path | None = None) -> int:
-    """Serve one site until the job ends; returns the process exit status."""
+def run_worker(
+    server: str,
+    site: str,
+    workspace: Path | None = None,
+    *,
+    kit: Path | None = None,
+    job_id: str | None = None,
+    reconnect_seconds: float = 30.0,
+) -> int:
+    """Serve one site until the job ends; returns the process exit status.
+
+    With ``kit`` (a provisioned site's folder) the connection uses mutual TLS, and with
+    ``job_id`` every request names the job (a long-running server runs many jobs).
+    """
     shared = os.environ.get(SHARED_MEMORY_ENV) == "1" and _shm.available()
-    transport = GrpcTransport(server, wait_for_ready=True, shared_memory=shared)
-    worker = Worker(transport, site, Path(workspace or os.getcwd()), shared_memory=shared)
+    credentials = None
+    if kit is not None:
+        from ..deploy import channel_credentials
+
+        credentials = channel_credentials(kit)
+    transport = GrpcTransport(
+        server, wait_for_ready=True, shared_memory=shared, credentials=credentials
+    )
+    worker = Worker(
+        transport,
+        site,
+        Path(workspace or os.getcwd()),
+        shared_memory=shared,
+        job_id=job_id,
+        reconnect_seconds=reconnect_seconds,
+    )
     try:
         return worker.run()
     except FedliftError as exc:
@@ -350,13 +395,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--server", required=True, help="server address, host:port")
     parser.add_argument("--site", required=True, help="this site's name, e.g. site-1")
     parser.add_argument("--workspace", type=Path, default=None, help="default: current dir")
+    parser.add_argument("--kit", type=Path, default=None, help="site kit: connect with mTLS")
+    parser.add_argument("--job-id", default=None, help="the job, on a long-running server")
+    parser.add_argument(
+        "--reconnect-seconds",
+        type=float,
+        default=30.0,
+        help="how long to retry while the server is unreachable",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    code = run_worker(args.server, args.site, args.workspace)
+    code = run_worker(
+        args.server,
+        args.site,
+        args.workspace,
+        kit=args.kit,
+        job_id=args.job_id,
+        reconnect_seconds=args.reconnect_seconds,
+    )
     sys.stdout.flush()
     sys.stderr.flush()
     # The script thread may hold non-daemon threads (TF, data loaders): leave without them.

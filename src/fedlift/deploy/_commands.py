@@ -1,4 +1,4 @@
-"""The site-side commands of ``fedlift``: ``client start`` and ``poc start|stop``."""
+"""Deployment commands of ``fedlift``: ``client start``, ``poc start|stop`` and ``job ...``."""
 
 from __future__ import annotations
 
@@ -39,9 +39,53 @@ def add_site_commands(commands: Subparsers) -> None:  # type: ignore[type-arg]
     poc_stop = poc_sub.add_parser("stop", help="stop what `poc start` started")
     poc_stop.add_argument("--workspace", type=Path, default=DEFAULT_POC_WORKSPACE)
 
+    job = commands.add_parser("job", help="submit and follow jobs on a server (admins)")
+    job_sub = job.add_subparsers(dest="job_command", metavar="ACTION", required=True)
+    kit_help = "the admin's kit folder (default: $FEDLIFT_KIT)"
+    submit = job_sub.add_parser("submit", help="upload an exported job folder")
+    submit.add_argument("job", type=Path, help="the exported job folder (holds job.json)")
+    job_sub.add_parser("list", help="every job and its state")
+    for name, text in (("status", "one job's state"), ("abort", "stop a job"),
+                       ("logs", "a job's server log, or a site's"),
+                       ("download", "fetch models, metrics and logs")):  # fmt: skip
+        sub = job_sub.add_parser(name, help=text)
+        sub.add_argument("job_id")
+        if name == "logs":
+            sub.add_argument("--site", default=None, help="that site's log instead")
+        if name == "download":
+            sub.add_argument("-o", "--out", type=Path, default=Path("."), help="target folder")
+    for sub in job_sub.choices.values():
+        sub.add_argument("--kit", type=Path, default=None, help=kit_help)
+
+
+def _run_job_command(args: argparse.Namespace) -> int:
+    from ._admin import AdminClient, format_jobs, format_status
+
+    admin = AdminClient(args.kit)
+    try:
+        if args.job_command == "submit":
+            job_id = admin.submit(args.job)
+            print(f"submitted {args.job} as job {job_id}")
+        elif args.job_command == "list":
+            print(format_jobs(admin.list()))
+        elif args.job_command == "status":
+            print(format_status(admin.status(args.job_id)))
+        elif args.job_command == "logs":
+            sys.stdout.write(admin.logs(args.job_id, args.site))
+        elif args.job_command == "abort":
+            admin.abort(args.job_id)
+            print(f"aborted job {args.job_id}")
+        else:
+            print(f"downloaded job {args.job_id} to {admin.download(args.job_id, args.out)}")
+    finally:
+        admin.close()
+    return 0
+
 
 def run_site_command(args: argparse.Namespace) -> int:
     try:
+        if args.command == "job":
+            return _run_job_command(args)
         if args.command == "client":
             from ._client import serve_forever
 

@@ -30,6 +30,7 @@ parser.add_argument("--kill-parent-round", type=int, default=-1)
 parser.add_argument("--no-init", action="store_true")
 parser.add_argument("--linger", action="store_true")
 parser.add_argument("--record", action="store_true", help="append pid/rank/round to rounds.txt")
+parser.add_argument("--sleep", type=float, default=0.0, help="seconds of 'training' per round")
 parser.add_argument(
     "--lockstep", action="store_true", help="rank 0 waits for rank 1's record (like DDP's sync)"
 )
@@ -73,6 +74,7 @@ while flare.is_running():
         deadline = time.monotonic() + 30
         while f" 1 {rnd} " not in open("rounds.txt").read() and time.monotonic() < deadline:
             time.sleep(0.01)
+    time.sleep(args.sleep)
     new = shifted(model.params, (index + 1) * args.step)
     weight = args.weight if args.weight is not None else float(index + 1)
     out = flare.tree_sub(new, model.params) if args.diff else new

@@ -130,6 +130,7 @@ EXPECTED: dict[str, list[str]] = {
         "site_environment",
     ],
     "fedlift.deploy": [
+        "DeployServer",
         "Kit",
         "ROLES",
         "channel_credentials",
@@ -144,6 +145,7 @@ EXPECTED: dict[str, list[str]] = {
         "ConnectionLostError",
         "FedliftError",
         "JobAbortedError",
+        "PermissionDeniedError",
         "ProtocolError",
         "ReceiveTimeoutError",
         "RemoteError",

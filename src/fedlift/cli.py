@@ -20,6 +20,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fedlift {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_provision(commands)
+    _add_server(commands)
     sim = commands.add_parser(
         "simulator",
         help="run an exported job on this machine (server + one process per client)",
@@ -125,6 +126,64 @@ def _provision(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_server(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    server = commands.add_parser(
+        "server",
+        help="the long-running server of a deployment (job store, sites, admins)",
+        description="The server of a deployment across machines.",
+    )
+    actions = server.add_subparsers(dest="action", metavar="ACTION", required=True)
+    start = actions.add_parser(
+        "start",
+        help="serve until SIGTERM/SIGINT; jobs left running resume from their checkpoint",
+        description="Start the server with its kit; it runs until SIGTERM or Ctrl-C.",
+    )
+    start.add_argument("kit", type=Path, help="the server's kit folder (from fedlift provision)")
+    start.add_argument(
+        "-w",
+        "--workspace",
+        type=Path,
+        default=None,
+        help="the job store (default: server-workspace next to the kit folder)",
+    )
+    start.add_argument(
+        "--address",
+        default=None,
+        help="host:port to listen on (default: 0.0.0.0 and the port of the kit's address)",
+    )
+
+
+def _server(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from .deploy import DeployServer
+
+    workspace = args.workspace or args.kit.resolve().parent / "server-workspace"
+    workspace.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(workspace / "server.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+    logging.getLogger("fedlift").setLevel(logging.INFO)
+    done = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        done.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        server = DeployServer(args.kit, workspace, address=args.address)
+    except FedliftError as exc:
+        print(f"fedlift: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    print(f"fedlift server: listening on {server.address}, workspace {workspace}", flush=True)
+    done.wait()
+    print("fedlift server: stopping", file=sys.stderr, flush=True)
+    server.stop()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command is None:
@@ -133,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "provision":
         return _provision(args)
+    if args.command == "server":
+        return _server(args)
     if args.command == "simulator":
         from .simulator import run_simulator
 

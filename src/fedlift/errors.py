@@ -14,6 +14,7 @@ __all__ = [
     "ConnectionLostError",
     "FedliftError",
     "JobAbortedError",
+    "PermissionDeniedError",
     "ProtocolError",
     "ReceiveTimeoutError",
     "RemoteError",
@@ -72,6 +73,11 @@ class JobAbortedError(FedliftError):
     """The job was stopped before it finished (by a failure elsewhere or by a user)."""
 
 
+class PermissionDeniedError(FedliftError):
+    """The caller's certificate does not allow this operation (wrong role or another party's
+    name)."""
+
+
 _BY_NAME: dict[str, type[FedliftError]] = {
     cls.__name__: cls
     for cls in (
@@ -87,6 +93,7 @@ _BY_NAME: dict[str, type[FedliftError]] = {
         ClientFailedError,
         RoundTimeoutError,
         JobAbortedError,
+        PermissionDeniedError,
     )
 }
 

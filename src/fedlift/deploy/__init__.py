@@ -9,6 +9,15 @@ hands its handler carries ``peer`` and ``peer_role`` from the client's verified 
 
 from ._identity import ROLES
 from ._provision import provision
+from ._server import DeployServer
 from ._tls import Kit, channel_credentials, load_kit, server_credentials
 
-__all__ = ["ROLES", "Kit", "channel_credentials", "load_kit", "provision", "server_credentials"]
+__all__ = [
+    "ROLES",
+    "DeployServer",
+    "Kit",
+    "channel_credentials",
+    "load_kit",
+    "provision",
+    "server_credentials",
+]

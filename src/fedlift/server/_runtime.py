@@ -9,6 +9,10 @@ and speak five operations over any :mod:`fedlift.transport`:
 ``client_error`` -> ``ok`` (the site's script failed: traceback attached; the job stops)
 ``log``          -> ``ok`` (a metric the script logged with ``flare.log``)
 
+A site that is not registered yet (a worker that outlived a server restart) is registered
+implicitly by its first ``get_task``/``submit``/``client_error``/``log``; a site that
+registers again while it holds an unanswered task (its client restarted) gets that task again.
+
 Workflows drive it with :meth:`ServerRuntime.run_task`, which dispatches a task to sites (at
 most ``max_concurrent`` at once), feeds each result to a callback as it arrives and raises at
 once when a site fails.
@@ -42,6 +46,7 @@ __all__ = ["LogRecord", "ServerRuntime"]
 log = logging.getLogger("fedlift.server")
 
 _MAX_POLL_SECONDS = 30.0
+_OPS = frozenset({"get_task", "submit", "client_error", "log"})
 
 
 @dataclass(frozen=True)
@@ -65,7 +70,7 @@ class _Task:
 
 @dataclass
 class _Event:
-    kind: str  # "result" | "failure"
+    kind: str  # "result" | "failure" | "stop"
     site: str
     task_id: str = ""
     model: FLModel | None = None
@@ -117,6 +122,7 @@ class ServerRuntime:
         self._on_log = on_log
         self._cond = threading.Condition()
         self._pending: dict[str, _Task] = {}
+        self._handed_out: dict[str, _Task] = {}  # sent by get_task, no result yet
         self._events: queue.Queue[_Event] = queue.Queue()
         self._stop_reason: str | None = None
         self._stop_failed = False
@@ -130,26 +136,34 @@ class ServerRuntime:
         site.last_seen = time.monotonic()
         if request.op == "register":
             return self._register(site, fields)
+        if request.op not in _OPS:
+            raise ProtocolError(
+                f"unknown operation {request.op!r}; expected register, get_task, submit, "
+                "client_error or log."
+            )
         if not site.registered:
-            raise ProtocolError(f"{site.name} must register before {request.op!r}.")
+            # A worker that outlived a server restart goes on without registering again.
+            with self._cond:
+                site.registered = True
+                self._cond.notify_all()
+            log.info("%s is back (implicitly registered by %r)", site.name, request.op)
         if request.op == "get_task":
             return self._get_task(site, fields)
         if request.op == "submit":
             task_id = _str_field(fields, "task_id")
             model = model_from_wire(fields.get("model") or {}, list(request.arrays))
+            with self._cond:
+                handed = self._handed_out.get(site.name)
+                if handed is not None and handed.task_id == task_id:
+                    del self._handed_out[site.name]
             self._events.put(_Event("result", site.name, task_id, model))
             return Message("ok")
         if request.op == "client_error":
             text = str(fields.get("error", "unknown error"))[:200_000]
             self.report_failure(site.name, text)
             return Message("ok")
-        if request.op == "log":
-            self._log(site, fields)
-            return Message("ok")
-        raise ProtocolError(
-            f"unknown operation {request.op!r}; expected register, get_task, submit, "
-            "client_error or log."
-        )
+        self._log(site, fields)
+        return Message("ok")
 
     def _site(self, name: str) -> _Site:
         site = self._sites.get(name)
@@ -164,6 +178,11 @@ class ServerRuntime:
         with self._cond:
             site.registered = True
             site.info = {k: fields.get(k) for k in ("pid", "host") if k in fields}
+            lost = self._handed_out.pop(site.name, None)
+            if lost is not None and site.name not in self._pending and self._stop_reason is None:
+                # The site restarted while it held a task: hand that task out again.
+                self._pending[site.name] = lost
+                log.info("%s registered again: its unanswered task is sent again", site.name)
             self._cond.notify_all()
         log.info("%s registered (pid %s)", site.name, site.info.get("pid"))
         return Message(
@@ -190,6 +209,7 @@ class ServerRuntime:
                     )
                 task = self._pending.pop(site.name, None)
                 if task is not None:
+                    self._handed_out[site.name] = task
                     return Message("task", task.message_fields, task.arrays)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -303,6 +323,8 @@ class ServerRuntime:
                     break
                 if event.kind == "failure":
                     raise ClientFailedError(f"{event.site} failed:\n{event.text}")
+                if event.kind == "stop":
+                    raise JobAbortedError(f"the job was stopped: {event.text}")
                 if event.task_id != task_id or event.site not in active:
                     log.warning("ignoring a late or unexpected result from %s", event.site)
                     continue
@@ -316,6 +338,10 @@ class ServerRuntime:
             with self._cond:
                 for site in list(active) + waiting:
                     self._pending.pop(site, None)
+                for site in sites:
+                    handed = self._handed_out.get(site)
+                    if handed is not None and handed.task_id == task_id:
+                        del self._handed_out[site]
         if len(answered) < min_responses:
             missing = sorted(set(sites) - set(answered))
             raise RoundTimeoutError(
@@ -341,7 +367,10 @@ class ServerRuntime:
                 self._stop_reason = reason
                 self._stop_failed = failed
             self._pending.clear()
+            self._handed_out.clear()
             self._cond.notify_all()
+        if failed:
+            self._events.put(_Event("stop", "", text=reason))  # wakes a waiting run_task
 
     @property
     def stopped(self) -> bool:

@@ -28,7 +28,10 @@ from ..model._safetensors import load_safetensors, save_safetensors
 from ._runtime import LogRecord
 
 __all__ = [
+    "CHECKPOINT_DIR",
+    "CHECKPOINT_FILE",
     "ArraysFormat",
+    "Checkpoint",
     "KerasWeightsFormat",
     "ModelFormat",
     "RoundRecord",
@@ -36,6 +39,7 @@ __all__ = [
     "load_initial_model",
     "load_npz",
     "load_params",
+    "read_checkpoint",
     "save_npz",
 ]
 
@@ -43,11 +47,13 @@ log = logging.getLogger("fedlift.server")
 
 
 class ModelFormat(Protocol):
-    """How global models are written: a file suffix and a save function."""
+    """How global models are written and read back: a file suffix, save and load."""
 
     suffix: str
 
     def save(self, params: ParamTree, path: Path) -> None: ...
+
+    def load(self, path: Path) -> ParamTree: ...
 
 
 _STRUCTURE_KEY = "__fedlift_structure__"
@@ -99,6 +105,9 @@ class ArraysFormat:
     def save(self, params: ParamTree, path: Path) -> None:
         save_safetensors(params, path)
 
+    def load(self, path: Path) -> ParamTree:
+        return load_params(path)
+
 
 def load_params(path: Path) -> ParamTree:
     """A params tree from ``.safetensors`` or ``.npz`` (never unpickles)."""
@@ -124,6 +133,10 @@ class KerasWeightsFormat:
     def save(self, params: ParamTree, path: Path) -> None:
         set_keras_params(self._model, params)
         atomic_path(path, lambda tmp: self._model.save_weights(str(tmp)), suffix=self.suffix)
+
+    def load(self, path: Path) -> ParamTree:
+        self._model.load_weights(str(path))
+        return keras_params(self._model)
 
 
 def load_initial_model(path: Path) -> tuple[ModelFormat, ParamTree]:
@@ -260,8 +273,56 @@ class RoundRecord:
     """Wall-clock time (``time.time()``) when the round's results were all in."""
 
 
+CHECKPOINT_DIR = "checkpoint"
+CHECKPOINT_FILE = "checkpoint.json"
+
+
+@dataclass
+class Checkpoint:
+    """The last completed round of a run, as ``checkpoint.json`` names it."""
+
+    round_done: int
+    path: Path
+    best_round: int | None
+    best_value: float | None
+
+
+def read_checkpoint(directory: Path) -> Checkpoint | None:
+    """``directory/checkpoint.json`` (None when there is none yet); raises
+    :class:`~fedlift.errors.ConfigError` when it is unreadable or its model file is missing."""
+    path = directory / CHECKPOINT_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        round_done = data["round_done"]
+        name = data["path"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path} is not a valid checkpoint record: {exc!r:.200}") from None
+    if not isinstance(round_done, int) or not isinstance(name, str) or Path(name).name != name:
+        raise ConfigError(f"{path} is not a valid checkpoint record: {data!r:.200}")
+    model = directory / CHECKPOINT_DIR / name
+    if not model.is_file():
+        raise ConfigError(f"{path} names the model {model}, which is missing.")
+    best_round, best_value = data.get("best_round"), data.get("best_value")
+    return Checkpoint(
+        round_done,
+        model,
+        best_round if isinstance(best_round, int) else None,
+        float(best_value) if isinstance(best_value, int | float) else None,
+    )
+
+
 class RunRecorder:
-    """Writes a job's results under ``directory`` as rounds complete."""
+    """Writes a job's results under ``directory`` as rounds complete.
+
+    With ``checkpoints`` every round's global model is also written to
+    ``checkpoint/round-<k><suffix>`` and *then* ``checkpoint.json`` names it (both atomic, older
+    checkpoints removed after), so a crash at any moment leaves a pair that belongs together.
+    With ``resume`` the run goes on from that checkpoint: ``metrics.jsonl`` keeps the rounds
+    it covers (later lines, from the interrupted round, are dropped) and the best model so
+    far is remembered; :attr:`checkpoint` is what to resume from (None: start again).
+    """
 
     def __init__(
         self,
@@ -269,20 +330,53 @@ class RunRecorder:
         model_format: ModelFormat,
         key_metric: str = "accuracy",
         higher_is_better: bool = True,
+        *,
+        checkpoints: bool = False,
+        resume: bool = False,
     ) -> None:
         self.directory = directory
         self.models_dir = directory / "models"
         self.models_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = directory / "metrics.jsonl"
-        self.metrics_path.unlink(missing_ok=True)
         self._format = model_format
+        self._checkpoints = checkpoints
         self.key_metric = key_metric
         self._higher = higher_is_better
         self.best_value: float | None = None
         self.best_round: int | None = None
         self.records: list[RoundRecord] = []
+        self.checkpoint: Checkpoint | None = None
+        if resume:
+            self.checkpoint = read_checkpoint(directory)
+            self._resume(-1 if self.checkpoint is None else self.checkpoint.round_done)
+        else:
+            self.metrics_path.unlink(missing_ok=True)
         self._tb = _TensorBoard(directory / "tensorboard")
         self._writer = _BackgroundWriter()
+
+    def _resume(self, round_done: int) -> None:
+        if self.checkpoint is not None:
+            self.best_round = self.checkpoint.best_round
+            self.best_value = self.checkpoint.best_value
+        if not self.metrics_path.is_file():
+            return
+        kept: list[str] = []
+        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
+            try:
+                data = json.loads(line)
+                record = RoundRecord(**data)
+            except (ValueError, TypeError):
+                continue  # a line cut short by the crash
+            if record.task == "train" and record.round <= round_done:
+                kept.append(line)
+                self.records.append(record)
+        atomic_write_text(self.metrics_path, "".join(f"{line}\n" for line in kept))
+
+    def load_checkpoint(self) -> ParamTree | None:
+        """The params of :attr:`checkpoint` (None without one)."""
+        if self.checkpoint is None:
+            return None
+        return self._format.load(self.checkpoint.path)
 
     @property
     def global_model_path(self) -> Path:
@@ -332,8 +426,21 @@ class RunRecorder:
         def write() -> None:
             self._format.save(params, self.global_model_path)
             atomic_write_text(self.directory / "state.json", json.dumps(state, indent=2) + "\n")
+            if self._checkpoints:
+                self._write_checkpoint(params, state)
 
         self._writer.submit("global", write)
+
+    def _write_checkpoint(self, params: ParamTree, state: dict[str, Any]) -> None:
+        folder = self.directory / CHECKPOINT_DIR
+        name = f"round-{state['round_done']}{self._format.suffix}"
+        self._format.save(params, folder / name)  # the model first ...
+        record = {**state, "path": name}
+        # ... then the record that names it: it never points at a missing or partial file.
+        atomic_write_text(self.directory / CHECKPOINT_FILE, json.dumps(record, indent=2) + "\n")
+        for old in folder.glob("round-*"):
+            if old.name != name:
+                old.unlink(missing_ok=True)
 
     def flush(self) -> None:
         """Wait until every model handed over so far is on disk."""

@@ -1,0 +1,635 @@
+"""The long-running server of a deployment: a job store, admin operations, sites that poll
+for work, one job at a time, and resume after a restart.
+
+Every request arrives over mutual TLS; who may do what is decided by the identity of the
+caller's verified certificate (``request.peer`` / ``request.peer_role``), never by request
+fields.
+
+Admin operations (role ``admin``)::
+
+    job_submit   arrays [uint8 zip of an exported job folder]  -> job {job_id}
+    job_list                                                 -> jobs {jobs: [summary, ...]}
+    job_status   {job_id}                                    -> job {summary}
+    job_logs     {job_id, site?}                             -> logs {text}
+    job_abort    {job_id}                                    -> job {summary}
+    job_download {job_id}                   -> results {job_id}, arrays [uint8 zip of server/]
+
+Site operations (role ``site``; the site is the certificate's name)::
+
+    next_job     {wait}                        -> job {job_id, name} | none
+    site_log     {job_id, text}                -> ok
+    register, get_task, submit, client_error, log   with {job_id, site}: the job's
+                 :class:`~fedlift.server.ServerRuntime` protocol (``site`` must be the caller)
+
+Store layout (``WORKSPACE/jobs/<job_id>/``): ``job/`` (the unpacked job), ``meta.json``
+(state, sites, times; written atomically), ``server/`` (models, metrics.jsonl, state.json,
+tensorboard/, log.txt, checkpoint/ + checkpoint.json) and ``sites/<site>/log.txt``.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import threading
+import time
+import uuid
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .._atomic import atomic_write_text
+from ..codec import Message
+from ..errors import (
+    ConfigError,
+    FedliftError,
+    JobAbortedError,
+    PermissionDeniedError,
+    ProtocolError,
+)
+from ..job import JobConfig, load_job, zip_dir
+from ..server import FedAvg, RoundRecord, RunRecorder, ServerRuntime
+from ..server._store import CHECKPOINT_DIR, CHECKPOINT_FILE, load_initial_model
+from ..transport import GrpcListener
+from ._tls import Kit, load_kit, server_credentials
+
+__all__ = ["ADMIN_OPS", "JOB_STATES", "SITE_JOB_OPS", "DeployServer"]
+
+log = logging.getLogger("fedlift.server")
+
+JOB_STATES = ("submitted", "running", "finished", "failed", "aborted")
+ADMIN_OPS = frozenset(
+    {"job_submit", "job_list", "job_status", "job_logs", "job_abort", "job_download"}
+)
+SITE_JOB_OPS = frozenset({"register", "get_task", "submit", "client_error", "log"})
+_SITE_OPS = SITE_JOB_OPS | {"next_job", "site_log"}
+_MAX_POLL_SECONDS = 30.0
+_POLLER_FRESH_SECONDS = _MAX_POLL_SECONDS + 15.0  # a site between two polls still counts
+_MAX_SITE_LOG_BYTES = 16 << 20
+_MAX_LOG_CHUNK = 1 << 20
+_MAX_LOG_REPLY = 1 << 20
+_JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+@dataclass
+class _Job:
+    job_id: str
+    folder: Path
+    meta: dict[str, Any]
+    runtime: ServerRuntime | None = None
+    finished_sites: set[str] = field(default_factory=set)
+    abort_requested: bool = False
+    resume: bool = False
+
+    @property
+    def state(self) -> str:
+        return str(self.meta["state"])
+
+    @property
+    def sites(self) -> list[str]:
+        return list(self.meta.get("sites") or [])
+
+    def summary(self) -> dict[str, Any]:
+        keys = (
+            "job_id",
+            "name",
+            "state",
+            "submitted_at",
+            "started_at",
+            "finished_at",
+            "round_done",
+            "num_rounds",
+            "sites",
+            "error",
+        )
+        return {key: self.meta.get(key) for key in keys}
+
+
+def _str(fields: dict[str, Any], name: str) -> str:
+    value = fields.get(name)
+    if not isinstance(value, str) or not value or len(value) > 256:
+        raise ProtocolError(f"field {name!r} must be a non-empty string; got {value!r:.60}")
+    return value
+
+
+def _tail(path: Path, limit: int = _MAX_LOG_REPLY) -> str:
+    if not path.is_file():
+        return ""
+    with open(path, "rb") as handle:
+        size = handle.seek(0, os.SEEK_END)
+        handle.seek(max(0, size - limit))
+        data = handle.read()
+    text = data.decode("utf-8", errors="replace")
+    return text if size <= limit else f"[... first {size - limit:,} bytes left out]\n{text}"
+
+
+def _zip_results(folder: Path) -> bytes:
+    """The job's results folder as zip bytes, without the resume checkpoints."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as bundle:
+        for path in sorted(folder.rglob("*")):
+            rel = path.relative_to(folder)
+            if rel.parts[0] in (CHECKPOINT_DIR, CHECKPOINT_FILE) or path.name.startswith("."):
+                continue  # resume state and temporary files of atomic writes
+            if path.is_file() and not path.is_symlink():
+                bundle.write(path, rel.as_posix())
+    return buffer.getvalue()
+
+
+def _file_logging(path: Path) -> logging.Handler:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    root = logging.getLogger("fedlift")
+    root.addHandler(handler)
+    if root.level == logging.NOTSET or root.level > logging.INFO:
+        root.setLevel(logging.INFO)
+    return handler
+
+
+class DeployServer:
+    """The server of a deployment (see the module docstring for the protocol and layout).
+
+    ``kit`` is the server's kit from ``fedlift provision``; ``workspace`` holds the job store;
+    ``address`` is where to listen (default: every interface, on the port of the kit's server
+    address). Jobs found running in the store resume from their last checkpoint, and queued
+    ones are queued again. :meth:`stop` (or leaving a ``with`` block) stops it; a job that is
+    running then stays ``running`` in the store and resumes at the next start.
+    """
+
+    def __init__(
+        self,
+        kit: Kit | str | os.PathLike[str],
+        workspace: str | os.PathLike[str],
+        *,
+        address: str | None = None,
+    ) -> None:
+        self.kit = kit if isinstance(kit, Kit) else load_kit(kit)
+        if self.kit.role != "server":
+            raise ConfigError(
+                f"{self.kit.folder} is the kit of {self.kit.role} {self.kit.name!r}; the "
+                "server needs the server kit (the `server` folder `fedlift provision` made)."
+            )
+        self.workspace = Path(workspace).resolve()
+        self.jobs_dir = self.workspace / "jobs"
+        self.jobs_dir.mkdir(parents=True, exist_ok=True)
+        self._cond = threading.Condition()
+        self._jobs: dict[str, _Job] = {}
+        self._queue: collections.deque[str] = collections.deque()
+        self._last_poll: dict[str, float] = {}
+        self._polling: collections.Counter[str] = collections.Counter()
+        self._stopping = False
+        self._load_store()
+        self._listener = GrpcListener(
+            self.handle,
+            address or f"0.0.0.0:{self.kit.server_port}",
+            max_workers=64,
+            credentials=server_credentials(self.kit),
+        )
+        self._runner = threading.Thread(target=self._run_jobs, name="fedlift-jobs", daemon=True)
+        self._runner.start()
+        log.info("server %s listening on %s", self.kit.name, self._listener.address)
+
+    @property
+    def address(self) -> str:
+        return self._listener.address
+
+    def __enter__(self) -> DeployServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self, grace: float = 1.0) -> None:
+        """Stop serving; a running job stays ``running`` in the store (it resumes later)."""
+        with self._cond:
+            if self._stopping:
+                return
+            self._stopping = True
+            self._cond.notify_all()
+        self._listener.stop(grace)
+        with self._cond:
+            running = [job for job in self._jobs.values() if job.state == "running"]
+        for job in running:
+            if job.runtime is not None:
+                job.runtime.stop("the server is shutting down", failed=True)
+        self._runner.join(timeout=60)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the server stops (True) or ``timeout`` passes (False)."""
+        self._runner.join(timeout)
+        return not self._runner.is_alive()
+
+    # ------------------------------------------------------------------ the store
+    def _load_store(self) -> None:
+        resumed: list[_Job] = []
+        queued: list[_Job] = []
+        for meta_path in sorted(self.jobs_dir.glob("*/meta.json")):
+            try:
+                meta = json.loads(meta_path.read_text(encoding="utf-8"))
+                if not isinstance(meta, dict) or meta.get("state") not in JOB_STATES:
+                    raise ValueError("no valid state")
+            except (ValueError, UnicodeDecodeError) as exc:
+                log.warning("skipping %s: it cannot be read (%s)", meta_path, exc)
+                continue
+            job = _Job(meta_path.parent.name, meta_path.parent, meta)
+            self._jobs[job.job_id] = job
+            if job.state == "running":
+                job.resume = True
+                resumed.append(job)
+            elif job.state == "submitted":
+                queued.append(job)
+        resumed.sort(key=lambda j: float(j.meta.get("started_at") or 0))
+        queued.sort(key=lambda j: float(j.meta.get("submitted_at") or 0))
+        self._queue.extend(j.job_id for j in resumed + queued)
+        if resumed:
+            log.info("resuming %s", ", ".join(j.job_id for j in resumed))
+
+    def _save_meta(self, job: _Job, **changes: Any) -> None:
+        """Update and persist a job's meta (callers hold ``self._cond``)."""
+        job.meta.update(changes)
+        atomic_write_text(job.folder / "meta.json", json.dumps(job.meta, indent=2) + "\n")
+
+    def _job(self, fields: dict[str, Any]) -> _Job:
+        job_id = _str(fields, "job_id")
+        job = self._jobs.get(job_id)
+        if job is None:
+            raise ConfigError(f"there is no job {job_id!r} on this server (see job_list).")
+        return job
+
+    # ------------------------------------------------------------------ the handler
+    def handle(self, request: Message) -> Message:
+        """The transport handler: authorise by certificate, then run the operation."""
+        op, role = request.op, request.peer_role
+        if role is None or request.peer is None:
+            raise PermissionDeniedError(
+                "this server only serves callers with a certificate of the project (mutual TLS)."
+            )
+        if op in ADMIN_OPS:
+            if role != "admin":
+                raise PermissionDeniedError(
+                    f"{role} {request.peer!r} may not call {op!r}: it needs an admin kit."
+                )
+            return self._admin(request)
+        if op in _SITE_OPS:
+            if role != "site":
+                raise PermissionDeniedError(
+                    f"{role} {request.peer!r} may not call {op!r}: it needs a site kit."
+                )
+            return self._site(request)
+        raise ProtocolError(
+            f"unknown operation {op!r}; expected one of {', '.join(sorted(ADMIN_OPS | _SITE_OPS))}."
+        )
+
+    # ------------------------------------------------------------------ admin operations
+    def _admin(self, request: Message) -> Message:
+        op, fields = request.op, request.fields
+        if op == "job_submit":
+            return self._submit(request)
+        if op == "job_list":
+            with self._cond:
+                jobs = sorted(
+                    self._jobs.values(), key=lambda j: float(j.meta.get("submitted_at") or 0)
+                )
+                return Message("jobs", {"jobs": [job.summary() for job in jobs]})
+        with self._cond:
+            job = self._job(fields)
+            summary = job.summary()
+        if op == "job_status":
+            return Message("job", summary)
+        if op == "job_logs":
+            site = fields.get("site")
+            if site is None:
+                return Message("logs", {"text": _tail(job.folder / "server" / "log.txt")})
+            site = _str(fields, "site")
+            if site not in job.sites:
+                raise ConfigError(
+                    f"site {site!r} is not part of job {job.job_id} (sites: {job.sites})."
+                )
+            return Message("logs", {"text": _tail(job.folder / "sites" / site / "log.txt")})
+        if op == "job_abort":
+            return Message("job", self._abort(job, request.peer or "?"))
+        data = _zip_results(job.folder / "server")  # job_download
+        return Message("results", {"job_id": job.job_id}, [np.frombuffer(data, np.uint8)])
+
+    def _submit(self, request: Message) -> Message:
+        if len(request.arrays) != 1 or request.arrays[0].dtype != np.uint8:
+            raise ProtocolError("job_submit needs one uint8 array: the zipped job folder.")
+        from ..client._worker import unpack_app  # the same checks as for a job's app
+
+        job_id = f"job-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        folder = self.jobs_dir / job_id
+        try:
+            unpack_app(request.arrays[0], folder / "job")
+            config, _ = load_job(folder / "job")
+            self._check_config(config)
+        except FedliftError as exc:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise ConfigError(f"the job was refused: {exc}") from None
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        job = _Job(job_id, folder, {})
+        with self._cond:
+            self._save_meta(
+                job,
+                job_id=job_id,
+                name=config.name,
+                state="submitted",
+                submitted_by=request.peer,
+                submitted_at=time.time(),
+                started_at=None,
+                finished_at=None,
+                round_done=None,
+                num_rounds=config.workflow.num_rounds,
+                n_clients=config.n_clients,
+                sites=[],
+                error=None,
+            )
+            self._jobs[job_id] = job
+            self._queue.append(job_id)
+            self._cond.notify_all()
+        log.info("job %s (%s) submitted by %s", job_id, config.name, request.peer)
+        return Message("job", {"job_id": job_id})
+
+    @staticmethod
+    def _check_config(config: JobConfig) -> None:
+        if config.n_clients < 1:
+            raise ConfigError(f"n_clients must be at least 1; job.json says {config.n_clients}.")
+        if not 1 <= config.workflow.min_clients <= config.n_clients:
+            raise ConfigError(
+                f"min_clients must be 1 to n_clients ({config.n_clients}); job.json says "
+                f"{config.workflow.min_clients}."
+            )
+        if config.workflow.num_rounds < 1:
+            raise ConfigError(f"num_rounds must be at least 1; got {config.workflow.num_rounds}.")
+
+    def _abort(self, job: _Job, who: str) -> dict[str, Any]:
+        runtime = None
+        with self._cond:
+            if job.state == "submitted":
+                if job.job_id in self._queue:
+                    self._queue.remove(job.job_id)
+                job.abort_requested = True  # the runner may be waiting for its sites
+                self._cond.notify_all()
+                self._save_meta(
+                    job, state="aborted", finished_at=time.time(), error=f"aborted by {who}"
+                )
+            elif job.state == "running":
+                job.abort_requested = True
+                job.meta["error"] = f"aborted by {who}"
+                runtime = job.runtime
+                self._cond.notify_all()
+            else:
+                raise ConfigError(f"job {job.job_id} is already {job.state}; nothing to abort.")
+        if runtime is not None:
+            runtime.stop(f"aborted by {who}", failed=True)
+        log.info("job %s: abort requested by %s", job.job_id, who)
+        with self._cond:
+            return job.summary()
+
+    # ------------------------------------------------------------------ site operations
+    def _site(self, request: Message) -> Message:
+        site = request.peer or ""
+        fields = request.fields
+        if request.op == "next_job":
+            return self._next_job(site, fields)
+        if request.op != "site_log":
+            claimed = _str(fields, "site")
+            if claimed != site:
+                raise PermissionDeniedError(f"{site} cannot act as {claimed}.")
+        with self._cond:
+            job = self._job(fields)
+            if site not in job.sites:
+                raise PermissionDeniedError(f"{site} is not a site of job {job.job_id}.")
+            runtime, state = job.runtime, job.state
+        if request.op == "site_log":
+            self._site_log(job, site, fields)
+            return Message("ok")
+        if runtime is None:
+            if state != "running":
+                if request.op == "get_task":
+                    return Message("stop", {"reason": f"job {job.job_id} is {state}"})
+                raise ConfigError(f"job {job.job_id} is {state}; {request.op!r} came too late.")
+            if request.op == "get_task":
+                return Message("wait")  # resuming: the job's runtime is being set up
+            if request.op == "submit":
+                return Message("ok")  # its task belonged to the server's previous life
+            raise ConfigError(f"job {job.job_id} is starting; retry {request.op!r} shortly.")
+        reply = runtime.handle(request)
+        if reply.op == "stop":
+            with self._cond:
+                job.finished_sites.add(site)
+        return reply
+
+    def _next_job(self, site: str, fields: dict[str, Any]) -> Message:
+        wait = fields.get("wait", 0.0)
+        if not isinstance(wait, int | float) or isinstance(wait, bool) or wait < 0:
+            raise ProtocolError(f"next_job wait must be a non-negative number; got {wait!r:.40}")
+        deadline = time.monotonic() + min(float(wait), _MAX_POLL_SECONDS)
+        with self._cond:
+            self._polling[site] += 1
+            self._last_poll[site] = time.monotonic()
+            self._cond.notify_all()  # the runner may be waiting for this site
+            try:
+                while not self._stopping:
+                    for job in self._jobs.values():
+                        if (
+                            job.state == "running"
+                            and job.runtime is not None
+                            and site in job.sites
+                            and site not in job.finished_sites
+                            and not job.abort_requested
+                        ):
+                            return Message("job", {"job_id": job.job_id, "name": job.meta["name"]})
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._cond.wait(remaining)
+                return Message("none")
+            finally:
+                self._polling[site] -= 1
+                if self._polling[site] <= 0:
+                    del self._polling[site]
+                self._last_poll[site] = time.monotonic()
+
+    def _site_log(self, job: _Job, site: str, fields: dict[str, Any]) -> None:
+        text = fields.get("text")
+        if not isinstance(text, str):
+            raise ProtocolError("site_log needs a string field 'text'.")
+        data = text.encode("utf-8")[:_MAX_LOG_CHUNK]
+        path = job.folder / "sites" / site / "log.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with self._cond:
+            size = path.stat().st_size if path.exists() else 0
+            if size >= _MAX_SITE_LOG_BYTES:
+                return
+            if size + len(data) > _MAX_SITE_LOG_BYTES:
+                data = data[: _MAX_SITE_LOG_BYTES - size] + b"\n[log truncated: size limit]\n"
+            with open(path, "ab") as handle:
+                handle.write(data)
+
+    def _active_sites(self) -> list[str]:
+        """Sites polling now or recently (callers hold ``self._cond``)."""
+        now = time.monotonic()
+        return sorted(
+            site
+            for site, seen in self._last_poll.items()
+            if site in self._polling or now - seen <= _POLLER_FRESH_SECONDS
+        )
+
+    # ------------------------------------------------------------------ running jobs
+    def _run_jobs(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                job = self._jobs[self._queue.popleft()]
+            try:
+                self._run(job)
+            except Exception:  # the runner must survive any one job
+                log.exception("job %s: unexpected error in the job runner", job.job_id)
+
+    def _assign_sites(self, job: _Job, needed: int) -> list[str] | None:
+        """Wait until ``needed`` distinct sites poll; None if aborted or stopping."""
+        logged = False
+        with self._cond:
+            while not self._stopping and not job.abort_requested:
+                active = self._active_sites()
+                if len(active) >= needed:
+                    return active[:needed]
+                if not logged:
+                    log.info(
+                        "job %s waits for %d sites (polling now: %s)",
+                        job.job_id,
+                        needed,
+                        ", ".join(active) or "none",
+                    )
+                    logged = True
+                self._cond.wait(5.0)  # also re-checks sites whose polls went stale
+        return None
+
+    def _run(self, job: _Job) -> None:
+        server_dir = job.folder / "server"
+        try:
+            config, root = load_job(job.folder / "job")
+        except FedliftError as exc:
+            with self._cond:
+                self._save_meta(job, state="failed", finished_at=time.time(), error=str(exc))
+            return
+        if job.resume and job.sites:
+            sites = job.sites
+        else:
+            assigned = self._assign_sites(job, config.n_clients)
+            if assigned is None:
+                with self._cond:
+                    if job.abort_requested:
+                        self._save_meta(job, state="aborted", finished_at=time.time())
+                return
+            sites = assigned
+        handler = _file_logging(server_dir / "log.txt")
+        recorder: RunRecorder | None = None
+        try:
+            # The runtime first: sites that reconnect after a restart are served at once
+            # ("wait") while the model and checkpoint load.
+            runtime = ServerRuntime(
+                job.job_id,
+                sites,
+                config.client_config(),
+                zip_dir(root / config.app),
+                on_log=lambda record: None if recorder is None else recorder.client_log(record),
+            )
+            with self._cond:
+                if job.abort_requested or self._stopping:
+                    raise JobAbortedError("the job was stopped before it started")
+                job.runtime = runtime
+                started = job.meta.get("started_at") if job.resume else None
+                self._save_meta(
+                    job, state="running", sites=sites, started_at=started or time.time()
+                )
+                self._cond.notify_all()  # polling sites learn about the job
+            model_format, initial = load_initial_model(root / config.initial_model)
+            recorder = RunRecorder(
+                server_dir,
+                model_format,
+                config.workflow.key_metric,
+                config.workflow.higher_is_better,
+                checkpoints=True,
+                resume=job.resume,
+            )
+            start_round = 0
+            resumed = recorder.load_checkpoint()
+            if resumed is not None and recorder.checkpoint is not None:
+                initial, start_round = resumed, recorder.checkpoint.round_done + 1
+            workflow = FedAvg(
+                num_rounds=config.workflow.num_rounds,
+                min_clients=config.workflow.min_clients,
+                round_timeout=config.workflow.round_timeout,
+                register_timeout=config.workflow.register_timeout,
+                final_evaluation=config.workflow.final_evaluation,
+                on_round=lambda record: self._on_round(job, record),
+            )
+            log.info(
+                "job %s %s on %s (round %d of %d)",
+                job.job_id,
+                "resumes" if job.resume else "starts",
+                ", ".join(sites),
+                start_round + 1,
+                config.workflow.num_rounds,
+            )
+            workflow.run(runtime, initial, recorder, start_round=start_round)
+            recorder.flush()
+            runtime.stop("the job finished")
+            with self._cond:
+                self._save_meta(job, state="finished", finished_at=time.time(), error=None)
+            log.info("job %s finished", job.job_id)
+        except Exception as exc:
+            self._ended_badly(job, exc)
+        finally:
+            if recorder is not None:
+                try:
+                    recorder.close()
+                except Exception as exc:  # a model write that failed in the background
+                    log.error("job %s: writing its results failed: %s", job.job_id, exc)
+            logging.getLogger("fedlift").removeHandler(handler)
+            handler.close()
+            with self._cond:
+                self._cond.notify_all()
+
+    def _ended_badly(self, job: _Job, exc: Exception) -> None:
+        if job.runtime is not None:
+            job.runtime.stop(f"the job failed: {exc}", failed=True)
+        with self._cond:
+            if self._stopping and not job.abort_requested:
+                log.info(
+                    "job %s interrupted by the server's shutdown; it resumes later", job.job_id
+                )
+                if job.state != "running":  # it had not started: queue it again next time
+                    self._save_meta(job, state="submitted")
+                return
+            if job.abort_requested:
+                self._save_meta(job, state="aborted", finished_at=time.time())
+                log.info("job %s aborted", job.job_id)
+                return
+            text = str(exc) if isinstance(exc, FedliftError) else f"{type(exc).__name__}: {exc}"
+            self._save_meta(job, state="failed", finished_at=time.time(), error=text)
+        if isinstance(exc, FedliftError):
+            log.error("job %s failed: %s", job.job_id, exc)
+        else:
+            log.exception("job %s failed", job.job_id, exc_info=exc)
+
+    def _on_round(self, job: _Job, record: RoundRecord) -> None:
+        if record.task != "train":
+            return
+        with self._cond:
+            self._save_meta(job, round_done=record.round)

@@ -553,3 +553,80 @@ def test_a_site_that_registers_again_gets_its_unanswered_task_again() -> None:
     assert not thread.is_alive() and type(errors[0]).__name__ == "JobAbortedError"
     stop = runtime.handle(Message("get_task", {"site": "site-1", "wait": 0}))
     assert stop.op == "stop" and stop.fields["failed"] is True
+
+
+def test_keras_checkpoints_load_back(tmp_path: Path) -> None:
+    keras = pytest.importorskip("keras")
+    from fedlift.server import KerasWeightsFormat
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="dense")])
+    model.save(tmp_path / "initial.keras")
+    model_format, params = KerasWeightsFormat.from_file(tmp_path / "initial.keras")
+    assert isinstance(params, dict)
+    changed = {"dense": [w + 1.0 for w in params["dense"]]}
+    recorder = RunRecorder(tmp_path / "server", model_format, checkpoints=True)
+    recorder.save_global(changed, 0)
+    recorder.close()
+    resumed = RunRecorder(tmp_path / "server", model_format, checkpoints=True, resume=True)
+    loaded = resumed.load_checkpoint()
+    resumed.close()
+    assert isinstance(loaded, dict)
+    for got, want in zip(loaded["dense"], changed["dense"], strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_a_client_error_fails_the_job_with_its_text(
+    server: DeployServer, admin: Party, sites: Callable[..., Site], kits: Path, tmp_path: Path
+) -> None:
+    job_id = admin.call("job_submit", arrays=job_zip(make_job(tmp_path / "job"))).fields["job_id"]
+    sites("site-2")
+    failing = Party(kits, "site-1", server.address)
+    try:
+        while failing.call("next_job", {"wait": 1.0}).op != "job":
+            pass
+        base = {"job_id": job_id, "site": "site-1"}
+        failing.call("register", base)
+        failing.call("client_error", {**base, "error": "Traceback: ZeroDivisionError"})
+        summary = wait_state(admin, job_id, "failed")
+    finally:
+        failing.close()
+    assert "site-1 failed" in summary["error"] and "ZeroDivisionError" in summary["error"]
+
+
+def test_a_restarted_server_runs_queued_jobs_and_resumes_a_stopped_one(
+    kits: Path, tmp_path: Path
+) -> None:
+    workspace, port = tmp_path / "ws", free_port()
+    address = f"127.0.0.1:{port}"
+    first = DeployServer(kits / "server", workspace, address=address)
+    admin = Party(kits, ADMIN, address)
+    started: list[Site] = []
+    try:
+        running = admin.call("job_submit", arrays=job_zip(make_job(tmp_path / "a", num_rounds=3)))
+        queued = admin.call("job_submit", arrays=job_zip(make_job(tmp_path / "b")))
+        ids = [running.fields["job_id"], queued.fields["job_id"]]
+        started = [Site(kits, name, address, hold_round=1) for name in ("site-1", "site-2")]
+        for site in started:
+            site.start()
+        for site in started:
+            assert site.holding.wait(30)
+        first.stop()  # a clean stop: the running job stays running, the queued one queued
+        states = [json.loads((workspace / "jobs" / i / "meta.json").read_text()) for i in ids]
+        assert [m["state"] for m in states] == ["running", "submitted"]
+
+        with DeployServer(kits / "server", workspace, address=address):
+            for site in started:
+                site.gate.set()
+            for job_id in ids:
+                wait_state(admin, job_id, "finished")
+            server_dir = workspace / "jobs" / ids[0] / "server"
+            params = load_params(server_dir / "models" / "global_model.safetensors")
+            assert isinstance(params, dict)
+            np.testing.assert_array_equal(params["w"], expected_params(3))
+            for site in started:
+                assert not site.errors, site.errors
+    finally:
+        first.stop()
+        for site in started:
+            site.finish()
+        admin.close()

@@ -419,6 +419,36 @@ def test_a_checkpoint_record_never_names_a_missing_or_partial_model(tmp_path: Pa
     resumed.close()
 
 
+_WRITER = """
+import sys
+from pathlib import Path
+import numpy as np
+from fedlift.server import ArraysFormat, RunRecorder
+recorder = RunRecorder(Path(sys.argv[1]), ArraysFormat(), checkpoints=True)
+for k in range(100_000):
+    recorder.save_global({"w": np.full(200_000, k, np.float32)}, k)
+    recorder.flush()
+    if k == 2:
+        print("writing", flush=True)
+"""
+
+
+@pytest.mark.parametrize("delay", [0.05, 0.2, 0.4])
+def test_a_checkpoint_survives_sigkill_at_any_moment(tmp_path: Path, delay: float) -> None:
+    writer = subprocess.Popen(
+        [sys.executable, "-c", _WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    assert writer.stdout is not None and writer.stdout.readline() == "writing\n"
+    time.sleep(delay)
+    writer.send_signal(signal.SIGKILL)
+    writer.wait(10)
+    checkpoint = read_checkpoint(tmp_path)
+    assert checkpoint is not None and checkpoint.round_done >= 2
+    params = load_params(checkpoint.path)
+    assert isinstance(params, dict)
+    np.testing.assert_array_equal(params["w"], np.full(200_000, checkpoint.round_done))
+
+
 # ------------------------------------------------------------------------------ resume
 
 

@@ -33,7 +33,6 @@ import io
 import json
 import logging
 import os
-import re
 import shutil
 import threading
 import time
@@ -75,7 +74,6 @@ _POLLER_FRESH_SECONDS = _MAX_POLL_SECONDS + 15.0  # a site between two polls sti
 _MAX_SITE_LOG_BYTES = 16 << 20
 _MAX_LOG_CHUNK = 1 << 20
 _MAX_LOG_REPLY = 1 << 20
-_JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 @dataclass
@@ -191,7 +189,7 @@ class DeployServer:
         self._listener = GrpcListener(
             self.handle,
             address or f"0.0.0.0:{self.kit.server_port}",
-            max_workers=64,
+            max_workers=256,  # each polling site holds one while it waits
             credentials=server_credentials(self.kit),
         )
         self._runner = threading.Thread(target=self._run_jobs, name="fedlift-jobs", daemon=True)

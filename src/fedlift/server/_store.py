@@ -438,7 +438,7 @@ class RunRecorder:
         record = {**state, "path": name}
         # ... then the record that names it: it never points at a missing or partial file.
         atomic_write_text(self.directory / CHECKPOINT_FILE, json.dumps(record, indent=2) + "\n")
-        for old in folder.glob("round-*"):
+        for old in [*folder.glob("round-*"), *folder.glob(".round-*")]:  # + a crash's temp files
             if old.name != name:
                 old.unlink(missing_ok=True)
 

@@ -660,3 +660,12 @@ def test_a_restarted_server_runs_queued_jobs_and_resumes_a_stopped_one(
         for site in started:
             site.finish()
         admin.close()
+
+
+def test_cli_server_start_refuses_a_kit_that_is_not_the_servers(
+    kits: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fedlift.cli import main
+
+    assert main(["server", "start", str(kits / "site-1"), "-w", str(tmp_path / "ws")]) == 1
+    assert "needs the server kit" in capsys.readouterr().err

@@ -170,18 +170,22 @@ def _server(args: argparse.Namespace) -> int:
     def on_signal(signum: int, frame: object) -> None:
         done.set()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
     try:
-        server = DeployServer(args.kit, workspace, address=args.address)
-    except FedliftError as exc:
-        print(f"fedlift: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    print(f"fedlift server: listening on {server.address}, workspace {workspace}", flush=True)
-    done.wait()
-    print("fedlift server: stopping", file=sys.stderr, flush=True)
-    server.stop()
-    return 0
+        try:
+            server = DeployServer(args.kit, workspace, address=args.address)
+        except FedliftError as exc:
+            print(f"fedlift: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 1
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        print(f"fedlift server: listening on {server.address}, workspace {workspace}", flush=True)
+        done.wait()
+        print("fedlift server: stopping", file=sys.stderr, flush=True)
+        server.stop()
+        return 0
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
 
 
 def main(argv: list[str] | None = None) -> int:

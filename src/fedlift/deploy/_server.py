@@ -587,9 +587,9 @@ class DeployServer:
             )
             workflow.run(runtime, initial, recorder, start_round=start_round)
             recorder.flush()
-            runtime.stop("the job finished")
-            with self._cond:
+            with self._cond:  # first on disk: a restart after this never waits for the sites
                 self._save_meta(job, state="finished", finished_at=time.time(), error=None)
+            runtime.stop("the job finished")
             log.info("job %s finished", job.job_id)
         except Exception as exc:
             self._ended_badly(job, exc)

@@ -669,3 +669,28 @@ def test_cli_server_start_refuses_a_kit_that_is_not_the_servers(
 
     assert main(["server", "start", str(kits / "site-1"), "-w", str(tmp_path / "ws")]) == 1
     assert "needs the server kit" in capsys.readouterr().err
+
+
+def test_a_poll_from_before_a_new_registration_does_not_take_the_task() -> None:
+    runtime = runtime_for_test()
+    results: list[str] = []
+    errors: list[BaseException] = []
+    runtime.handle(Message("register", {"site": "site-1"}))
+    thread = run_task_in_thread(runtime, results, errors)
+    first = runtime.handle(Message("get_task", {"site": "site-1", "wait": 5}))
+    assert first.op == "task"
+    old_poll: list[Message] = []  # the killed worker's poll, still waiting on the server
+    poller = threading.Thread(
+        target=lambda: old_poll.append(
+            runtime.handle(Message("get_task", {"site": "site-1", "wait": 5}))
+        )
+    )
+    poller.start()
+    time.sleep(0.2)  # let the old poll start waiting
+    runtime.handle(Message("register", {"site": "site-1"}))  # the restarted worker
+    poller.join(10)
+    assert old_poll[0].op == "wait"
+    again = runtime.handle(Message("get_task", {"site": "site-1", "wait": 1}))
+    assert again.op == "task" and again.fields["task_id"] == first.fields["task_id"]
+    runtime.stop("done", failed=True)
+    thread.join(10)

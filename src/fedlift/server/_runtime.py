@@ -83,6 +83,8 @@ class _Site:
     index: int
     registered: bool = False
     info: dict[str, Any] = field(default_factory=dict)
+    epoch: int = 0
+    """Registrations so far: a poll made before the latest one is from a gone worker."""
     last_seen: float = 0.0
 
 
@@ -177,6 +179,7 @@ class ServerRuntime:
     def _register(self, site: _Site, fields: dict[str, Any]) -> Message:
         with self._cond:
             site.registered = True
+            site.epoch += 1
             site.info = {k: fields.get(k) for k in ("pid", "host") if k in fields}
             lost = self._handed_out.pop(site.name, None)
             if lost is not None and site.name not in self._pending and self._stop_reason is None:
@@ -202,7 +205,12 @@ class ServerRuntime:
             raise ProtocolError(f"get_task wait must be a non-negative number; got {wait!r:.40}")
         deadline = time.monotonic() + min(float(wait), _MAX_POLL_SECONDS)
         with self._cond:
+            epoch = site.epoch
             while True:
+                if site.epoch != epoch:
+                    # The site registered again meanwhile (its worker restarted): this poll
+                    # may come from the gone worker, so it must not take the task.
+                    return Message("wait")
                 if self._stop_reason is not None:
                     return Message(
                         "stop", {"reason": self._stop_reason, "failed": self._stop_failed}

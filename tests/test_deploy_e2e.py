@@ -63,6 +63,15 @@ class Deployment:
         self.logs.mkdir()
         self.server = self.start_server()
         self.sites = {s: self.start_site(s) for s in ("site-1", "site-2")}
+        self.wait_ready()
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if fedlift("job", "list", "--kit", self.admin).returncode == 0:
+                return
+            time.sleep(0.3)  # the server process is starting
+        raise AssertionError(f"server not up:\n{(self.logs / 'server.log').read_text()[-3000:]}")
 
     def start_server(self) -> subprocess.Popen[bytes]:
         return start(["server", "start", str(self.kits["server"]), "--workspace",
@@ -248,6 +257,12 @@ def test_server_and_sites_on_separate_network_hosts(
         job = numpy_job(tmp_path, 2)
         admin = ["ip", "netns", "exec", site_ns, *python, "job"]
         kit = ["--kit", str(kits["alice@org"])]
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # until the server listens
+            listed = subprocess.run([*admin, "list", *kit], capture_output=True, timeout=60)
+            if listed.returncode == 0:
+                break
+            time.sleep(0.3)
         submitted = subprocess.run(
             [*admin, "submit", str(job), *kit], capture_output=True, text=True, timeout=120
         )

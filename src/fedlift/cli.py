@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .deploy._commands import add_site_commands, run_site_command
 from .errors import ClientFailedError, FedliftError
 
 __all__ = ["main"]
@@ -21,6 +22,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_provision(commands)
     _add_server(commands)
+    add_site_commands(commands)
     sim = commands.add_parser(
         "simulator",
         help="run an exported job on this machine (server + one process per client)",
@@ -198,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         return _provision(args)
     if args.command == "server":
         return _server(args)
+    if args.command in ("client", "poc", "job"):
+        return run_site_command(args)
     if args.command == "simulator":
         from .simulator import run_simulator
 

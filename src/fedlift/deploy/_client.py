@@ -80,6 +80,7 @@ class DeployClient:
         worker = self._worker
         if worker is not None and worker.poll() is None:
             worker.terminate()
+        self._transport.close()  # cancels a waiting next_job at once
 
     def _call(self, op: str, fields: dict[str, object], timeout: float) -> Message:
         return self._transport.call(Message(op, {"site": self.kit.name, **fields}), timeout)
@@ -93,6 +94,8 @@ class DeployClient:
             try:
                 reply = self._call("next_job", {"wait": self._poll}, timeout=self._poll + 30)
             except TransportError as exc:
+                if self._stop.is_set():
+                    break
                 log.warning("%s: server %s unreachable (%s); retrying in %.1f s",
                             self.kit.name, self.kit.server, exc, backoff)  # fmt: skip
                 self._stop.wait(backoff)  # backoff while disconnected

@@ -286,3 +286,31 @@ def test_server_and_sites_on_separate_network_hosts(
                 process.wait(20)
             except subprocess.TimeoutExpired:
                 process.kill()
+
+
+def test_poc_starts_a_deployment_on_this_machine_and_stops_it(tmp_path: Path) -> None:
+    ws = tmp_path / "poc"
+    started = fedlift("poc", "start", "-n", "2", "--workspace", str(ws))
+    assert started.returncode == 0, started.stderr
+    state = json.loads((ws / "poc.json").read_text())
+    pids = [int(p) for p in state["pids"].values()]
+    try:
+        kit = ["--kit", state["admin_kit"]]
+        deadline = time.monotonic() + 60
+        while fedlift("job", "list", *kit).returncode != 0 and time.monotonic() < deadline:
+            time.sleep(0.3)  # the server is starting
+        job_id = job_id_of(fedlift("job", "submit", str(numpy_job(tmp_path, 2)), *kit))
+        deadline, status = time.monotonic() + 120, {}
+        while time.monotonic() < deadline and status.get("state") not in ("finished", "failed"):
+            done = fedlift("job", "status", job_id, *kit)
+            status = json.loads(done.stdout) if done.returncode == 0 else {}
+            time.sleep(0.3)
+        logs = {p.name: p.read_text()[-1500:] for p in (ws / "logs").glob("*.log")}
+        assert status.get("state") == "finished", (status, logs)
+    finally:
+        stopped = fedlift("poc", "stop", "--workspace", str(ws))
+    assert stopped.returncode == 0, stopped.stderr
+    assert "server" in stopped.stdout and "site-2" in stopped.stdout
+    alive = [p for p in pids if Path(f"/proc/{p}").exists()
+             and "Z" not in Path(f"/proc/{p}/stat").read_text().split(")")[-1][:3]]  # fmt: skip
+    assert alive == []

@@ -58,6 +58,10 @@ def _channel_options(chunk_bytes: int) -> list[tuple[str, Any]]:
         ("grpc.keepalive_timeout_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
+        # The server side: accept the clients' 30 s keepalive pings on idle connections
+        # (gRPC's default answers them with GOAWAY "too_many_pings" after a few).
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_ping_strikes", 0),
     ]
 
 

@@ -77,9 +77,10 @@ class Deployment:
         return start(["server", "start", str(self.kits["server"]), "--workspace",
                       str(self.root / "server-ws")], self.logs / "server.log")  # fmt: skip
 
-    def start_site(self, site: str) -> subprocess.Popen[bytes]:
-        return start(["client", "start", str(self.kits[site]), "--workspace",
-                      str(self.root / f"{site}-ws")], self.logs / f"{site}.log")  # fmt: skip
+    def start_site(self, site: str, *extra: str) -> subprocess.Popen[bytes]:
+        workspace = str(self.root / f"{site}-ws")
+        args = ["client", "start", str(self.kits[site]), "--workspace", workspace, *extra]
+        return start(args, self.logs / f"{site}.log")
 
     def submit(self, job: Path, kit: str | None = None) -> subprocess.CompletedProcess[str]:
         return fedlift("job", "submit", str(job), "--kit", kit or self.admin)
@@ -163,6 +164,41 @@ def test_a_killed_site_restarts_and_the_job_still_finishes(
     deployment.sites["site-2"] = deployment.start_site("site-2")
     status = deployment.wait(job_id)
     assert status["state"] == "finished", status
+
+
+def test_a_killed_server_restarts_and_resumes_the_job_with_the_same_sites(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    """SIGKILL the server mid-job: the real site daemons keep retrying, the restarted server
+    resumes from its last checkpoint, and the result equals an uninterrupted run."""
+    job_id = job_id_of(deployment.submit(numpy_job(tmp_path, 5, "--sleep 0.4")))
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        done = deployment.status(job_id).get("round_done")
+        if isinstance(done, int) and done >= 1:
+            break
+        time.sleep(0.1)
+    stop(deployment.server, signal.SIGKILL)
+    deployment.server = deployment.start_server()
+    deployment.wait_ready()
+    status = deployment.wait(job_id)
+    assert status["state"] == "finished", status
+    out = fedlift("job", "download", job_id, "-o", str(tmp_path / "out"), "--kit",
+                  deployment.admin)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    params = load_params(next((tmp_path / "out" / job_id).rglob("global_model.safetensors")))
+    np.testing.assert_allclose(params["w"], np.full(1000, 5 * 5 / 3), rtol=1e-6)
+    assert "resum" in (deployment.logs / "server.log").read_text()
+
+
+def test_a_site_refuses_jobs_outside_its_allow_list(deployment: Deployment, tmp_path: Path) -> None:
+    stop(deployment.sites["site-2"])
+    deployment.sites["site-2"] = deployment.start_site("site-2", "--allow-jobs", "cifar10_*")
+    job_id = job_id_of(deployment.submit(numpy_job(tmp_path, 2)))
+    status = deployment.wait(job_id)
+    assert status["state"] == "failed"
+    assert "site-2 refuses job 'numpy-e2e'" in str(status["error"])
+    assert "allow-list" in str(status["error"])
 
 
 def test_the_cifar10_example_job_runs_deployed(deployment: Deployment, tmp_path: Path) -> None:

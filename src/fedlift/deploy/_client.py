@@ -11,6 +11,7 @@ keeps retrying for ``reconnect_seconds`` so a job survives a server restart.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 import os
@@ -48,8 +49,11 @@ class DeployClient:
         poll_seconds: float = 20.0,
         max_backoff: float = 10.0,
         reconnect_seconds: float = 600.0,
+        allow_jobs: list[str] | None = None,
     ) -> None:
         self.kit = kit if isinstance(kit, Kit) else load_kit(kit)
+        self.allow_jobs = allow_jobs
+        """Job names this site runs (``fnmatch`` patterns); None runs every job it is sent."""
         if self.kit.role != "site":
             raise ConfigError(
                 f"{self.kit.folder} is a {self.kit.role} kit; `fedlift client start` needs a "
@@ -117,9 +121,32 @@ class DeployClient:
         self._transport.close()
         return 0
 
+    def _allowed(self, name: str) -> bool:
+        return self.allow_jobs is None or any(fnmatch.fnmatchcase(name, p) for p in self.allow_jobs)
+
+    def _refuse(self, job_id: str, name: str) -> None:
+        text = (
+            f"{self.kit.name} refuses job {name!r}: it is not in this site's allow-list "
+            f"({', '.join(self.allow_jobs or [])}). The site's operator decides which jobs run "
+            "there (`fedlift client start --allow-jobs`)."
+        )
+        log.warning("%s", text)
+        try:
+            self._call("client_error", {"job_id": job_id, "error": text}, timeout=30)
+        except FedliftError as exc:
+            log.error("%s: could not tell the server: %s", self.kit.name, exc)
+        self._mark_done(job_id)
+
+    def _mark_done(self, job_id: str) -> None:
+        self._done.add(job_id)
+        atomic_write_text(self._done_path, json.dumps(sorted(self._done)) + "\n")
+
     def _run_job(self, job_id: str, name: str) -> None:
         if not job_id.replace("-", "").replace("_", "").isalnum():
             log.error("%s: refusing job id %r", self.kit.name, job_id)
+            return
+        if not self._allowed(name):
+            self._refuse(job_id, name)
             return
         folder = self.workspace / job_id
         folder.mkdir(parents=True, exist_ok=True)
@@ -151,8 +178,7 @@ class DeployClient:
         relay.join(10)
         self._worker = None
         log.info("%s: job %s ended (worker exit status %d)", self.kit.name, job_id, code)
-        self._done.add(job_id)
-        atomic_write_text(self._done_path, json.dumps(sorted(self._done)) + "\n")
+        self._mark_done(job_id)
 
     def _relay(self, stream: IO[bytes] | None, path: Path, job_id: str) -> None:
         """Copy the worker's output to the job's log, the terminal and the server."""
@@ -183,9 +209,9 @@ class DeployClient:
             log.debug("could not upload log lines: %s", exc)
 
 
-def serve_forever(kit: Path, workspace: Path | None) -> int:
+def serve_forever(kit: Path, workspace: Path | None, allow_jobs: list[str] | None = None) -> int:
     """``fedlift client start``: serve until SIGTERM/SIGINT."""
-    client = DeployClient(kit, workspace)
+    client = DeployClient(kit, workspace, allow_jobs=allow_jobs)
 
     def stop(signum: int, frame: object) -> None:
         client.stop()

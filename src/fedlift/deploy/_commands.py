@@ -30,6 +30,14 @@ def add_site_commands(commands: Subparsers) -> None:  # type: ignore[type-arg]
         default=None,
         help="where jobs run (default: next to the kit, NAME-workspace)",
     )
+    start.add_argument(
+        "--allow-jobs",
+        action="append",
+        default=None,
+        metavar="NAMES",
+        help="run only jobs with these names (comma-separated, * wildcards; repeatable); "
+        "other jobs are refused and fail",
+    )
 
     poc = commands.add_parser("poc", help="a server and N sites on this machine, over mTLS")
     poc_sub = poc.add_subparsers(dest="poc_command", metavar="ACTION", required=True)
@@ -90,7 +98,10 @@ def run_site_command(args: argparse.Namespace) -> int:
             from ._client import serve_forever
 
             logging.getLogger("fedlift").setLevel(logging.INFO)
-            return serve_forever(args.kit, args.workspace)
+            allow = None
+            if args.allow_jobs:
+                allow = [n.strip() for v in args.allow_jobs for n in v.split(",") if n.strip()]
+            return serve_forever(args.kit, args.workspace, allow)
         from ._poc import poc_start, poc_stop
 
         if args.poc_command == "start":

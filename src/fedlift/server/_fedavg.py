@@ -6,7 +6,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
@@ -205,13 +205,3 @@ class FedAvg:
     def _notify(self, record: RoundRecord) -> None:
         if self.on_round is not None:
             self.on_round(record)
-
-
-def describe(result: FedAvgResult) -> dict[str, Any]:
-    """A JSON-able summary of a run."""
-    return {
-        "final_metrics": result.final_metrics,
-        "best_round": result.best_round,
-        "best_value": result.best_value,
-        "rounds": len(result.rounds),
-    }

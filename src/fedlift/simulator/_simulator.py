@@ -23,7 +23,7 @@ from rich.table import Table
 
 from ..client._worker import SHARED_MEMORY_ENV
 from ..codec import _shm
-from ..errors import ClientFailedError, ConfigError, FedliftError
+from ..errors import ClientFailedError, ConfigError
 from ..job import load_job, zip_dir
 from ..model import ParamTree
 from ..server import FedAvg, RoundRecord, RunRecorder, ServerRuntime
@@ -263,7 +263,3 @@ def _print_summary(
     console.print(
         f"metrics: {recorder.metrics_path}; TensorBoard: {recorder.directory / 'tensorboard'}"
     )
-
-
-def describe_failure(exc: FedliftError) -> str:
-    return f"{type(exc).__name__}: {exc}"

@@ -87,6 +87,9 @@ def test_owned_arrays_go_by_reference_to_every_receiver() -> None:
         ({"name": "fedlift-nosuch-1-1-0123abcd", "size": 4, "unlink": False}, "cannot open"),
         ({"name": "fedlift-x-1-1-0123abcd", "size": -1, "unlink": False}, "bad shared-memory"),
         ({"name": "fedlift-x-1-1-0123abcd", "size": 4, "unlink": "yes"}, "bad shared-memory"),
+        ({"name": "fedlift-x-1-1-0123abcd", "size": 4, "unlink": False, "gen": -1}, "bad shared"),
+        ({"name": "fedlift-x-1-1-0123abcd", "size": 4, "unlink": False, "gen": "1"}, "bad shared"),
+        ({"name": "fedlift-x-1-1-0123abcd", "size": 4, "unlink": False, "x": 1}, "bad shared"),
     ],
 )
 def test_bad_segment_references_are_refused(ref: dict[str, object], message: str) -> None:
@@ -202,3 +205,110 @@ def test_the_one_message_path_rejects_garbage_and_keeps_serving() -> None:
     finally:
         channel.close()
         listener.stop(0)
+
+
+# ----------------------------------------------------------------------------- segment pool
+
+SPECS = [((1000,), np.dtype(np.float32)), ((10, 10), np.dtype(np.float64))]
+
+
+def _send_by_reference(arrays: list[np.ndarray]) -> bytearray:
+    frame = encode(Message("m", {}, arrays), shm_min_bytes=1)
+    assert frame.shm_name is None  # by reference, not a transfer segment
+    assert b'"gen":' in frame.tobytes()
+    return frame.tobytearray()
+
+
+def test_pool_reuses_a_segment_once_its_arrays_are_gone() -> None:
+    pool = _shm.SegmentPool(keep=1)
+    first = pool.allocate(SPECS)
+    name = _shm.locate(first)[0]  # type: ignore[index]
+    del first
+    gc.collect()
+    second = pool.allocate(SPECS)
+    assert _shm.locate(second)[0] == name  # type: ignore[index]
+    assert pool.segments == 1
+    held = second  # still in use: the next allocation needs a second segment
+    third = pool.allocate(SPECS)
+    assert _shm.locate(third)[0] != name  # type: ignore[index]
+    assert pool.segments == 2
+    del held, second, third
+    gc.collect()
+    assert pool.segments == 1  # keep=1: the surplus free segment was removed
+    pool.close()
+    assert pool.segments == 0
+
+
+def test_pool_does_not_rewrite_a_segment_a_reader_still_maps() -> None:
+    pool = _shm.SegmentPool(keep=1)
+    before = segments()
+    arrays = pool.allocate(SPECS)
+    arrays[0][:] = 7.0
+    received = decode(_send_by_reference(arrays), allow_shm=True)
+    name = _shm.locate(arrays)[0]  # type: ignore[index]
+    del arrays
+    gc.collect()
+    # The owner let go, but the receiver still maps it: the pool must take a new segment.
+    again = pool.allocate(SPECS)
+    again[0][:] = -1.0
+    assert _shm.locate(again)[0] != name  # type: ignore[index]
+    np.testing.assert_array_equal(received.arrays[0], np.full(1000, 7.0, np.float32))
+    del received, again
+    gc.collect()
+    # Now nobody maps the first one: it is reused.
+    reused = pool.allocate(SPECS)
+    assert _shm.locate(reused)[0] in {name} | {  # type: ignore[index]
+        n for n in segments() - before
+    }
+    del reused
+    pool.close()
+    gc.collect()
+    assert segments() - before == set()
+
+
+def test_a_stale_reference_to_a_rewritten_segment_is_refused() -> None:
+    pool = _shm.SegmentPool(keep=1)
+    arrays = pool.allocate(SPECS)
+    stale = _send_by_reference(arrays)  # sent, but not received before the owner moved on
+    del arrays
+    gc.collect()
+    newer = pool.allocate(SPECS)  # the same segment, next generation
+    with pytest.raises(ProtocolError, match="stale"):
+        decode(stale, allow_shm=True)
+    current = decode(_send_by_reference(newer), allow_shm=True)
+    assert current.arrays[1].shape == (10, 10)
+    del newer, current
+    pool.close()
+
+
+def test_a_killed_reader_releases_its_hold_on_a_pooled_segment() -> None:
+    pool = _shm.SegmentPool(keep=2)
+    arrays = pool.allocate(SPECS)
+    name = _shm.locate(arrays)[0]  # type: ignore[index]
+    frame = _send_by_reference(arrays)
+    code = (
+        "import sys, time; from fedlift.codec import decode; "
+        "m = decode(sys.stdin.buffer.read(), allow_shm=True); "
+        "print('mapped', flush=True); time.sleep(60)"
+    )
+    reader = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    try:
+        assert reader.stdin is not None and reader.stdout is not None
+        reader.stdin.write(frame)
+        reader.stdin.close()
+        assert reader.stdout.readline().strip() == b"mapped"
+        del arrays
+        gc.collect()
+        held = pool.allocate(SPECS)  # the reader maps the first: a new one
+        assert _shm.locate(held)[0] != name  # type: ignore[index]
+        reader.kill()
+        reader.wait()
+        del held
+        gc.collect()
+        assert _shm.locate(pool.allocate(SPECS))[0] == name  # type: ignore[index]
+    finally:
+        reader.kill()
+        reader.wait()
+        pool.close()

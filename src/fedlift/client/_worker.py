@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from .._malloc import tune_allocator
 from ..codec import Message, _shm, model_from_wire, model_to_wire
 from ..errors import ConnectionLostError, FedliftError, ProtocolError, TransportError
 from ..transport import DEFAULT_SHM_MIN_BYTES, GrpcTransport, Transport
@@ -140,8 +141,7 @@ class Worker:
         self._job_id = job_id
         self._reconnect = reconnect_seconds
         self._shared = shared_memory
-        self._outbox: list[np.ndarray] | None = None
-        self._outbox_lock = threading.Lock()
+        self._outbox = _shm.SegmentPool(keep=1) if shared_memory else None
         self.site = site
         self.workspace = workspace
         self._reported = threading.Event()
@@ -324,6 +324,8 @@ class Worker:
                     )
                 return
             model_fields, arrays = model_to_wire(result)
+            del result
+            arrays = self._in_outbox(arrays)
             self._call("submit", {"task_id": task_id, "model": model_fields}, arrays, timeout=3600)
         except FedliftError as exc:
             log.error("%s: task %s failed: %s", self.site, name, exc)
@@ -332,21 +334,22 @@ class Worker:
     def _in_outbox(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
         """Copy a result into this site's reusable shared-memory segment.
 
-        The server reads a result by name (no copy) and is done with it before it sends the
-        next task, so one segment serves every round, and its pages stay mapped: no fresh
-        memory per round. Small results and cross-host links use the socket.
+        The server reads a result where it lies and lets go of it before it sends the next
+        task, so one segment serves every round and its pages stay mapped: no fresh memory
+        per round (a server that still holds the last result gets a new segment, see
+        :class:`~fedlift.codec._shm.SegmentPool`). Small results and cross-host links use
+        the socket.
         """
-        if not self._shared or sum(a.nbytes for a in arrays) < DEFAULT_SHM_MIN_BYTES:
+        if self._outbox is None or sum(a.nbytes for a in arrays) < DEFAULT_SHM_MIN_BYTES:
             return arrays
         specs = [
             (a.shape, a.dtype if a.dtype.byteorder in "|<=" else a.dtype.newbyteorder("<"))
             for a in arrays
         ]
-        if self._outbox is None or [(o.shape, o.dtype) for o in self._outbox] != specs:
-            self._outbox = _shm.allocate(specs)
-        for target, source in zip(self._outbox, arrays, strict=True):
+        outbox = self._outbox.allocate(specs)
+        for target, source in zip(outbox, arrays, strict=True):
             np.copyto(target, source)
-        return self._outbox
+        return outbox
 
 
 def run_worker(
@@ -404,6 +407,7 @@ def main(argv: list[str] | None = None) -> None:
         help="how long to retry while the server is unreachable",
     )
     args = parser.parse_args(argv)
+    tune_allocator()
     logging.basicConfig(
         level=logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

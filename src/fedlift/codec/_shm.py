@@ -9,7 +9,15 @@ private and writable, and no byte is copied on the way). Two kinds of segment:
   as it has mapped it (the sender unlinks it if the message never arrived);
 * *owned* segments hold arrays this process keeps (the server's global model): a message
   whose arrays all lie in one is sent by reference, to any number of receivers, and the
-  name is unlinked when the last array using it is gone.
+  name is unlinked when the last array using it is gone;
+* *pooled* segments (:class:`SegmentPool`) are owned segments that are written again once
+  nobody uses them, so a round's model lands in pages that are already mapped (a fresh
+  page costs more than copying into it). Every reader holds a shared ``flock`` on the
+  segment for as long as its mapping lives (a crashed reader's lock goes with it); the
+  owner rewrites a segment only when its own arrays are gone and an exclusive lock can be
+  taken, and bumps a generation number in the segment's first bytes first. A message names
+  the generation it was sent with; a reader that maps the segment after it was rewritten
+  (a stale message) gets a ProtocolError instead of another round's numbers.
 
 Names are ``fedlift-SESSION-PID-N-RANDOM``; :func:`sweep` removes a session's leftovers
 (a process killed between create and unlink), so nothing is leaked in ``/dev/shm``.
@@ -19,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import itertools
 import mmap
 import os
@@ -38,6 +47,7 @@ from ..errors import ProtocolError
 __all__ = [
     "SESSION_ENV",
     "SHM_DIR",
+    "SegmentPool",
     "allocate",
     "available",
     "create_transfer",
@@ -52,6 +62,7 @@ SHM_DIR = Path("/dev/shm")
 SESSION_ENV = "FEDLIFT_SHM_SESSION"
 _NAME = re.compile(r"^fedlift-[A-Za-z0-9]{1,64}-[0-9]{1,10}-[0-9]{1,20}-[0-9a-f]{8}$")
 _ALIGN = 64
+_MADV_POPULATE_READ = 22  # Linux >= 5.14; older kernels refuse it (EINVAL) and map lazily
 _counter = itertools.count()
 _default_session = secrets.token_hex(4)
 _lock = threading.Lock()
@@ -62,6 +73,12 @@ class _Owned:
     base: int
     size: int
     ref: weakref.ref[mmap.mmap]
+    gen: int | None = None
+    """A pooled segment's current generation (None: not pooled)."""
+
+
+_MAGIC = b"FLSEG\x00\x00\x01"
+_HEADER = 64  # pooled segments: magic + generation, then the arrays
 
 
 _owned: dict[str, _Owned] = {}
@@ -108,21 +125,21 @@ def _base_address(buffer: mmap.mmap) -> int:
         del anchor
 
 
-def allocate(specs: list[tuple[tuple[int, ...], np.dtype[Any]]]) -> list[np.ndarray]:
-    """Arrays of these shapes and dtypes in one owned segment (zeroed), laid out like a
-    message payload so they can be sent by reference."""
-    offsets, total = [], 0
+Specs = list[tuple[tuple[int, ...], np.dtype[Any]]]
+
+
+def _layout(specs: Specs, start: int) -> tuple[list[int], int]:
+    offsets, total = [], start
     for shape, dtype in specs:
         offsets.append(total)
-        total = (
-            (total + int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize + _ALIGN - 1)
-            // _ALIGN
-            * _ALIGN
-        )
-    name, buffer = _create(max(total, 1))
-    with _lock:
-        _owned[name] = _Owned(_base_address(buffer), len(buffer), weakref.ref(buffer))
-    weakref.finalize(buffer, _forget, name)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        total = (total + nbytes + _ALIGN - 1) // _ALIGN * _ALIGN
+    return offsets, total
+
+
+def _views(
+    buffer: mmap.mmap, specs: list[tuple[tuple[int, ...], np.dtype[Any]]], offsets: list[int]
+) -> list[np.ndarray]:
     return [
         np.frombuffer(
             buffer, dtype=dtype, count=int(np.prod(shape, dtype=np.int64)), offset=off
@@ -131,14 +148,139 @@ def allocate(specs: list[tuple[tuple[int, ...], np.dtype[Any]]]) -> list[np.ndar
     ]
 
 
+def allocate(specs: list[tuple[tuple[int, ...], np.dtype[Any]]]) -> list[np.ndarray]:
+    """Arrays of these shapes and dtypes in one owned segment (zeroed), laid out like a
+    message payload so they can be sent by reference."""
+    offsets, total = _layout(specs, 0)
+    name, buffer = _create(max(total, 1))
+    with _lock:
+        _owned[name] = _Owned(_base_address(buffer), len(buffer), weakref.ref(buffer))
+    weakref.finalize(buffer, _forget, name)
+    return _views(buffer, specs, offsets)
+
+
+class _Pooled:
+    """One pooled segment: its name, an open descriptor (for ``flock``) and its mapping."""
+
+    def __init__(self, size: int) -> None:
+        self.name, self.buffer = _create(size)
+        self.fd = os.open(SHM_DIR / self.name, os.O_RDWR | os.O_CLOEXEC)
+        self.size = size
+        self.gen = 0
+        self.live = 0
+        self.buffer[:8] = _MAGIC
+
+    def claim(self) -> bool:
+        """Take the segment for new contents if no reader maps it; bump its generation."""
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        try:
+            self.gen += 1
+            self.buffer[8:16] = self.gen.to_bytes(8, "little")
+        finally:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+        return True
+
+    def close(self) -> None:
+        with _lock:
+            _owned.pop(self.name, None)
+        unlink(self.name)
+        os.close(self.fd)
+        with contextlib.suppress(BufferError):  # an export still alive: the GC unmaps it
+            self.buffer.close()
+
+
+class SegmentPool:
+    """Owned segments that are reused once free (see the module docstring).
+
+    :meth:`allocate` has the :data:`~fedlift.server.Allocator` signature; its arrays'
+    contents are unspecified (callers fill them). At most ``keep`` free segments are kept;
+    :meth:`close` (also at exit) removes them all.
+    """
+
+    def __init__(self, keep: int = 1) -> None:
+        self._keep = keep
+        self._free: list[_Pooled] = []
+        self._all: dict[str, _Pooled] = {}
+        self._lock = threading.Lock()
+        self._finalizer = weakref.finalize(self, SegmentPool._close_all, self._all)
+
+    def allocate(self, specs: list[tuple[tuple[int, ...], np.dtype[Any]]]) -> list[np.ndarray]:
+        offsets, total = _layout(specs, _HEADER)
+        segment = self._take(total)
+        if segment is None:
+            segment = _Pooled(total)
+            with self._lock:
+                self._all[segment.name] = segment
+        with _lock:
+            _owned[segment.name] = _Owned(
+                _base_address(segment.buffer), segment.size, weakref.ref(segment.buffer),
+                segment.gen,
+            )  # fmt: skip
+        arrays = _views(segment.buffer, specs, offsets)
+        segment.live = len(arrays)
+        for array in arrays:
+            weakref.finalize(array, self._returned, segment)
+        if not arrays:
+            self._returned(segment, count=0)
+        return arrays
+
+    def _take(self, size: int) -> _Pooled | None:
+        with self._lock:
+            candidates = [s for s in self._free if s.size == size]
+        for segment in candidates:
+            if segment.claim():
+                with self._lock:
+                    self._free.remove(segment)
+                return segment
+        return None
+
+    def _returned(self, segment: _Pooled, count: int = 1) -> None:
+        surplus = []
+        with self._lock:
+            segment.live -= count
+            if segment.live > 0 or segment.name not in self._all:
+                return
+            self._free.append(segment)
+            while len(self._free) > self._keep:
+                old = self._free.pop(0)
+                self._all.pop(old.name, None)
+                surplus.append(old)
+        for old in surplus:
+            old.close()
+
+    @property
+    def segments(self) -> int:
+        """How many segments the pool holds (in use or free)."""
+        with self._lock:
+            return len(self._all)
+
+    def close(self) -> None:
+        """Remove every free segment now; segments still in use go when their arrays do."""
+        with self._lock:
+            free, self._free = self._free, []
+            for segment in free:
+                self._all.pop(segment.name, None)
+        for segment in free:
+            segment.close()
+
+    @staticmethod
+    def _close_all(segments: dict[str, _Pooled]) -> None:
+        for segment in list(segments.values()):
+            unlink(segment.name)
+
+
 def _forget(name: str) -> None:
     with _lock:
         _owned.pop(name, None)
     unlink(name)
 
 
-def locate(arrays: list[np.ndarray]) -> tuple[str, int, list[int]] | None:
-    """If every non-empty array lies in one owned segment: (name, size, their offsets)."""
+def locate(arrays: list[np.ndarray]) -> tuple[str, int, list[int], int | None] | None:
+    """If every non-empty array lies in one owned segment: (name, size, their offsets, its
+    generation when pooled)."""
     with _lock:
         entries = [(name, e) for name, e in _owned.items() if e.ref() is not None]
     chosen: tuple[str, _Owned] | None = None
@@ -163,14 +305,19 @@ def locate(arrays: list[np.ndarray]) -> tuple[str, int, list[int]] | None:
         offsets.append(address - chosen[1].base)
     if chosen is None:
         return None
-    return chosen[0], chosen[1].size, offsets
+    return chosen[0], chosen[1].size, offsets, chosen[1].gen
 
 
-def open_segment(name: str, size: int, populate: bool = True) -> mmap.mmap | bytearray:
+def open_segment(
+    name: str, size: int, populate: bool = True, gen: int | None = None
+) -> mmap.mmap | bytearray:
     """Map a peer's segment copy-on-write (private, writable). Validates name and size.
 
-    ``populate`` maps every page at once (fast to read all of it); without it pages are
-    mapped as they are touched, so a queued, unread message costs no resident memory.
+    With ``gen`` (a pooled segment) the mapping holds a shared lock on the segment while it
+    lives, and the segment must still be at that generation.
+
+    ``populate`` maps every page at once (fast to read all of it, no copy); without it
+    pages are mapped as they are touched.
     """
     if not isinstance(name, str) or not _NAME.match(name):
         raise ProtocolError(f"invalid shared-memory segment name {name!r:.80}")
@@ -188,10 +335,27 @@ def open_segment(name: str, size: int, populate: bool = True) -> mmap.mmap | byt
             raise ProtocolError(
                 f"shared-memory segment {name} holds {info.st_size} bytes, not {size}."
             )
-        flags = mmap.MAP_PRIVATE | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
-        return mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        if gen is not None:
+            # Held by the mapping's own descriptor (mmap keeps a duplicate) until it is gone.
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        mapping = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
     finally:
         os.close(fd)
+    if gen is not None and (
+        size < _HEADER or mapping[:8] != _MAGIC or int.from_bytes(mapping[8:16], "little") != gen
+    ):
+        mapping.close()
+        raise ProtocolError(
+            f"shared-memory segment {name} no longer holds generation {gen} of its data: "
+            "the message is stale (its sender has reused the memory since)."
+        )
+    if populate:
+        # Not MAP_POPULATE: on a private writable mapping that pre-faults every page for
+        # writing, i.e. copies the whole segment. POPULATE_READ maps the shared pages as they
+        # are (a page is copied only if the receiver writes to it).
+        with contextlib.suppress(OSError, ValueError, OverflowError):
+            mapping.madvise(_MADV_POPULATE_READ)
+    return mapping
 
 
 def unlink(name: str) -> None:

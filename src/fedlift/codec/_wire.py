@@ -167,10 +167,12 @@ def encode(
     if shm_min_bytes is not None and offset >= shm_min_bytes and offset > 0 and _shm.available():
         placed = _shm.locate(payload)
         if placed is not None:
-            name, size, offsets = placed
+            name, size, offsets, gen = placed
             for spec, at in zip(specs, offsets, strict=True):
                 spec[2] = at
             header_obj["shm"] = {"name": name, "size": size, "unlink": False}
+            if gen is not None:
+                header_obj["shm"]["gen"] = gen
         else:
             shm_name, segment = _shm.create_transfer(offset)
             for spec, array in zip(specs, payload, strict=True):
@@ -316,14 +318,14 @@ def _shm_arrays(
         )
     if not (
         isinstance(ref, dict)
-        and set(ref) == {"name", "size", "unlink"}
-        and isinstance(ref["size"], int)
-        and not isinstance(ref["size"], bool)
+        and set(ref) - {"gen"} == {"name", "size", "unlink"}
+        and _is_int(ref["size"])
         and 0 <= ref["size"] <= max_bytes
         and isinstance(ref["unlink"], bool)
+        and (_is_int(ref.get("gen", 0)) and 0 <= ref.get("gen", 0) < 2**63)
     ):
         raise ProtocolError(f"bad shared-memory reference {ref!r:.120}")
-    segment = _shm.open_segment(ref["name"], ref["size"], populate)
+    segment = _shm.open_segment(ref["name"], ref["size"], populate, ref.get("gen"))
     if ref["unlink"]:
         _shm.unlink(ref["name"])
     view = memoryview(segment).cast("B")
@@ -332,6 +334,10 @@ def _shm_arrays(
         offset = spec[2] if isinstance(spec, list) and len(spec) == 3 else None
         arrays.append(_array_from_spec(view, i, spec, 0, ref["size"], offset, shared=True))
     return arrays
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _array_from_spec(

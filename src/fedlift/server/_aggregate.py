@@ -26,7 +26,8 @@ __all__ = [
 
 
 Allocator = Callable[[list[tuple[tuple[int, ...], np.dtype[Any]]]], list[np.ndarray]]
-"""Makes zeroed arrays of the given shapes and dtypes (e.g. in shared memory)."""
+"""Makes arrays of the given shapes and dtypes (e.g. in shared memory); their contents are
+unspecified, callers fill them."""
 
 _BLOCK = 1 << 18  # elements folded at a time: temporaries stay in the CPU cache
 

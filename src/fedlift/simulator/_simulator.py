@@ -154,7 +154,7 @@ def run_simulator(
     )
     shared = shared_memory and _shm.available()
     if shared:
-        workflow.allocate = _shm.allocate
+        workflow.allocate = _shm.SegmentPool(keep=1).allocate
     session_id = secrets.token_hex(4)
     previous_session = os.environ.get(_shm.SESSION_ENV)
     os.environ[_shm.SESSION_ENV] = session_id  # this process and its workers: one sweep

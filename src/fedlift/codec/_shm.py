@@ -53,6 +53,7 @@ __all__ = [
     "create_transfer",
     "locate",
     "open_segment",
+    "prefetch",
     "session",
     "sweep",
     "unlink",
@@ -356,6 +357,22 @@ def open_segment(
         with contextlib.suppress(OSError, ValueError, OverflowError):
             mapping.madvise(_MADV_POPULATE_READ)
     return mapping
+
+
+def prefetch(arrays: list[np.ndarray]) -> None:
+    """Map in, in one call per segment, the pages of arrays that lie in a lazily mapped
+    segment (a result about to be read): cheaper than a page fault per 4 KiB as they are
+    read. Arrays elsewhere are left alone."""
+    seen: set[int] = set()
+    for array in arrays:
+        base: Any = array
+        while base is not None and not isinstance(base, mmap.mmap):
+            base = base.obj if isinstance(base, memoryview) else getattr(base, "base", None)
+        if base is None or id(base) in seen or base.closed:
+            continue
+        seen.add(id(base))
+        with contextlib.suppress(OSError, ValueError, OverflowError):
+            base.madvise(_MADV_POPULATE_READ)
 
 
 def unlink(name: str) -> None:

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from ..codec import Message, model_from_wire, model_to_wire
+from ..codec import Message, _shm, model_from_wire, model_to_wire
 from ..errors import (
     ClientFailedError,
     ConfigError,
@@ -75,6 +75,7 @@ class _Event:
     task_id: str = ""
     model: FLModel | None = None
     text: str = ""
+    arrays: list[np.ndarray] = field(default_factory=list)
 
 
 @dataclass
@@ -158,7 +159,7 @@ class ServerRuntime:
                 handed = self._handed_out.get(site.name)
                 if handed is not None and handed.task_id == task_id:
                     del self._handed_out[site.name]
-            self._events.put(_Event("result", site.name, task_id, model))
+            self._events.put(_Event("result", site.name, task_id, model, arrays=request.arrays))
             return Message("ok")
         if request.op == "client_error":
             text = str(fields.get("error", "unknown error"))[:200_000]
@@ -339,6 +340,7 @@ class ServerRuntime:
                 active.discard(event.site)
                 if event.model is None:
                     continue
+                _shm.prefetch(event.arrays)  # queued results were mapped lazily
                 on_result(event.site, event.model)
                 answered.append(event.site)
                 dispatch()

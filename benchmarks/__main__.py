@@ -69,7 +69,7 @@ SCENARIOS = [
     Scenario("1M params, 2 clients", 1_000_000, 2, target_s=0.01),
     Scenario("10M params, 2 clients", 10_000_000, 2, target_s=0.04),
     Scenario("10M params, 8 clients", 10_000_000, 8, target_s=0.12),
-    Scenario("100M params, 2 clients", 100_000_000, 2, rounds=4, target_s=0.5,
+    Scenario("100M params, 2 clients", 100_000_000, 2, rounds=8, target_s=0.5,
              target_pss_mb=2200),
 ]  # fmt: skip
 

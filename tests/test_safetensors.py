@@ -64,3 +64,22 @@ def test_malformed_files_are_refused(tmp_path: Path, content: bytes, phrase: str
     path.write_bytes(content)
     with pytest.raises(ConfigError, match=phrase):
         load_safetensors(path)
+
+
+def test_recycled_saves_swap_two_files_and_stay_atomic(tmp_path: Path) -> None:
+    from fedlift._atomic import spare_path
+
+    path = tmp_path / "global.safetensors"
+    inodes = []
+    for i in range(4):
+        save_safetensors({"w": np.full(10 - i, i, np.float32)}, path, recycle=True)
+        np.testing.assert_array_equal(load_safetensors(path)["w"], np.full(10 - i, i))
+        inodes.append(path.stat().st_ino)
+        # Only the model and (from the second save) the one it replaced: no temp files.
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+            {path.name} | ({spare_path(path).name} if i else set())
+        )
+    assert inodes[0] == inodes[2] and inodes[1] == inodes[3]  # the two files take turns
+    assert inodes[0] != inodes[1]
+    # The spare holds the previous model, complete (a crash mid-write damages only it).
+    np.testing.assert_array_equal(load_safetensors(spare_path(path))["w"], np.full(8, 2))

@@ -30,8 +30,8 @@ _STRUCTURE = "fedlift.structure"
 _MAX_HEADER = 100 * 1024 * 1024
 
 
-def save_safetensors(params: ParamTree, path: Path) -> None:
-    """Write ``params`` atomically as ``.safetensors``."""
+def save_safetensors(params: ParamTree, path: Path, *, recycle: bool = False) -> None:
+    """Write ``params`` atomically as ``.safetensors`` (``recycle``: see ``_atomic``)."""
     structure, arrays = flatten(params)
     header: dict[str, object] = {"__metadata__": {_STRUCTURE: json.dumps(structure)}}
     offset = 0
@@ -52,7 +52,7 @@ def save_safetensors(params: ParamTree, path: Path) -> None:
         prepared.append(array)
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
-    with atomic_writer(path) as handle:
+    with atomic_writer(path, recycle=recycle) as handle:
         handle.write(struct.pack("<Q", len(text)))
         handle.write(text)
         for array in prepared:

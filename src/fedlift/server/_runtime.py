@@ -159,7 +159,9 @@ class ServerRuntime:
                 handed = self._handed_out.get(site.name)
                 if handed is not None and handed.task_id == task_id:
                     del self._handed_out[site.name]
-            self._events.put(_Event("result", site.name, task_id, model, arrays=request.arrays))
+            self._events.put(
+                _Event("result", site.name, task_id, model, arrays=list(request.arrays))
+            )
             return Message("ok")
         if request.op == "client_error":
             text = str(fields.get("error", "unknown error"))[:200_000]

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .._atomic import atomic_path, atomic_write_text, atomic_writer
+from .._atomic import atomic_path, atomic_write_text, atomic_writer, spare_path
 from ..errors import ConfigError, ProtocolError
 from ..model import ParamTree, flat_keys, flatten, unflatten
 from ..model._keras import keras_params, load_keras_model, set_keras_params
@@ -98,12 +98,19 @@ def load_npz(path: Path) -> ParamTree:
 
 
 class ArraysFormat:
-    """Params trees of plain arrays, saved as ``.safetensors`` (fast: no checksum pass)."""
+    """Params trees of plain arrays, saved as ``.safetensors`` (fast: no checksum pass).
+
+    ``recycle=True`` rewrites the file each save replaced (see ``fedlift._atomic``): for a
+    model saved every round by one process, where no reader holds an old copy open.
+    """
 
     suffix = ".safetensors"
 
+    def __init__(self, recycle: bool = False) -> None:
+        self.recycle = recycle
+
     def save(self, params: ParamTree, path: Path) -> None:
-        save_safetensors(params, path)
+        save_safetensors(params, path, recycle=self.recycle)
 
     def load(self, path: Path) -> ParamTree:
         return load_params(path)
@@ -454,3 +461,5 @@ class RunRecorder:
             self._writer.close()
         finally:
             self._tb.close()
+            for path in (self.global_model_path, self.best_model_path):
+                spare_path(path).unlink(missing_ok=True)

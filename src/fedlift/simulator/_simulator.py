@@ -27,7 +27,7 @@ from ..errors import ClientFailedError, ConfigError
 from ..job import load_job, zip_dir
 from ..model import ParamTree
 from ..server import FedAvg, RoundRecord, RunRecorder, ServerRuntime
-from ..server._store import load_initial_model
+from ..server._store import ArraysFormat, load_initial_model
 from ..transport import GrpcListener
 from . import _gpu
 from ._gpu import assign_groups, check_gpu_ids, parse_gpu_groups
@@ -133,6 +133,8 @@ def run_simulator(
     model_format, initial = load_initial_model(root / config.initial_model)
     initial_params = [initial]  # handed over below, so this frame keeps no copy alive
     del initial
+    if isinstance(model_format, ArraysFormat):
+        model_format.recycle = True  # saved every round, read by nobody meanwhile
     recorder = RunRecorder(
         server_dir, model_format, config.workflow.key_metric, config.workflow.higher_is_better
     )

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 ENV = "FEDLIFT_MALLOC_TUNING"
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+_M_MMAP_MAX = -4
 _MMAP_THRESHOLD = 32 * 2**20  # glibc's maximum for this setting on 64-bit
 _TRIM_THRESHOLD = 1 * 2**30
 
@@ -41,8 +42,13 @@ def tune_allocator() -> bool:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    done = bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)) and bool(
-        mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)
+    done = all(
+        mallopt(option, value)
+        for option, value in (
+            (_M_MMAP_THRESHOLD, _MMAP_THRESHOLD),
+            (_M_MMAP_MAX, 0),
+            (_M_TRIM_THRESHOLD, _TRIM_THRESHOLD),
+        )
     )
     log.debug("malloc tuning %s", "applied" if done else "refused")
     return done

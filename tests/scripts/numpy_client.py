@@ -30,6 +30,9 @@ parser.add_argument("--kill-parent-round", type=int, default=-1)
 parser.add_argument("--no-init", action="store_true")
 parser.add_argument("--linger", action="store_true")
 parser.add_argument("--record", action="store_true", help="append pid/rank/round to rounds.txt")
+parser.add_argument(
+    "--scribble", action="store_true", help="overwrite the sent arrays as soon as send() returns"
+)
 parser.add_argument("--sleep", type=float, default=0.0, help="seconds of 'training' per round")
 parser.add_argument(
     "--lockstep", action="store_true", help="rank 0 waits for rank 1's record (like DDP's sync)"
@@ -86,6 +89,10 @@ while flare.is_running():
             meta={"NUM_STEPS_CURRENT_ROUND": weight},
         )
     )
+    if args.scribble:  # send() has returned: the server must not see this
+        for value in out.values() if isinstance(out, dict) else []:
+            for array in value if isinstance(value, list) else [value]:
+                array[...] = -1e9
     if targeted and rnd == args.exit_early:
         break
 if args.linger:

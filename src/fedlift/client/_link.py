@@ -63,12 +63,16 @@ class LocalLink:
         self,
         context: ClientContext,
         on_log: Callable[[str, float, str, int | None], None] | None = None,
+        *,
+        wait_delivery: bool = False,
     ) -> None:
         self.context = context
         self._on_log = on_log
         self._cond = threading.Condition()
         self._task: Task | None = None
         self._result: tuple[str, FLModel] | None = None
+        self._sending: str | None = None  # a result the worker has not delivered yet
+        self._wait_delivery = wait_delivery
         self._stopped = False
         self._script_ended = False
         self._script_error: str | None = None
@@ -158,9 +162,22 @@ class LocalLink:
                 self._cond.wait(remaining)
 
     def submit(self, task_id: str, model: FLModel) -> None:
+        """Hand the result to the worker. With ``wait_delivery`` (the worker's links) it
+        returns once the worker has delivered it or the job stopped: until then the result's
+        arrays are read where they are, so the script must not change them meanwhile."""
         with self._cond:
             self._result = (task_id, model)
+            self._sending = task_id if self._wait_delivery else None
             self._busy = False
+            self._cond.notify_all()
+            while self._sending == task_id and not self._stopped and not self._script_ended:
+                self._cond.wait()
+
+    def delivered(self, task_id: str) -> None:
+        """The worker is done with the result of ``task_id`` (sent, or failed to send)."""
+        with self._cond:
+            if self._sending == task_id:
+                self._sending = None
             self._cond.notify_all()
 
     def log(self, key: str, value: float, data_type: str, step: int | None) -> None:

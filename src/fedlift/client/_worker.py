@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 
 from .._malloc import tune_allocator
-from ..codec import Message, _shm, model_from_wire, model_to_wire
+from ..codec import Message, _remote, _shm, model_from_wire, model_to_wire
+from ..codec._wire import REMOTE_MIN_BYTES
 from ..errors import ConnectionLostError, FedliftError, ProtocolError, TransportError
 from ..transport import DEFAULT_SHM_MIN_BYTES, GrpcTransport, Transport
 from ._link import ClientContext, LocalLink, Task, set_current_link
@@ -39,6 +40,9 @@ log = logging.getLogger("fedlift.client")
 
 SHARED_MEMORY_ENV = "FEDLIFT_SHARED_MEMORY"
 """Set to 1 (by the simulator) when the server runs on this host: payloads go by /dev/shm."""
+REMOTE_READS_ENV = "FEDLIFT_REMOTE_READS"
+"""Set to 0 to make results go through shared memory even where the server could read them
+from the worker's memory (``codec._remote``)."""
 
 _POLL_SECONDS = 5.0
 _MAX_APP_BYTES = 2 << 30
@@ -179,12 +183,16 @@ class Worker:
         self._call("log", fields, timeout=30)
 
     def register(self, timeout: float) -> tuple[ClientContext, Message]:
-        reply = self._call(
-            "register", {"pid": os.getpid(), "host": socket.gethostname()}, timeout=timeout
-        )
+        fields: dict[str, Any] = {"pid": os.getpid(), "host": socket.gethostname()}
+        if self._shared and os.environ.get(REMOTE_READS_ENV, "1") != "0":
+            fields["remote_probe"] = _remote.make_probe()
+        reply = self._call("register", fields, timeout=timeout)
         if reply.op != "welcome":
             raise ProtocolError(f"register: expected 'welcome' from the server, got {reply.op!r}")
         f = reply.fields
+        if f.get("remote_reads") is True and isinstance(self.transport, GrpcTransport):
+            # The server reads results where they lie: no copy into shared memory first.
+            self.transport.remote_reads = True
         ctx = ClientContext(
             job_id=str(f.get("job_id")),
             site_name=self.site,
@@ -221,7 +229,7 @@ class Worker:
             text = f"the job's script {runner.get('script')!r} is not in the job's app ({app_dir})."
             self.report_error(text)
             return 2
-        link = LocalLink(ctx, on_log=self._send_log)
+        link = LocalLink(ctx, on_log=self._send_log, wait_delivery=True)
         self._stop_timeout = float(runner.get("stop_timeout", 60.0))
         args = shlex.split(str(runner.get("script_args", "")))
         if runner.get("launch_external_process"):
@@ -330,6 +338,8 @@ class Worker:
         except FedliftError as exc:
             log.error("%s: task %s failed: %s", self.site, name, exc)
             self.report_error(f"{type(exc).__name__} while answering task {name!r}: {exc}")
+        finally:
+            link.delivered(task_id)  # the script's send() returns
 
     def _in_outbox(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
         """Copy a result into this site's reusable shared-memory segment.
@@ -340,8 +350,11 @@ class Worker:
         :class:`~fedlift.codec._shm.SegmentPool`). Small results and cross-host links use
         the socket.
         """
-        if self._outbox is None or sum(a.nbytes for a in arrays) < DEFAULT_SHM_MIN_BYTES:
+        size = sum(a.nbytes for a in arrays)
+        if self._outbox is None or size < DEFAULT_SHM_MIN_BYTES:
             return arrays
+        if getattr(self.transport, "remote_reads", False) and size >= REMOTE_MIN_BYTES:
+            return arrays  # the server reads them where they are
         specs = [
             (a.shape, a.dtype if a.dtype.byteorder in "|<=" else a.dtype.newbyteorder("<"))
             for a in arrays

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ProtocolError
-from . import _shm
+from . import _remote, _shm
 
 __all__ = [
     "ALLOWED_DTYPES",
@@ -46,12 +46,18 @@ _ALIGN = 64
 MAX_HEADER_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 40
 _MAX_NDIM = 32
+REMOTE_MIN_BYTES = 64 * 2**20
+"""Payloads from this size on are read from the sender's memory where allowed (``remote_pid``),
+smaller ones go through shared memory. Reading another process's memory pins its pages one
+by one (40 MB of 4 KiB pages: ~10 ms, three times a copy into a mapped segment); what it
+saves is the segment: a second copy of every client's result, which matters for large
+models."""
 
 ALLOWED_DTYPES: frozenset[str] = frozenset(
     ["|b1", "|i1", "|u1", "<i2", "<u2", "<i4", "<u4", "<i8", "<u8", "<f2", "<f4", "<f8"]
 )
 _PAD = bytes(_ALIGN)
-_HEADER_KEYS = frozenset({"op", "fields", "arrays", "shm", "accept_shm"})
+_HEADER_KEYS = frozenset({"op", "fields", "arrays", "shm", "remote", "accept_shm"})
 
 
 @dataclass(frozen=True)
@@ -76,6 +82,8 @@ class Frame:
     nbytes: int
     shm_name: str | None = None
     """A transfer segment holding the payload; the sender unlinks it if delivery fails."""
+    keep: tuple[np.ndarray, ...] = ()
+    """Arrays the receiver reads from this process (``remote_pid``): alive while the frame is."""
 
     def discard(self) -> None:
         """Free what the frame holds outside the process (call when delivery failed)."""
@@ -128,13 +136,21 @@ def _little_endian() -> bool:
 
 
 def encode(
-    message: Message, *, shm_min_bytes: int | None = None, accept_shm: bool = False
+    message: Message,
+    *,
+    shm_min_bytes: int | None = None,
+    accept_shm: bool = False,
+    remote_pid: int | None = None,
 ) -> Frame:
     """Encode ``message``; array data is referenced, not copied (non-contiguous arrays are).
 
     With ``shm_min_bytes``, a payload of at least that many bytes travels in shared memory
     (see :mod:`._shm`): by reference when the arrays already lie in one owned segment, else
-    copied once into a transfer segment. ``accept_shm`` tells the peer it may reply so.
+    copied once into a transfer segment, or, with ``remote_pid`` (this process's pid, when
+    the receiver can read its memory; see :mod:`._remote`) and at least
+    :data:`REMOTE_MIN_BYTES`, not copied at all: the message names where the arrays are and
+    the receiver reads them from here. ``accept_shm`` tells
+    the peer it may reply with shared memory.
     """
     if not isinstance(message.op, str) or not message.op:
         raise ProtocolError(f"message op must be a non-empty string; received: {message.op!r}")
@@ -161,6 +177,7 @@ def encode(
         payload.append(array)
         offset = _aligned(offset + array.nbytes)
     header_obj: dict[str, Any] = {"op": message.op, "fields": message.fields, "arrays": specs}
+    keep: tuple[np.ndarray, ...] = ()
     if accept_shm:
         header_obj["accept_shm"] = True
     shm_name: str | None = None
@@ -173,6 +190,9 @@ def encode(
             header_obj["shm"] = {"name": name, "size": size, "unlink": False}
             if gen is not None:
                 header_obj["shm"]["gen"] = gen
+        elif remote_pid is not None and offset >= REMOTE_MIN_BYTES and _remote.available():
+            header_obj["remote"] = {"pid": remote_pid, "regions": _remote.regions(payload)}
+            keep = tuple(payload)
         else:
             shm_name, segment = _shm.create_transfer(offset)
             for spec, array in zip(specs, payload, strict=True):
@@ -216,7 +236,7 @@ def encode(
         position = target_at + array.nbytes
     if total > position:
         buffers.append(memoryview(_PAD)[: total - position])
-    return Frame(buffers, total, shm_name)
+    return Frame(buffers, total, shm_name, keep)
 
 
 def _copy_into(segment: Any, offset: int, array: np.ndarray) -> None:
@@ -290,9 +310,12 @@ def decode_frame(
     accept_shm = header.get("accept_shm", False) is True
     data_start = _aligned(PREFIX_BYTES + header_len)
     data_len = total - data_start
-    if "shm" in header:
-        if data_len != 0:
+    if "shm" in header or "remote" in header:
+        if data_len != 0 or ("shm" in header and "remote" in header):
             raise ProtocolError("a shared-memory message must carry no inline payload.")
+        if "remote" in header:
+            remote = _remote_arrays(header["remote"], specs, max_bytes, allow_shm)
+            return Message(op, fields, remote), accept_shm  # type: ignore[arg-type]
         shared = _shm_arrays(header["shm"], specs, max_bytes, allow_shm, populate)
         return Message(op, fields, shared), accept_shm
     arrays: list[np.ndarray] = []
@@ -333,6 +356,57 @@ def _shm_arrays(
     for i, spec in enumerate(specs):
         offset = spec[2] if isinstance(spec, list) and len(spec) == 3 else None
         arrays.append(_array_from_spec(view, i, spec, 0, ref["size"], offset, shared=True))
+    return arrays
+
+
+def _remote_arrays(
+    ref: Any, specs: list[Any], max_bytes: int, allow: bool
+) -> list[_remote.RemoteArray]:
+    if not allow:
+        raise ProtocolError(
+            "the peer sent its payload as memory to read from its process, which this "
+            "endpoint does not accept (it is only for processes on one host)."
+        )
+    if not (
+        isinstance(ref, dict)
+        and set(ref) == {"pid", "regions"}
+        and _is_int(ref["pid"])
+        and ref["pid"] > 0
+        and isinstance(ref["regions"], list)
+        and len(ref["regions"]) == len(specs)
+    ):
+        raise ProtocolError(f"bad remote-memory reference {ref!r:.120}")
+    arrays, total = [], 0
+    for i, (spec, region) in enumerate(zip(specs, ref["regions"], strict=True)):
+        if not (
+            isinstance(region, list)
+            and len(region) == 2
+            and all(_is_int(v) and 0 <= v < 2**64 for v in region)
+        ):
+            raise ProtocolError(f"array {i}: bad remote region {region!r:.80}")
+        if not (isinstance(spec, list) and len(spec) == 3):
+            raise ProtocolError(f"array {i}: spec must be [dtype, shape, offset]; got {spec!r:.80}")
+        dtype_str, shape, _ = spec
+        if dtype_str not in ALLOWED_DTYPES:
+            raise ProtocolError(f"array {i}: dtype {dtype_str!r:.20} is not allowed on the wire.")
+        dtype = np.dtype(dtype_str)
+        if not (
+            isinstance(shape, list)
+            and len(shape) <= _MAX_NDIM
+            and all(_is_int(d) and d >= 0 for d in shape)
+        ):
+            raise ProtocolError(f"array {i}: shape {shape!r:.80} is not a list of sizes.")
+        count = 1
+        for d in shape:
+            count *= d
+        if count * dtype.itemsize != region[1]:
+            raise ProtocolError(
+                f"array {i}: {region[1]} bytes named for a {dtype} array of shape {shape}."
+            )
+        total += region[1]
+        if total > max_bytes:
+            raise ProtocolError(f"message of {total:,} bytes exceeds the limit of {max_bytes:,}.")
+        arrays.append(_remote.RemoteArray(ref["pid"], region[0], tuple(shape), dtype))
     return arrays
 
 

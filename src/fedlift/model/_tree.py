@@ -44,6 +44,9 @@ _MAX_DEPTH = 64
 def _leaf(value: Any, path: str) -> np.ndarray:
     if isinstance(value, np.ndarray):
         return value
+    if getattr(type(value), "__fedlift_lazy__", False):
+        # An array whose bytes are read on demand (codec's RemoteArray): kept as it is.
+        return value  # type: ignore[no-any-return]
     if isinstance(value, np.generic):
         return np.asarray(value)
     # Framework tensors (tf.Variable, torch.Tensor) expose __array__ / .numpy().

@@ -33,18 +33,30 @@ _BLOCK = 1 << 16  # elements folded at a time: temporaries stay in the CPU cache
 
 
 def fold_into(acc: np.ndarray, x: np.ndarray, fraction: float) -> None:
-    """``acc += fraction * (x - acc)``, in cache-sized blocks (no full-size temporary)."""
-    flat_acc, flat_x = acc.reshape(-1), x.reshape(-1)
-    if flat_acc.size <= _BLOCK:
+    """``acc += fraction * (x - acc)``, in cache-sized blocks (no full-size temporary).
+
+    ``x`` may be a :class:`~fedlift.codec._remote.RemoteArray`: each block is read from the
+    client's memory into a cache-sized buffer, then folded.
+    """
+    flat_acc = acc.reshape(-1)
+    remote = not isinstance(x, np.ndarray)
+    flat_x = None if remote else x.reshape(-1)
+    if flat_x is not None and flat_acc.size <= _BLOCK:
         delta = np.subtract(flat_x, flat_acc, dtype=acc.dtype)
         delta *= fraction
         flat_acc += delta
         return
-    scratch = np.empty(_BLOCK, acc.dtype)
+    scratch = np.empty(min(_BLOCK, flat_acc.size), acc.dtype)
+    fetched = np.empty(min(_BLOCK, flat_acc.size), x.dtype) if remote else None
     for start in range(0, flat_acc.size, _BLOCK):
         stop = min(start + _BLOCK, flat_acc.size)
         tmp = scratch[: stop - start]
-        np.subtract(flat_x[start:stop], flat_acc[start:stop], out=tmp, casting="unsafe")
+        if fetched is not None:
+            block = fetched[: stop - start]
+            x.read_into(block, start)  # type: ignore[attr-defined]
+        else:
+            block = flat_x[start:stop]  # type: ignore[index]
+        np.subtract(block, flat_acc[start:stop], out=tmp, casting="unsafe")
         tmp *= fraction
         flat_acc[start:stop] += tmp
 
@@ -103,7 +115,10 @@ class StreamingMean:
             self._adopt
             and self._allocate is None
             and all(
-                a.flags.writeable and a.flags.c_contiguous and a.dtype == dtype
+                isinstance(a, np.ndarray)
+                and a.flags.writeable
+                and a.flags.c_contiguous
+                and a.dtype == dtype
                 for a, (_, dtype) in zip(arrays, specs, strict=True)
             )
         ):
@@ -115,7 +130,10 @@ class StreamingMean:
             else [np.empty(shape, dtype) for shape, dtype in specs]
         )
         for acc, a in zip(sums, arrays, strict=True):
-            np.copyto(acc, a, casting="unsafe")
+            if not isinstance(a, np.ndarray) and a.dtype == acc.dtype:
+                a.read_into(acc.reshape(-1))  # straight from the client's memory
+            else:
+                np.copyto(acc, np.asarray(a), casting="unsafe")
         return sums
 
     def _validated(self, model: FLModel, source: str) -> list[np.ndarray]:

@@ -47,9 +47,11 @@ class Controller(Protocol):
         on_result: Callable[[str, FLModel], None],
         timeout: float,
         min_responses: int,
+        lazy_results: bool = False,
     ) -> list[str]:
         """Send ``model`` to ``sites``; call ``on_result`` for each result as it arrives;
-        return the sites that answered (see :meth:`ServerRuntime.run_task`)."""
+        return the sites that answered (see :meth:`ServerRuntime.run_task`).
+        ``lazy_results``: ``on_result`` accepts params it must read during the call."""
         ...
 
 
@@ -126,6 +128,7 @@ class FedAvg:
                 on_result=lambda site, result, m=mean: m.add(result, site),  # type: ignore[misc]
                 timeout=self.round_timeout,
                 min_responses=self.min_clients,
+                lazy_results=True,  # StreamingMean reads each result as it folds it
             )
             new_params = self._update(params, mean)
             record = recorder.record(

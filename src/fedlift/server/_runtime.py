@@ -26,12 +26,13 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
-from ..codec import Message, _shm, model_from_wire, model_to_wire
+from ..codec import Message, _remote, _shm, model_from_wire, model_to_wire
+from ..codec._remote import RemoteArray
 from ..errors import (
     ClientFailedError,
     ConfigError,
@@ -46,6 +47,7 @@ __all__ = ["LogRecord", "ServerRuntime"]
 log = logging.getLogger("fedlift.server")
 
 _MAX_POLL_SECONDS = 30.0
+_READ_CHECK_SECONDS = 0.5  # a held submit re-checks that its round still runs
 _OPS = frozenset({"get_task", "submit", "client_error", "log"})
 
 
@@ -76,6 +78,13 @@ class _Event:
     model: FLModel | None = None
     text: str = ""
     arrays: list[np.ndarray] = field(default_factory=list)
+    read: threading.Event | None = None
+    """Set once a result read from the client's memory has been read (or dropped): only
+    then may the client's ``submit`` return (see ``codec._remote``)."""
+
+    def release(self) -> None:
+        if self.read is not None:
+            self.read.set()
 
 
 @dataclass
@@ -130,6 +139,7 @@ class ServerRuntime:
         self._stop_reason: str | None = None
         self._stop_failed = False
         self._failure: _Event | None = None
+        self._active_task: str | None = None
 
     # ------------------------------------------------------------------ transport handler
     def handle(self, request: Message) -> Message:
@@ -159,9 +169,14 @@ class ServerRuntime:
                 handed = self._handed_out.get(site.name)
                 if handed is not None and handed.task_id == task_id:
                     del self._handed_out[site.name]
-            self._events.put(
-                _Event("result", site.name, task_id, model, arrays=list(request.arrays))
-            )
+            remote = any(isinstance(a, RemoteArray) for a in request.arrays)
+            event = _Event(
+                "result", site.name, task_id, model, arrays=list(request.arrays),
+                read=threading.Event() if remote else None,
+            )  # fmt: skip
+            self._events.put(event)
+            if event.read is not None:
+                self._wait_read(event)
             return Message("ok")
         if request.op == "client_error":
             text = str(fields.get("error", "unknown error"))[:200_000]
@@ -169,6 +184,14 @@ class ServerRuntime:
             return Message("ok")
         self._log(site, fields)
         return Message("ok")
+
+    def _wait_read(self, event: _Event) -> None:
+        """Hold the client's ``submit`` until its result has been read from its memory."""
+        read = event.read
+        while read is not None and not read.wait(_READ_CHECK_SECONDS):
+            with self._cond:
+                if self._stop_reason is not None or self._active_task != event.task_id:
+                    return  # the round is over: the result will be dropped unread
 
     def _site(self, name: str) -> _Site:
         site = self._sites.get(name)
@@ -180,6 +203,9 @@ class ServerRuntime:
         return site
 
     def _register(self, site: _Site, fields: dict[str, Any]) -> Message:
+        # Can this server read the site's memory (same host, permitted)? Then its results
+        # are read where they lie instead of being copied to shared memory first.
+        remote_reads = "remote_probe" in fields and _remote.check_probe(fields["remote_probe"])
         with self._cond:
             site.registered = True
             site.epoch += 1
@@ -190,7 +216,12 @@ class ServerRuntime:
                 self._pending[site.name] = lost
                 log.info("%s registered again: its unanswered task is sent again", site.name)
             self._cond.notify_all()
-        log.info("%s registered (pid %s)", site.name, site.info.get("pid"))
+        log.info(
+            "%s registered (pid %s%s)",
+            site.name,
+            site.info.get("pid"),
+            "; large results are read from its memory" if remote_reads else "",
+        )
         return Message(
             "welcome",
             {
@@ -198,6 +229,7 @@ class ServerRuntime:
                 "site_index": site.index,
                 "num_sites": len(self._sites),
                 "config": self._client_config,
+                "remote_reads": remote_reads,
             },
             [self._app],
         )
@@ -297,12 +329,15 @@ class ServerRuntime:
         on_result: Callable[[str, FLModel], None],
         timeout: float,
         min_responses: int,
+        lazy_results: bool = False,
     ) -> list[str]:
         """Send ``model`` as task ``task_name`` to ``sites`` and hand each result to ``on_result``.
 
         Returns the sites that answered. Raises :class:`ClientFailedError` as soon as a site
         fails, and :class:`RoundTimeoutError` when fewer than ``min_responses`` answered
-        within ``timeout`` seconds.
+        within ``timeout`` seconds. With ``lazy_results`` a result's params may hold
+        :class:`~fedlift.codec._remote.RemoteArray` leaves, valid only during ``on_result``
+        (an aggregator reads them block by block); otherwise they are numpy arrays.
         """
         task_id = uuid.uuid4().hex
         fields, arrays = model_to_wire(model)
@@ -322,6 +357,7 @@ class ServerRuntime:
 
         with self._cond:
             self._raise_if_failed()
+            self._active_task = task_id
         dispatch()
         try:
             while active:
@@ -337,17 +373,25 @@ class ServerRuntime:
                 if event.kind == "stop":
                     raise JobAbortedError(f"the job was stopped: {event.text}")
                 if event.task_id != task_id or event.site not in active:
+                    event.release()
                     log.warning("ignoring a late or unexpected result from %s", event.site)
                     continue
                 active.discard(event.site)
                 if event.model is None:
                     continue
-                _shm.prefetch(event.arrays)  # queued results were mapped lazily
-                on_result(event.site, event.model)
+                result = event.model
+                try:
+                    _shm.prefetch(event.arrays)  # queued results were mapped lazily
+                    if not lazy_results and event.read is not None:
+                        result = replace(result, params=_remote.materialize(result.params))
+                    on_result(event.site, result)
+                finally:
+                    event.release()  # the client's submit returns: its memory is its own again
                 answered.append(event.site)
                 dispatch()
         finally:
             with self._cond:
+                self._active_task = None
                 for site in list(active) + waiting:
                     self._pending.pop(site, None)
                 for site in sites:

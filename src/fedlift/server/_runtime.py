@@ -385,6 +385,15 @@ class ServerRuntime:
                     if not lazy_results and event.read is not None:
                         result = replace(result, params=_remote.materialize(result.params))
                     on_result(event.site, result)
+                except ProtocolError as exc:
+                    if event.read is None:
+                        raise
+                    # Its process went away while its result was being read (killed): the
+                    # aggregate may hold part of it, so the round cannot go on.
+                    raise ClientFailedError(
+                        f"{event.site} failed: its result could not be read from its process "
+                        f"({exc})"
+                    ) from None
                 finally:
                     event.release()  # the client's submit returns: its memory is its own again
                 answered.append(event.site)

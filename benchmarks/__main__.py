@@ -211,14 +211,17 @@ def main(argv: list[str] | None = None) -> int:
         outcome.floor_s = memcpy_floor(scenario.params, scenario.clients)
         results.append(outcome)
         print(f"ran fedlift: {scenario.name}: {outcome.median_s:.4f} s/round", flush=True)
-        if args.peers:
-            for peer in ("nvflare", "flower"):
-                try:
-                    results.append(run_peer_outcome(peer, scenario))
-                    print(f"ran {peer}: {scenario.name}: {results[-1].median_s:.4f} s/round",
-                          flush=True)  # fmt: skip
-                except RuntimeError as exc:
-                    print(f"{peer}: {scenario.name} failed: {str(exc)[:300]}", flush=True)
+    # The peers after fedlift, each framework's scenarios together: a peer's run leaves
+    # gigabytes of freed memory and page cache behind, which slows the page faults of
+    # whatever runs next for a while; the peers' rounds are seconds long, fedlift's are not.
+    for peer in ("nvflare", "flower") if args.peers else ():
+        for scenario in scenarios:
+            try:
+                results.append(run_peer_outcome(peer, scenario))
+                print(f"ran {peer}: {scenario.name}: {results[-1].median_s:.4f} s/round",
+                      flush=True)  # fmt: skip
+            except RuntimeError as exc:
+                print(f"{peer}: {scenario.name} failed: {str(exc)[:300]}", flush=True)
     print()
     print_table(scenarios, results)
     meta = {"machine": platform.machine(), "cpus": os.cpu_count(), "python": sys.version.split()[0],

@@ -312,3 +312,43 @@ def test_a_killed_reader_releases_its_hold_on_a_pooled_segment() -> None:
         reader.kill()
         reader.wait()
         pool.close()
+
+
+def test_a_pool_shared_by_threads_stays_consistent() -> None:
+    """Arrays die in other threads (finalizers trim the free list) while allocations run."""
+    import queue
+    import threading
+
+    pool = _shm.SegmentPool(keep=1)
+    before = segments()
+    handoff: queue.Queue[list[np.ndarray] | None] = queue.Queue(maxsize=4)
+    errors: list[BaseException] = []
+
+    def consumer() -> None:
+        while (arrays := handoff.get()) is not None:
+            arrays[0][:3] = 1.0
+            del arrays  # the last reference dies here, in this thread
+
+    def producer() -> None:
+        try:
+            for _ in range(300):
+                handoff.put(pool.allocate(SPECS))
+        except BaseException as exc:
+            errors.append(exc)
+
+    consumers = [threading.Thread(target=consumer) for _ in range(3)]
+    producers = [threading.Thread(target=producer) for _ in range(3)]
+    for t in consumers + producers:
+        t.start()
+    for t in producers:
+        t.join(60)
+    for _ in consumers:
+        handoff.put(None)
+    for t in consumers:
+        t.join(60)
+    gc.collect()
+    assert errors == []
+    assert pool.segments <= 1  # everything was handed back; keep=1 segment remains
+    pool.close()
+    gc.collect()
+    assert segments() - before == set()

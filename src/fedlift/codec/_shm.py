@@ -205,7 +205,7 @@ class SegmentPool:
         self._keep = keep
         self._free: list[_Pooled] = []
         self._all: dict[str, _Pooled] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # finalizers may run while this thread holds it
         self._finalizer = weakref.finalize(self, SegmentPool._close_all, self._all)
 
     def allocate(self, specs: list[tuple[tuple[int, ...], np.dtype[Any]]]) -> list[np.ndarray]:
@@ -229,14 +229,19 @@ class SegmentPool:
         return arrays
 
     def _take(self, size: int) -> _Pooled | None:
+        # Candidates leave the free list while they are tried, so that a finalizer running
+        # meanwhile (any thread, any allocation) cannot trim one away under us.
         with self._lock:
             candidates = [s for s in self._free if s.size == size]
+            for segment in candidates:
+                self._free.remove(segment)
+        taken = None
         for segment in candidates:
-            if segment.claim():
-                with self._lock:
-                    self._free.remove(segment)
-                return segment
-        return None
+            if taken is None and segment.claim():
+                taken = segment
+        with self._lock:
+            self._free.extend(s for s in candidates if s is not taken)
+        return taken
 
     def _returned(self, segment: _Pooled, count: int = 1) -> None:
         surplus = []

@@ -225,3 +225,10 @@ def test_a_script_run_outside_a_job_says_how_to_run_it() -> None:
     assert run.returncode != 0
     assert "found no fedlift job" in run.stderr
     assert "fedlift simulator" in run.stderr
+
+
+def test_an_in_process_script_runs_in_the_main_thread_and_may_install_signal_handlers(
+    tmp_path: Path,
+) -> None:
+    result = make_job(1, "--signal-handler", num_rounds=1).simulator_run(tmp_path / "ws")
+    assert result.final_metrics["accuracy"] == pytest.approx(1.0 + 1)

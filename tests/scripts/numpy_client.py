@@ -33,6 +33,9 @@ parser.add_argument("--record", action="store_true", help="append pid/rank/round
 parser.add_argument(
     "--scribble", action="store_true", help="overwrite the sent arrays as soon as send() returns"
 )
+parser.add_argument(
+    "--signal-handler", action="store_true", help="install a SIGUSR1 handler (main thread only)"
+)
 parser.add_argument("--sleep", type=float, default=0.0, help="seconds of 'training' per round")
 parser.add_argument(
     "--lockstep", action="store_true", help="rank 0 waits for rank 1's record (like DDP's sync)"
@@ -41,6 +44,8 @@ args = parser.parse_args()
 
 if args.no_init:
     time.sleep(3600)
+if args.signal_handler:
+    signal.signal(signal.SIGUSR1, lambda *_: None)  # raises ValueError off the main thread
 flare.init()
 index = flare.system_info()["site_index"]
 targeted = args.only_site in (-1, index)

@@ -40,6 +40,7 @@ log = logging.getLogger("fedlift.client")
 
 SHARED_MEMORY_ENV = "FEDLIFT_SHARED_MEMORY"
 """Set to 1 (by the simulator) when the server runs on this host: payloads go by /dev/shm."""
+_SCRIPT_EXIT_GRACE = 1.0  # after the job ended, how long the script may take to return
 REMOTE_READS_ENV = "FEDLIFT_REMOTE_READS"
 """Set to 0 to make results go through shared memory even where the server could read them
 from the worker's memory (``codec._remote``)."""
@@ -255,8 +256,42 @@ class Worker:
             sys.path.insert(0, str(app_dir))
         thread = ScriptThread(script, args, link, self.report_error)
         log.info("%s: job %s, running %s in-process", self.site, ctx.job_id, runner.get("script"))
-        thread.start()
-        return self._serve(link)
+        if threading.current_thread() is not threading.main_thread():
+            thread.start()
+            return self._serve(link)
+        return self._serve_beside(thread, link)
+
+    def _serve_beside(self, script: ScriptThread, link: LocalLink) -> int:
+        """Run the script in this (the main) thread and serve the server from another one.
+
+        The script's arrays then come from glibc's main heap, which gets huge pages
+        (``fedlift._malloc``), so the server reads results out of this process 2 MiB at a
+        time; and the script may install signal handlers, as in a plain run. When the job
+        ends and the script does not (or serving fails), that thread ends the process.
+        """
+        outcome: list[int] = []
+
+        def serve() -> None:
+            try:
+                code = self._serve(link)
+            except FedliftError as exc:
+                log.error("%s: %s", self.site, exc)
+                self.report_error(f"{type(exc).__name__}: {exc}")
+                code = 1
+            except BaseException:  # a bug here must not leave the script running alone
+                log.exception("%s: the worker failed", self.site)
+                code = 1
+            outcome.append(code)
+            if not link.wait_script(_SCRIPT_EXIT_GRACE):
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)  # the script outlived the job: leave without it
+
+        server = threading.Thread(target=serve, name="fedlift-serve", daemon=True)
+        server.start()
+        script.run()
+        server.join()
+        return outcome[0] if outcome else 1
 
     def _poll_forever(self, events: queue.Queue[tuple[str, Any]], done: threading.Event) -> None:
         """Long-poll the server in the background, so a stop arrives even mid-task."""

@@ -309,3 +309,35 @@ def test_accumulator_holds_one_set_of_sums() -> None:
     np.testing.assert_allclose(
         acc.params()["dense"][1], reference["dense"][1].astype(np.float64) + 41650 / 1275, rtol=1e-5
     )
+
+
+def test_add_many_is_exactly_add_one_after_the_other() -> None:
+    rng = np.random.default_rng(11)
+    results = [
+        FLModel(
+            params={"w": rng.normal(size=(200_003,)).astype(np.float32),  # several blocks
+                    "i": rng.integers(-9, 9, size=(5, 2)), "b": rng.random(4) > 0.5},
+            metrics={"loss": float(k)},
+            meta={"NUM_STEPS_CURRENT_ROUND": k + 1},
+        )
+        for k in range(5)
+    ]  # fmt: skip
+    one_by_one, batched = StreamingMean(results[0].params), StreamingMean(results[0].params)
+    for model in results:
+        one_by_one.add(model)
+    batched.add_many([("a", results[0]), ("b", results[1])])
+    batched.add_many([(f"s{k}", m) for k, m in enumerate(results[2:])])
+    a, b = one_by_one.params(), batched.params()
+    for key in ("w", "i", "b"):
+        np.testing.assert_array_equal(a[key], b[key])  # bit for bit
+    assert one_by_one.metrics() == batched.metrics() and batched.count == 5
+
+
+def test_a_bad_result_in_a_batch_leaves_the_mean_as_it_was() -> None:
+    good = FLModel(params={"w": np.ones(3)}, meta={"NUM_STEPS_CURRENT_ROUND": 1})
+    bad = FLModel(params={"w": np.ones(4)}, meta={"NUM_STEPS_CURRENT_ROUND": 1})
+    mean = StreamingMean(good.params)
+    mean.add(good)
+    with pytest.raises(ConfigError, match="shape"):
+        mean.add_many([("ok", good), ("bad", bad)])
+    assert mean.count == 1 and mean.total_weight == 1

@@ -227,3 +227,35 @@ def test_a_result_whose_process_died_before_it_was_read_fails_the_round(
     assert reply.op == "ok"
     assert len(errors) == 1 and type(errors[0]).__name__ == "ClientFailedError"
     assert "site-1 failed: its result could not be read" in str(errors[0])
+
+
+def test_results_that_queue_up_reach_the_workflow_together() -> None:
+    sites = ["site-1", "site-2", "site-3"]
+    runtime = ServerRuntime("job", sites, {})
+    for site in sites:
+        runtime.handle(Message("register", {"site": site}))
+    batches: list[list[str]] = []
+
+    def on_results(results: list[tuple[str, FLModel]]) -> None:
+        batches.append([site for site, _ in results])
+        if len(batches) == 1:
+            time.sleep(0.5)  # the others arrive meanwhile
+
+    thread = threading.Thread(
+        target=runtime.run_task,
+        args=("train", FLModel(params={"w": np.zeros(3)}), sites),
+        kwargs={"on_result": None, "on_results": on_results, "timeout": 20,
+                "min_responses": 3},
+    )  # fmt: skip
+    thread.start()
+    tasks = {s: runtime.handle(Message("get_task", {"site": s, "wait": 10})) for s in sites}
+    fields, arrays = model_to_wire(FLModel(params={"w": np.ones(3)}))
+    for site in sites:
+        task_id = tasks[site].fields["task_id"]
+        runtime.handle(
+            Message("submit", {"site": site, "task_id": task_id, "model": fields}, arrays)
+        )
+        if site == "site-1":
+            time.sleep(0.2)  # the first is being handled when the others come
+    thread.join(20)
+    assert batches == [["site-1"], ["site-2", "site-3"]]

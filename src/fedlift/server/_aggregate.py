@@ -20,6 +20,7 @@ __all__ = [
     "StreamingMean",
     "apply_update",
     "fold_into",
+    "fold_many_into",
     "weighted_mean",
     "weighted_mean_metrics",
 ]
@@ -38,27 +39,41 @@ def fold_into(acc: np.ndarray, x: np.ndarray, fraction: float) -> None:
     ``x`` may be a :class:`~fedlift.codec._remote.RemoteArray`: each block is read from the
     client's memory into a cache-sized buffer, then folded.
     """
+    fold_many_into(acc, [(x, fraction)])
+
+
+def fold_many_into(acc: np.ndarray, parts: list[tuple[np.ndarray, float]]) -> None:
+    """``fold_into(acc, x, f)`` for each ``(x, f)`` in turn, in one pass over ``acc``.
+
+    Each block of ``acc`` takes every part while it is in the CPU cache, so ``acc`` crosses
+    the memory bus once for the batch instead of once per part; the arithmetic, and so the
+    result, is exactly that of folding the parts one after the other.
+    """
     flat_acc = acc.reshape(-1)
-    remote = not isinstance(x, np.ndarray)
-    flat_x = None if remote else x.reshape(-1)
-    if flat_x is not None and flat_acc.size <= _BLOCK:
-        delta = np.subtract(flat_x, flat_acc, dtype=acc.dtype)
-        delta *= fraction
-        flat_acc += delta
+    if flat_acc.size <= _BLOCK and all(isinstance(x, np.ndarray) for x, _ in parts):
+        for x, fraction in parts:
+            delta = np.subtract(x.reshape(-1), flat_acc, dtype=acc.dtype)
+            delta *= fraction
+            flat_acc += delta
         return
-    scratch = np.empty(min(_BLOCK, flat_acc.size), acc.dtype)
-    fetched = np.empty(min(_BLOCK, flat_acc.size), x.dtype) if remote else None
+    size = min(_BLOCK, flat_acc.size)
+    scratch = np.empty(size, acc.dtype)
+    sources = [
+        (x.reshape(-1), None, f) if isinstance(x, np.ndarray) else (x, np.empty(size, x.dtype), f)
+        for x, f in parts
+    ]
     for start in range(0, flat_acc.size, _BLOCK):
         stop = min(start + _BLOCK, flat_acc.size)
-        tmp = scratch[: stop - start]
-        if fetched is not None:
-            block = fetched[: stop - start]
-            x.read_into(block, start)  # type: ignore[attr-defined]
-        else:
-            block = flat_x[start:stop]  # type: ignore[index]
-        np.subtract(block, flat_acc[start:stop], out=tmp, casting="unsafe")
-        tmp *= fraction
-        flat_acc[start:stop] += tmp
+        tmp, acc_block = scratch[: stop - start], flat_acc[start:stop]
+        for x, fetched, fraction in sources:
+            if fetched is not None:
+                block = fetched[: stop - start]
+                x.read_into(block, start)
+            else:
+                block = x[start:stop]
+            np.subtract(block, acc_block, out=tmp, casting="unsafe")
+            tmp *= fraction
+            acc_block += tmp
 
 
 class StreamingMean:
@@ -94,20 +109,32 @@ class StreamingMean:
 
     def add(self, model: FLModel, source: str = "a client") -> None:
         """Fold ``model`` (params weighted by its ``NUM_STEPS_CURRENT_ROUND``) into the mean."""
-        weight = model.weight()
+        self.add_many([(source, model)])
+
+    def add_many(self, results: list[tuple[str, FLModel]]) -> None:
+        """Fold several ``(source, model)`` results, exactly as ``add`` one after the other,
+        in one pass over the sums (results that queued up while the last was folded)."""
         # Validate before changing any state: a rejected result leaves the mean as it was.
-        arrays = None if model.params is None else self._validated(model, source)
-        self._add_metrics(model.metrics, weight)
-        self.count += 1
-        if arrays is None:
+        validated = [
+            (model, None if model.params is None else self._validated(model, source))
+            for source, model in results
+        ]
+        parts: list[tuple[list[np.ndarray], float]] = []
+        for model, arrays in validated:
+            weight = model.weight()
+            self._add_metrics(model.metrics, weight)
+            self.count += 1
+            if arrays is None:
+                continue
+            self._weight += weight
+            if self._sums is None:
+                self._sums = self._new_sums(arrays)
+                continue
+            parts.append((arrays, weight / self._weight))
+        if not parts or self._sums is None:
             return
-        self._weight += weight
-        fraction = weight / self._weight
-        if self._sums is None:
-            self._sums = self._new_sums(arrays)
-            return
-        for acc, x in zip(self._sums, arrays, strict=True):
-            fold_into(acc, x, fraction)
+        for i, acc in enumerate(self._sums):
+            fold_many_into(acc, [(arrays[i], fraction) for arrays, fraction in parts])
 
     def _new_sums(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
         specs = [(a.shape, _acc_dtype(a.dtype)) for a in arrays]

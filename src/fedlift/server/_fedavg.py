@@ -48,10 +48,12 @@ class Controller(Protocol):
         timeout: float,
         min_responses: int,
         lazy_results: bool = False,
+        on_results: Callable[[list[tuple[str, FLModel]]], None] | None = None,
     ) -> list[str]:
         """Send ``model`` to ``sites``; call ``on_result`` for each result as it arrives;
         return the sites that answered (see :meth:`ServerRuntime.run_task`).
-        ``lazy_results``: ``on_result`` accepts params it must read during the call."""
+        ``lazy_results``: ``on_result`` accepts params it must read during the call;
+        ``on_results``: takes the results that arrived together, instead of ``on_result``."""
         ...
 
 
@@ -129,6 +131,7 @@ class FedAvg:
                 timeout=self.round_timeout,
                 min_responses=self.min_clients,
                 lazy_results=True,  # StreamingMean reads each result as it folds it
+                on_results=mean.add_many,  # queued results: one pass over the sums
             )
             new_params = self._update(params, mean)
             record = recorder.record(

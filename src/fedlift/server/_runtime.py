@@ -47,6 +47,7 @@ __all__ = ["LogRecord", "ServerRuntime"]
 log = logging.getLogger("fedlift.server")
 
 _MAX_POLL_SECONDS = 30.0
+_MAX_BATCH = 16  # results handed to on_results at once
 _READ_CHECK_SECONDS = 0.5  # a held submit re-checks that its round still runs
 _OPS = frozenset({"get_task", "submit", "client_error", "log"})
 
@@ -330,6 +331,7 @@ class ServerRuntime:
         timeout: float,
         min_responses: int,
         lazy_results: bool = False,
+        on_results: Callable[[list[tuple[str, FLModel]]], None] | None = None,
     ) -> list[str]:
         """Send ``model`` as task ``task_name`` to ``sites`` and hand each result to ``on_result``.
 
@@ -337,7 +339,9 @@ class ServerRuntime:
         fails, and :class:`RoundTimeoutError` when fewer than ``min_responses`` answered
         within ``timeout`` seconds. With ``lazy_results`` a result's params may hold
         :class:`~fedlift.codec._remote.RemoteArray` leaves, valid only during ``on_result``
-        (an aggregator reads them block by block); otherwise they are numpy arrays.
+        (an aggregator reads them block by block); otherwise they are numpy arrays. With
+        ``on_results`` the results that have queued up meanwhile arrive together, as
+        ``[(site, model), ...]`` (so an aggregator can fold them in one pass).
         """
         task_id = uuid.uuid4().hex
         fields, arrays = model_to_wire(model)
@@ -359,15 +363,19 @@ class ServerRuntime:
             self._raise_if_failed()
             self._active_task = task_id
         dispatch()
+        held: _Event | None = None  # taken off the queue while gathering a batch; next
         try:
             while active:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                try:
-                    event = self._events.get(timeout=remaining)
-                except queue.Empty:
-                    break
+                if held is not None:
+                    event, held = held, None
+                else:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    try:
+                        event = self._events.get(timeout=remaining)
+                    except queue.Empty:
+                        break
                 if event.kind == "failure":
                     raise ClientFailedError(f"{event.site} failed:\n{event.text}")
                 if event.kind == "stop":
@@ -379,24 +387,25 @@ class ServerRuntime:
                 active.discard(event.site)
                 if event.model is None:
                     continue
-                result = event.model
-                try:
-                    _shm.prefetch(event.arrays)  # queued results were mapped lazily
-                    if not lazy_results and event.read is not None:
-                        result = replace(result, params=_remote.materialize(result.params))
-                    on_result(event.site, result)
-                except ProtocolError as exc:
-                    if event.read is None:
-                        raise
-                    # Its process went away while its result was being read (killed): the
-                    # aggregate may hold part of it, so the round cannot go on.
-                    raise ClientFailedError(
-                        f"{event.site} failed: its result could not be read from its process "
-                        f"({exc})"
-                    ) from None
-                finally:
-                    event.release()  # the client's submit returns: its memory is its own again
-                answered.append(event.site)
+                batch = [event]
+                while on_results is not None and len(batch) < _MAX_BATCH:
+                    # Results that queued up while the last ones were folded go together.
+                    try:
+                        queued = self._events.get_nowait()
+                    except queue.Empty:
+                        break
+                    if not (
+                        queued.kind == "result"
+                        and queued.task_id == task_id
+                        and queued.site in active
+                        and queued.model is not None
+                    ):
+                        held = queued
+                        break
+                    active.discard(queued.site)
+                    batch.append(queued)
+                self._consume(batch, on_result, on_results, lazy_results)
+                answered.extend(e.site for e in batch)
                 dispatch()
         finally:
             with self._cond:
@@ -424,6 +433,41 @@ class ServerRuntime:
                 ", ".join(sorted(set(sites) - set(answered))),
             )
         return answered
+
+    @staticmethod
+    def _consume(
+        batch: list[_Event],
+        on_result: Callable[[str, FLModel], None],
+        on_results: Callable[[list[tuple[str, FLModel]]], None] | None,
+        lazy_results: bool,
+    ) -> None:
+        """Hand results to the workflow, then let their clients' ``submit`` return."""
+        try:
+            results = []
+            for event in batch:
+                _shm.prefetch(event.arrays)  # queued results were mapped lazily
+                model = event.model
+                if model is not None and not lazy_results and event.read is not None:
+                    model = replace(model, params=_remote.materialize(model.params))
+                if model is not None:
+                    results.append((event.site, model))
+            if on_results is not None:
+                on_results(results)
+            else:
+                for site, model in results:
+                    on_result(site, model)
+        except ProtocolError as exc:
+            remote = [e.site for e in batch if e.read is not None]
+            if not remote:
+                raise
+            # A process went away while its result was being read (killed): the aggregate
+            # may hold part of it, so the round cannot go on.
+            raise ClientFailedError(
+                f"{', '.join(remote)} failed: its result could not be read from its process ({exc})"
+            ) from None
+        finally:
+            for event in batch:
+                event.release()  # the client's submit returns: its memory is its own again
 
     def stop(self, reason: str, failed: bool = False) -> None:
         """Tell every client to stop (their next or current ``get_task`` returns ``stop``)."""

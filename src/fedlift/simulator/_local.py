@@ -256,7 +256,10 @@ class LocalController:
         timeout: float,
         min_responses: int,
         lazy_results: bool = False,  # results here are always plain arrays
+        on_results: Callable[[list[tuple[str, FLModel]]], None] | None = None,
     ) -> list[str]:
+        if on_results is not None:
+            on_result = lambda site, model: on_results([(site, model)])  # noqa: E731
         deadline = time.monotonic() + timeout
         task = TaskSpec.of(task_name, model)
         size = max(1, self._pool.batch_size(task, len(sites)))

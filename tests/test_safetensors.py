@@ -83,3 +83,42 @@ def test_recycled_saves_swap_two_files_and_stay_atomic(tmp_path: Path) -> None:
     assert inodes[0] != inodes[1]
     # The spare holds the previous model, complete (a crash mid-write damages only it).
     np.testing.assert_array_equal(load_safetensors(spare_path(path))["w"], np.full(8, 2))
+
+
+def test_the_background_writer_lets_go_of_the_model_before_the_fsync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gc
+    import threading
+    import weakref
+
+    from fedlift._atomic import StagedFile
+    from fedlift.server._store import ArraysFormat, RunRecorder
+
+    released = threading.Event()
+    alive_at_publish: list[bool] = []
+
+    class Waiting(ArraysFormat):
+        def stage(self, params: object, path: Path) -> StagedFile:
+            staged = super().stage(params, path)
+            released.wait(10)  # the caller drops its own reference meanwhile
+            return staged
+
+    publish = StagedFile.publish
+
+    def checking_publish(self: StagedFile) -> None:
+        gc.collect()
+        alive_at_publish.append(ref() is not None)
+        publish(self)
+
+    monkeypatch.setattr(StagedFile, "publish", checking_publish)
+    recorder = RunRecorder(tmp_path, Waiting())
+    weights = np.full(1000, 7.0, np.float32)
+    ref = weakref.ref(weights)
+    recorder.save_global({"w": weights}, 0)
+    del weights
+    released.set()
+    recorder.flush()
+    recorder.close()
+    assert alive_at_publish[:1] == [False]  # the model's fsync ran without it held
+    np.testing.assert_array_equal(load_safetensors(recorder.global_model_path)["w"], 7.0)

@@ -25,6 +25,7 @@ __all__ = [
     "atomic_write_text",
     "atomic_writer",
     "spare_path",
+    "StagedFile",
 ]
 
 
@@ -78,34 +79,65 @@ def spare_path(path: str | os.PathLike[str]) -> Path:
     return target.with_name(f".{target.name}.spare")
 
 
+class StagedFile:
+    """A file written beside ``path``; :meth:`publish` makes it ``path`` (fsync, rename).
+
+    Split in two so that a writer can let go of what it wrote from (a model's arrays) as
+    soon as the bytes are in the page cache, before the slow part: the disk's fsync.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, recycle: bool = False) -> None:
+        self.target = Path(path)
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self._recycle = recycle
+        self._spare = spare_path(self.target)
+        if recycle and self._spare.is_file() and self.target.is_file():
+            fd = os.open(self._spare, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+            self._tmp, mode = str(self._spare), "r+b"
+        else:
+            fd, self._tmp = tempfile.mkstemp(
+                prefix=f".{self.target.name}.", suffix=".tmp", dir=self.target.parent
+            )
+            mode = "wb"
+        self.handle: IO[bytes] = os.fdopen(fd, mode)
+
+    def publish(self) -> None:
+        """Flush to disk, then replace the target with this file in one step."""
+        try:
+            with self.handle:
+                self.handle.truncate()
+                self.handle.flush()
+                os.fsync(self.handle.fileno())
+            target, tmp = self.target, self._tmp
+            if not (self._recycle and target.is_file() and _exchange(Path(tmp), target)):
+                os.replace(tmp, target)
+            elif tmp != str(self._spare):
+                os.replace(tmp, self._spare)  # the old file, swapped out: next time's spare
+            _fsync_dir(target.parent)
+        except BaseException:
+            self.discard()
+            raise
+
+    def discard(self) -> None:
+        self.handle.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._tmp)
+
+
 @contextlib.contextmanager
 def atomic_writer(
     path: str | os.PathLike[str], mode: str = "wb", *, recycle: bool = False
 ) -> Iterator[IO[bytes]]:
     """Open a temporary file beside ``path``; on success it replaces ``path`` at once."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    spare = spare_path(target)
-    if recycle and mode == "wb" and spare.is_file() and target.is_file():
-        fd, tmp = os.open(spare, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW), str(spare)
-        mode = "r+b"
-    else:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    if mode != "wb":
+        raise ValueError(f"atomic_writer writes bytes; received: mode={mode!r}.")
+    staged = StagedFile(path, recycle=recycle)
     try:
-        with os.fdopen(fd, mode) as handle:
-            yield handle
-            handle.truncate()
-            handle.flush()
-            os.fsync(handle.fileno())
-        if not (recycle and target.is_file() and _exchange(Path(tmp), target)):
-            os.replace(tmp, target)
-        elif tmp != str(spare):
-            os.replace(tmp, spare)  # the old file, swapped out: next time's spare
-        _fsync_dir(target.parent)
+        yield staged.handle
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        staged.discard()
         raise
+    staged.publish()
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:

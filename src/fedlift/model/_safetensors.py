@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .._atomic import atomic_writer
+from .._atomic import StagedFile
 from ..errors import ConfigError
 from ._tree import ParamTree, flat_keys, flatten, unflatten
 
-__all__ = ["load_safetensors", "save_safetensors"]
+__all__ = ["load_safetensors", "save_safetensors", "stage_safetensors"]
 
 _TO_ST = {
     "|b1": "BOOL", "|u1": "U8", "|i1": "I8", "<u2": "U16", "<i2": "I16", "<u4": "U32",
@@ -32,6 +32,12 @@ _MAX_HEADER = 100 * 1024 * 1024
 
 def save_safetensors(params: ParamTree, path: Path, *, recycle: bool = False) -> None:
     """Write ``params`` atomically as ``.safetensors`` (``recycle``: see ``_atomic``)."""
+    stage_safetensors(params, path, recycle=recycle).publish()
+
+
+def stage_safetensors(params: ParamTree, path: Path, *, recycle: bool = False) -> StagedFile:
+    """Write ``params`` beside ``path``; the caller publishes it (fsync, rename) once it has
+    let go of ``params``."""
     structure, arrays = flatten(params)
     header: dict[str, object] = {"__metadata__": {_STRUCTURE: json.dumps(structure)}}
     offset = 0
@@ -52,12 +58,18 @@ def save_safetensors(params: ParamTree, path: Path, *, recycle: bool = False) ->
         prepared.append(array)
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
-    with atomic_writer(path, recycle=recycle) as handle:
+    staged = StagedFile(path, recycle=recycle)
+    try:
+        handle = staged.handle
         handle.write(struct.pack("<Q", len(text)))
         handle.write(text)
         for array in prepared:
             if array.nbytes:
                 handle.write(array.reshape(-1).view(np.uint8).data)
+    except BaseException:
+        staged.discard()
+        raise
+    return staged
 
 
 def load_safetensors(path: Path) -> ParamTree:

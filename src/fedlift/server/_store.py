@@ -20,11 +20,11 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .._atomic import atomic_path, atomic_write_text, atomic_writer, spare_path
+from .._atomic import StagedFile, atomic_path, atomic_write_text, atomic_writer, spare_path
 from ..errors import ConfigError, ProtocolError
 from ..model import ParamTree, flat_keys, flatten, unflatten
 from ..model._keras import keras_params, load_keras_model, set_keras_params
-from ..model._safetensors import load_safetensors, save_safetensors
+from ..model._safetensors import load_safetensors, save_safetensors, stage_safetensors
 from ._runtime import LogRecord
 
 __all__ = [
@@ -111,6 +111,10 @@ class ArraysFormat:
 
     def save(self, params: ParamTree, path: Path) -> None:
         save_safetensors(params, path, recycle=self.recycle)
+
+    def stage(self, params: ParamTree, path: Path) -> StagedFile:
+        """The bytes of :meth:`save`, not yet published (see ``StagedFile``)."""
+        return stage_safetensors(params, path, recycle=self.recycle)
 
     def load(self, path: Path) -> ParamTree:
         return load_params(path)
@@ -209,7 +213,7 @@ class _BackgroundWriter:
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
-        self._pending: dict[str, Callable[[], None]] = {}
+        self._pending: dict[str, Callable[[], object]] = {}
         self._busy = False
         self._error: BaseException | None = None
         self._closed = False
@@ -221,7 +225,9 @@ class _BackgroundWriter:
             error, self._error = self._error, None
             raise error
 
-    def submit(self, key: str, job: Callable[[], None]) -> None:
+    def submit(self, key: str, job: Callable[[], object]) -> None:
+        """Run ``job`` in the background; if it returns a callable, that runs right after,
+        once ``job`` itself (and what it holds) has been let go."""
         with self._cond:
             self._raise()
             self._pending.pop(key, None)
@@ -236,10 +242,13 @@ class _BackgroundWriter:
                 if not self._pending:
                     return
                 key = next(iter(self._pending))
-                job = self._pending.pop(key)
+                job: Callable[[], object] | None = self._pending.pop(key)
                 self._busy = True
             try:
-                job()
+                finish = job() if job is not None else None
+                job = None  # what it wrote from (a model) can go before the slow part
+                if callable(finish):
+                    finish()
             except BaseException as exc:  # handed to the workflow at its next call
                 log.error("writing %s failed: %s", key, exc)
                 with self._cond:
@@ -436,7 +445,24 @@ class RunRecorder:
             if self._checkpoints:
                 self._write_checkpoint(params, state)
 
-        self._writer.submit("global", write)
+        stage = getattr(self._format, "stage", None)
+        if self._checkpoints or stage is None:
+            self._writer.submit("global", write)
+            return
+
+        def write_then_publish() -> Callable[[], None]:
+            # The bytes go to the page cache while the params are held (~a copy); the fsync
+            # (seconds for a large model on a slow disk) runs after they are let go, so the
+            # global model's memory can be reused meanwhile.
+            staged = stage(params, self.global_model_path)
+
+            def publish() -> None:
+                staged.publish()
+                atomic_write_text(self.directory / "state.json", json.dumps(state, indent=2) + "\n")
+
+            return publish
+
+        self._writer.submit("global", write_then_publish)
 
     def _write_checkpoint(self, params: ParamTree, state: dict[str, Any]) -> None:
         folder = self.directory / CHECKPOINT_DIR

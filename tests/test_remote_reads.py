@@ -107,7 +107,11 @@ def _forged(remote: object, specs: list[object]) -> bytearray:
         ({"pid": 1, "regions": [[-1, 4]]}, [["<f4", [1], 0]], "bad remote region"),
         ({"pid": 1, "regions": [[4096, 8]]}, [["<f4", [1], 0]], "8 bytes named for"),
         ({"pid": 1, "regions": [[4096, 4]]}, [["|O", [1], 0]], "not allowed"),
-        ({"pid": 1, "regions": [[4096, 4]]}, [["<f4", ["1"], 0]], "not a list of sizes"),
+        (
+            {"pid": 1, "regions": [[4096, 4]]},
+            [["<f4", ["1"], 0]],
+            "not a list of non-negative ints",
+        ),
     ],
 )
 def test_bad_remote_references_are_refused(

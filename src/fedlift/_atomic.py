@@ -125,12 +125,8 @@ class StagedFile:
 
 
 @contextlib.contextmanager
-def atomic_writer(
-    path: str | os.PathLike[str], mode: str = "wb", *, recycle: bool = False
-) -> Iterator[IO[bytes]]:
+def atomic_writer(path: str | os.PathLike[str], *, recycle: bool = False) -> Iterator[IO[bytes]]:
     """Open a temporary file beside ``path``; on success it replaces ``path`` at once."""
-    if mode != "wb":
-        raise ValueError(f"atomic_writer writes bytes; received: mode={mode!r}.")
     staged = StagedFile(path, recycle=recycle)
     try:
         yield staged.handle

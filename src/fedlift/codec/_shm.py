@@ -7,17 +7,17 @@ private and writable, and no byte is copied on the way). Two kinds of segment:
 
 * *transfer* segments are written for one message; the receiver unlinks the name as soon
   as it has mapped it (the sender unlinks it if the message never arrived);
-* *owned* segments hold arrays this process keeps (the server's global model): a message
-  whose arrays all lie in one is sent by reference, to any number of receivers, and the
-  name is unlinked when the last array using it is gone;
-* *pooled* segments (:class:`SegmentPool`) are owned segments that are written again once
-  nobody uses them, so a round's model lands in pages that are already mapped (a fresh
-  page costs more than copying into it). Every reader holds a shared ``flock`` on the
-  segment for as long as its mapping lives (a crashed reader's lock goes with it); the
-  owner rewrites a segment only when its own arrays are gone and an exclusive lock can be
-  taken, and bumps a generation number in the segment's first bytes first. A message names
-  the generation it was sent with; a reader that maps the segment after it was rewritten
-  (a stale message) gets a ProtocolError instead of another round's numbers.
+* *owned* segments (:class:`SegmentPool`) hold arrays this process keeps (the server's
+  global model): a message whose arrays all lie in one is sent by reference, to any number
+  of receivers. They are written again once nobody uses them, so a round's model lands in
+  pages that are already mapped (a fresh page costs more than copying into it); those the
+  pool does not keep are unlinked when their last array is gone. Every reader holds a
+  shared ``flock`` on the segment for as long as its mapping lives (a crashed reader's lock
+  goes with it); the owner rewrites a segment only when its own arrays are gone and an
+  exclusive lock can be taken, and bumps a generation number in the segment's first bytes
+  first. A message names the generation it was sent with; a reader that maps the segment
+  after it was rewritten (a stale message) gets a ProtocolError instead of another round's
+  numbers.
 
 Names are ``fedlift-SESSION-PID-N-RANDOM``; :func:`sweep` removes a session's leftovers
 (a process killed between create and unlink), so nothing is leaked in ``/dev/shm``.
@@ -48,7 +48,6 @@ __all__ = [
     "SESSION_ENV",
     "SHM_DIR",
     "SegmentPool",
-    "allocate",
     "available",
     "create_transfer",
     "locate",
@@ -74,8 +73,8 @@ class _Owned:
     base: int
     size: int
     ref: weakref.ref[mmap.mmap]
-    gen: int | None = None
-    """A pooled segment's current generation (None: not pooled)."""
+    gen: int
+    """The segment's current generation."""
 
 
 _MAGIC = b"FLSEG\x00\x00\x01"
@@ -147,17 +146,6 @@ def _views(
         ).reshape(shape)
         for (shape, dtype), off in zip(specs, offsets, strict=True)
     ]
-
-
-def allocate(specs: list[tuple[tuple[int, ...], np.dtype[Any]]]) -> list[np.ndarray]:
-    """Arrays of these shapes and dtypes in one owned segment (zeroed), laid out like a
-    message payload so they can be sent by reference."""
-    offsets, total = _layout(specs, 0)
-    name, buffer = _create(max(total, 1))
-    with _lock:
-        _owned[name] = _Owned(_base_address(buffer), len(buffer), weakref.ref(buffer))
-    weakref.finalize(buffer, _forget, name)
-    return _views(buffer, specs, offsets)
 
 
 class _Pooled:
@@ -278,15 +266,9 @@ class SegmentPool:
             unlink(segment.name)
 
 
-def _forget(name: str) -> None:
-    with _lock:
-        _owned.pop(name, None)
-    unlink(name)
-
-
-def locate(arrays: list[np.ndarray]) -> tuple[str, int, list[int], int | None] | None:
+def locate(arrays: list[np.ndarray]) -> tuple[str, int, list[int], int] | None:
     """If every non-empty array lies in one owned segment: (name, size, their offsets, its
-    generation when pooled)."""
+    generation)."""
     with _lock:
         entries = [(name, e) for name, e in _owned.items() if e.ref() is not None]
     chosen: tuple[str, _Owned] | None = None

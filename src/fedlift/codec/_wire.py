@@ -184,9 +184,7 @@ def encode(
             name, size, offsets, gen = placed
             for spec, at in zip(specs, offsets, strict=True):
                 spec[2] = at
-            header_obj["shm"] = {"name": name, "size": size, "unlink": False}
-            if gen is not None:
-                header_obj["shm"]["gen"] = gen
+            header_obj["shm"] = {"name": name, "size": size, "unlink": False, "gen": gen}
         elif remote_pid is not None and offset >= REMOTE_MIN_BYTES and _remote.available():
             header_obj["remote"] = {"pid": remote_pid, "regions": _remote.regions(payload)}
             keep = tuple(payload)
@@ -381,21 +379,7 @@ def _remote_arrays(
             and all(_is_int(v) and 0 <= v < 2**64 for v in region)
         ):
             raise ProtocolError(f"array {i}: bad remote region {region!r:.80}")
-        if not (isinstance(spec, list) and len(spec) == 3):
-            raise ProtocolError(f"array {i}: spec must be [dtype, shape, offset]; got {spec!r:.80}")
-        dtype_str, shape, _ = spec
-        if dtype_str not in ALLOWED_DTYPES:
-            raise ProtocolError(f"array {i}: dtype {dtype_str!r:.20} is not allowed on the wire.")
-        dtype = np.dtype(dtype_str)
-        if not (
-            isinstance(shape, list)
-            and len(shape) <= _MAX_NDIM
-            and all(_is_int(d) and d >= 0 for d in shape)
-        ):
-            raise ProtocolError(f"array {i}: shape {shape!r:.80} is not a list of sizes.")
-        count = 1
-        for d in shape:
-            count *= d
+        dtype, shape, _, count = _spec_parts(i, spec)
         if count * dtype.itemsize != region[1]:
             raise ProtocolError(
                 f"array {i}: {region[1]} bytes named for a {dtype} array of shape {shape}."
@@ -411,6 +395,25 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _spec_parts(i: int, spec: Any) -> tuple[np.dtype[Any], list[int], Any, int]:
+    """A validated ``[dtype, shape, offset]``: dtype, shape, the (unchecked) offset, count."""
+    if not (isinstance(spec, list) and len(spec) == 3):
+        raise ProtocolError(f"array {i}: spec must be [dtype, shape, offset]; got {spec!r:.80}")
+    dtype_str, shape, offset = spec
+    if dtype_str not in ALLOWED_DTYPES:
+        raise ProtocolError(f"array {i}: dtype {dtype_str!r:.20} is not allowed on the wire.")
+    if (
+        not isinstance(shape, list)
+        or len(shape) > _MAX_NDIM
+        or not all(_is_int(d) and d >= 0 for d in shape)
+    ):
+        raise ProtocolError(f"array {i}: shape {shape!r:.80} is not a list of non-negative ints.")
+    count = 1
+    for d in shape:
+        count *= d
+    return np.dtype(dtype_str), shape, offset, count
+
+
 def _array_from_spec(
     view: memoryview,
     i: int,
@@ -420,27 +423,13 @@ def _array_from_spec(
     expected_offset: Any,
     shared: bool = False,
 ) -> np.ndarray:
-    if not (isinstance(spec, list) and len(spec) == 3):
-        raise ProtocolError(f"array {i}: spec must be [dtype, shape, offset]; got {spec!r:.80}")
-    dtype_str, shape, offset = spec
-    if dtype_str not in ALLOWED_DTYPES:
-        raise ProtocolError(f"array {i}: dtype {dtype_str!r:.20} is not allowed on the wire.")
-    if (
-        not isinstance(shape, list)
-        or len(shape) > _MAX_NDIM
-        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
-    ):
-        raise ProtocolError(f"array {i}: shape {shape!r:.80} is not a list of non-negative ints.")
-    if not isinstance(offset, int) or isinstance(offset, bool) or offset != expected_offset:
+    dtype, shape, offset, count = _spec_parts(i, spec)
+    if not _is_int(offset) or offset != expected_offset:
         raise ProtocolError(
             f"array {i}: offset {offset!r:.20} is not the expected {expected_offset}."
         )
-    dtype = np.dtype(dtype_str)
     if shared and (offset < 0 or offset % dtype.itemsize):
         raise ProtocolError(f"array {i}: offset {offset} is not aligned for {dtype}.")
-    count = 1
-    for d in shape:
-        count *= d
     nbytes = count * dtype.itemsize
     if offset + nbytes > data_len:
         raise ProtocolError(

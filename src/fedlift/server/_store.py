@@ -439,14 +439,18 @@ class RunRecorder:
             "key_metric": self.key_metric,
         }
 
-        def write() -> None:
-            self._format.save(params, self.global_model_path)
+        def write_state() -> None:
             atomic_write_text(self.directory / "state.json", json.dumps(state, indent=2) + "\n")
-            if self._checkpoints:
-                self._write_checkpoint(params, state)
 
         stage = getattr(self._format, "stage", None)
         if self._checkpoints or stage is None:
+
+            def write() -> None:
+                self._format.save(params, self.global_model_path)
+                write_state()
+                if self._checkpoints:
+                    self._write_checkpoint(params, state)
+
             self._writer.submit("global", write)
             return
 
@@ -458,7 +462,7 @@ class RunRecorder:
 
             def publish() -> None:
                 staged.publish()
-                atomic_write_text(self.directory / "state.json", json.dumps(state, indent=2) + "\n")
+                write_state()
 
             return publish
 

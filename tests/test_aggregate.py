@@ -341,3 +341,66 @@ def test_a_bad_result_in_a_batch_leaves_the_mean_as_it_was() -> None:
     with pytest.raises(ConfigError, match="shape"):
         mean.add_many([("ok", good), ("bad", bad)])
     assert mean.count == 1 and mean.total_weight == 1
+
+
+def test_a_fold_split_over_threads_is_bit_identical(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Large folds run on several threads, each on its own share of the elements; the
+    result must not depend on the split (nor on the block size)."""
+    from fedlift.server import _aggregate
+
+    rng = np.random.default_rng(5)
+    trees = [
+        {"a": rng.normal(size=(301, 7)).astype(np.float32),
+         "b": rng.normal(size=(5_003,)).astype(np.float32),
+         "c": rng.integers(-50, 50, size=(999,)), "d": np.zeros(0, np.float32)}
+        for _ in range(4)
+    ]  # fmt: skip
+    results = [result(t, w) for t, w in zip(trees, [3, 1, 3, 7], strict=True)]
+
+    def mean_of(threads: int, block_bytes: int) -> dict[str, Any]:
+        monkeypatch.setattr(_aggregate, "_thread_count", lambda: threads)
+        monkeypatch.setattr(_aggregate, "_THREAD_MIN", 1)
+        monkeypatch.setattr(_aggregate, "_BLOCK_BYTES", block_bytes)
+        acc = StreamingMean(trees[0])
+        acc.add_many([("s0", results[0]), ("s1", results[1])])
+        acc.add(results[2], "s2")
+        acc.add(results[3], "s3")
+        return acc.params()
+
+    one = mean_of(1, 1 << 20)
+    for threads, block in ((2, 4096), (3, 1 << 20), (4, 8192)):
+        other = mean_of(threads, block)
+        for key in one:
+            np.testing.assert_array_equal(one[key], other[key])
+    want = hand_mean([{k: [v] for k, v in t.items()} for t in trees], [3, 1, 3, 7])
+    np.testing.assert_allclose(one["a"], want["a"][0], rtol=1e-5, atol=1e-6)
+    assert one["c"].dtype == trees[0]["c"].dtype
+
+
+def test_split_covers_every_element_once() -> None:
+    from fedlift.server._aggregate import _split
+
+    pieces = [(0, 0, 10), (1, 0, 3), (2, 0, 20)]
+    for count in (1, 2, 3, 5, 33):
+        shares = _split(pieces, 33, count)
+        assert len(shares) <= count
+        covered = sorted((i, k) for share in shares for i, lo, hi in share for k in range(lo, hi))
+        assert covered == sorted((i, k) for i, lo, hi in pieces for k in range(lo, hi))
+
+
+def test_float16_sums_do_not_overflow_with_uneven_weights() -> None:
+    # Weighted sums of float16 would reach 1000 + 1000 * 1000 > 65504 (float16's maximum).
+    a = {"w": np.array([1000.0, -1000.0], np.float16)}
+    mean = weighted_mean([result(a, 1), result(a, 1000)]).params()
+    assert mean["w"].dtype == np.float16
+    np.testing.assert_array_equal(mean["w"], a["w"])
+
+
+def test_results_added_after_params_still_count() -> None:
+    xs = [np.array([0.0, 8.0], np.float32), np.array([4.0, 0.0], np.float32)]
+    acc = StreamingMean({"w": xs[0]})
+    acc.add(result({"w": xs[0]}, 1))
+    acc.add(result({"w": xs[1]}, 3))
+    np.testing.assert_allclose(acc.params()["w"], [3.0, 2.0])  # (0 + 12) / 4, (8 + 0) / 4
+    acc.add(result({"w": np.array([8.0, 8.0], np.float32)}, 4))
+    np.testing.assert_allclose(acc.params()["w"], [5.5, 5.0])  # (12 + 32) / 8, (8 + 32) / 8

@@ -67,6 +67,8 @@ def files_under(folder: Path) -> list[str]:
         ({"initial_model": "model.keras"}, "must be a Keras model or a params tree"),
         ({"initial_model": {"w": [1.0, "x"]}}, "'w/0'"),
         ({"initial_model": {3: np.ones(1)}}, "keys must be strings"),
+        ({"save_interval": -1}, "FedAvgJob(save_interval=...) is the most often, in seconds"),
+        ({"save_interval": "1"}, "(0: every round); received: '1'"),
     ],
 )
 def test_fedavg_job_argument_errors(kwargs: dict[str, Any], phrase: str) -> None:
@@ -198,9 +200,10 @@ def test_re_export_replaces_the_folder(tmp_path: Path) -> None:
 
 
 def test_load_job_round_trip(tmp_path: Path) -> None:
-    job = make_job(tmp_path, round_timeout=120, final_evaluation=False)
+    job = make_job(tmp_path, round_timeout=120, final_evaluation=False, save_interval=0)
     folder = job.export_job(tmp_path / "jobs")
     config, root = load_job(folder)
+    assert config.workflow.save_interval == 0.0
     assert root == folder
     assert isinstance(config, JobConfig)
     assert config.name == "demo"
@@ -286,6 +289,11 @@ def test_load_job_invalid_json(exported: Path) -> None:
         (lambda d: d.pop("name"), "lacks 'name'"),
         (lambda d: d["workflow"].update(rounds=3), "unexpected keyword argument 'rounds'"),
         (lambda d: d["workflow"].update(type="fedprox"), "workflow type 'fedprox' is unknown"),
+        (
+            lambda d: d["workflow"].update(save_interval=-0.5),
+            "workflow.save_interval must be a number of seconds >= 0; received: -0.5",
+        ),
+        (lambda d: d["workflow"].update(save_interval=None), "received: None"),
         (lambda d: d.update(initial_model="gone.npz"), "the initial model 'gone.npz' is missing"),
     ],
 )

@@ -122,3 +122,63 @@ def test_the_background_writer_lets_go_of_the_model_before_the_fsync(
     recorder.close()
     assert alive_at_publish[:1] == [False]  # the model's fsync ran without it held
     np.testing.assert_array_equal(load_safetensors(recorder.global_model_path)["w"], 7.0)
+
+
+def test_save_interval_skips_models_but_always_writes_the_last(tmp_path: Path) -> None:
+    from fedlift.server._store import ArraysFormat, RunRecorder
+
+    def written() -> tuple[int, float]:
+        recorder.flush()
+        state = json.loads((tmp_path / "state.json").read_text())
+        return state["round_done"], float(load_safetensors(recorder.global_model_path)["w"][0])
+
+    recorder = RunRecorder(tmp_path, ArraysFormat(), save_interval=3600)
+    recorder.save_global({"w": np.full(4, 0.0, np.float32)}, 0)
+    assert written() == (0, 0.0)  # the first model is written
+    recorder.save_global({"w": np.full(4, 1.0, np.float32)}, 1)
+    recorder.save_global({"w": np.full(4, 2.0, np.float32)}, 2)
+    assert written() == (0, 0.0)  # within the interval: skipped
+    recorder.save_global({"w": np.full(4, 3.0, np.float32)}, 3, final=True)
+    assert written() == (3, 3.0)  # the last one always
+    recorder.close()
+
+    every = RunRecorder(tmp_path / "every", ArraysFormat(), save_interval=0)
+    for k in range(3):
+        every.save_global({"w": np.full(4, float(k), np.float32)}, k)
+        every.flush()
+        assert json.loads((tmp_path / "every" / "state.json").read_text())["round_done"] == k
+    every.close()
+    with pytest.raises(ConfigError, match="save_interval must be a number of seconds >= 0"):
+        RunRecorder(tmp_path / "bad", ArraysFormat(), save_interval=-1)
+
+
+def test_the_next_save_waits_until_the_last_one_let_go_of_its_model(tmp_path: Path) -> None:
+    """A model being written is never held into the round after next, where its (pooled)
+    memory is wanted back: save_global waits for the write to let go of it first."""
+    import threading
+
+    from fedlift._atomic import StagedFile
+    from fedlift.server._store import ArraysFormat, RunRecorder
+
+    go_on = threading.Event()
+    staging = threading.Event()
+
+    class Slow(ArraysFormat):
+        def stage(self, params: object, path: Path) -> StagedFile:
+            staging.set()
+            go_on.wait(10)  # a disk slower than a round
+            return super().stage(params, path)
+
+    recorder = RunRecorder(tmp_path, Slow(), save_interval=0)
+    recorder.save_global({"w": np.zeros(4, np.float32)}, 0)
+    assert staging.wait(10)
+    second = threading.Thread(target=recorder.save_global, args=({"w": np.ones(4, np.float32)}, 1))
+    second.start()
+    second.join(0.3)
+    assert second.is_alive()  # still waiting: the first write holds its model
+    go_on.set()
+    second.join(10)
+    assert not second.is_alive()
+    recorder.close()
+    assert json.loads((tmp_path / "state.json").read_text())["round_done"] == 1
+    np.testing.assert_array_equal(load_safetensors(recorder.global_model_path)["w"], 1.0)

@@ -51,6 +51,8 @@ class WorkflowConfig:
     round_timeout: float = 3600.0
     register_timeout: float = 600.0
     final_evaluation: bool = True
+    save_interval: float = 1.0
+    """Seconds: the global model is written at most this often, and after the last round."""
     type: str = "fedavg"
 
 
@@ -123,6 +125,12 @@ def load_job(folder: str | Path) -> tuple[JobConfig, Path]:
         raise ConfigError(f"{where}: {exc}") from None
     if workflow.type != "fedavg":
         raise ConfigError(f"{where}: workflow type {workflow.type!r} is unknown; use 'fedavg'.")
+    interval = workflow.save_interval
+    if isinstance(interval, bool) or not isinstance(interval, int | float) or not interval >= 0:
+        raise ConfigError(
+            f"{where}: workflow.save_interval must be a number of seconds >= 0; "
+            f"received: {interval!r}."
+        )
     config = JobConfig(
         name=_require(data, "name", str, where),
         n_clients=_require(data, "n_clients", int, where),

@@ -98,6 +98,9 @@ class FedAvgJob:
 
     ``initial_model`` is a Keras model (saved as ``.keras``; global models are written as
     ``.weights.h5``) or a params tree of numpy arrays (saved as ``.safetensors``).
+    ``save_interval``: the simulator writes the global model at most this often (seconds;
+    0: after every round) and always after the last round, so sub-second rounds do not
+    spend their time on the disk; ``state.json`` names the round the file holds.
     """
 
     def __init__(
@@ -113,6 +116,7 @@ class FedAvgJob:
         round_timeout: float = 3600.0,
         register_timeout: float = 600.0,
         final_evaluation: bool = True,
+        save_interval: float = 1.0,
     ) -> None:
         if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
             raise ConfigError(
@@ -131,6 +135,15 @@ class FedAvgJob:
             raise ConfigError(
                 f"FedAvgJob(min_clients=...) must be between 1 and n_clients={n_clients}; "
                 f"received: {min_clients!r}."
+            )
+        if (
+            isinstance(save_interval, bool)
+            or not isinstance(save_interval, int | float)
+            or not save_interval >= 0
+        ):
+            raise ConfigError(
+                "FedAvgJob(save_interval=...) is the most often, in seconds, that the global "
+                f"model is written (0: every round); received: {save_interval!r}."
             )
         if is_keras_model(initial_model):
             self._model_kind = "keras"
@@ -154,6 +167,7 @@ class FedAvgJob:
             round_timeout=float(round_timeout),
             register_timeout=float(register_timeout),
             final_evaluation=final_evaluation,
+            save_interval=float(save_interval),
         )
         self.runner: ScriptRunner | None = None
 

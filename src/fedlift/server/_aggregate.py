@@ -1,13 +1,23 @@
 """FedAvg's maths as pure functions and one streaming accumulator.
 
-:class:`StreamingMean` folds each client's result into a single running weighted mean as it
-arrives (``mean += (w / W) * (x - mean)``), so the server holds one model's worth of sums no
-matter how many clients answer, and the mean of one client is that client's params exactly.
+:class:`StreamingMean` folds each client's result into a single running weighted sum as it
+arrives (``sums += (w / base) * x``, ``base`` being the first result's weight), so the server
+holds one model's worth of sums no matter how many clients answer; the mean is the sums
+scaled once by ``base / W`` at the end. For equal weights each fold is one addition per
+element, and the mean of one client is that client's params exactly.
+
+Large folds run in cache-sized blocks (no full-size temporary) on several threads: each
+thread owns a contiguous share of the elements, so the result does not depend on how many
+there are.
 """
 
 from __future__ import annotations
 
+import functools
+import os
+import threading
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -18,9 +28,8 @@ from ..model import FLModel, ParamsType, ParamTree, Structure, flat_keys, flatte
 __all__ = [
     "Allocator",
     "StreamingMean",
+    "accumulate",
     "apply_update",
-    "fold_into",
-    "fold_many_into",
     "weighted_mean",
     "weighted_mean_metrics",
 ]
@@ -30,54 +39,163 @@ Allocator = Callable[[list[tuple[tuple[int, ...], np.dtype[Any]]]], list[np.ndar
 """Makes arrays of the given shapes and dtypes (e.g. in shared memory); their contents are
 unspecified, callers fill them."""
 
-_BLOCK = 1 << 16  # elements folded at a time: temporaries stay in the CPU cache (fastest here)
+_BLOCK_BYTES = 512 * 1024  # per block and source: stays in the CPU cache (fastest here)
+_THREAD_MIN = 1 << 20  # elements per thread below which one thread does all the work
+_MAX_THREADS = 4  # folding is memory-bound: more threads than this stop paying
 
 
-def fold_into(acc: np.ndarray, x: np.ndarray, fraction: float) -> None:
-    """``acc += fraction * (x - acc)``, in cache-sized blocks (no full-size temporary).
+def _thread_count() -> int:
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(_MAX_THREADS, cores))
 
-    ``x`` may be a :class:`~fedlift.codec._remote.RemoteArray`: each block is read from the
-    client's memory into a cache-sized buffer, then folded.
+
+class _Pool:
+    """The fold's helper threads, started on first use and idle between folds."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._executor: ThreadPoolExecutor | None = None
+
+    def submit(self, fn: Callable[[], None]) -> Future[None]:
+        with self._lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(
+                    _MAX_THREADS - 1, thread_name_prefix="fedlift-fold"
+                )
+            return self._executor.submit(fn)
+
+
+_pool = _Pool()
+
+Part = tuple[Any, float]
+"""A source (numpy array, or an array-like with ``read_into`` such as a
+:class:`~fedlift.codec._remote.RemoteArray`) and its coefficient."""
+
+
+def accumulate(
+    sums: list[np.ndarray], parts: list[tuple[list[Any], float]], *, assign_first: bool = False
+) -> None:
+    """``sums[i] += c * x[i]`` for every ``(x, c)`` in ``parts``, in order, in one pass.
+
+    Each block of the sums takes every part while it is in the CPU cache, so the sums cross
+    the memory bus once per call however many parts there are. With ``assign_first`` the
+    first part (coefficient 1) is copied into the sums instead of added to them. Sources with
+    ``read_into`` (results in another process's memory) are read one block at a time.
+    Large calls are split over threads by contiguous element ranges; the arithmetic on
+    each element, and so the result, is the same for any split.
     """
-    fold_many_into(acc, [(x, fraction)])
+    if assign_first and (not parts or parts[0][1] != 1.0):
+        raise ConfigError("accumulate(assign_first=True) needs a first part with coefficient 1.")
+
+    def run(i: int, lo: int, hi: int) -> None:
+        _accumulate_range(sums[i].reshape(-1), [(x[i], c) for x, c in parts], lo, hi, assign_first)
+
+    _on_threads(sums, run)
 
 
-def fold_many_into(acc: np.ndarray, parts: list[tuple[np.ndarray, float]]) -> None:
-    """``fold_into(acc, x, f)`` for each ``(x, f)`` in turn, in one pass over ``acc``.
+def scale(sums: list[np.ndarray], factor: float) -> None:
+    """``sums[i] *= factor`` in place, split over threads like :func:`accumulate`."""
 
-    Each block of ``acc`` takes every part while it is in the CPU cache, so ``acc`` crosses
-    the memory bus once for the batch instead of once per part; the arithmetic, and so the
-    result, is exactly that of folding the parts one after the other.
-    """
-    flat_acc = acc.reshape(-1)
-    if flat_acc.size <= _BLOCK and all(isinstance(x, np.ndarray) for x, _ in parts):
-        for x, fraction in parts:
-            delta = np.subtract(x.reshape(-1), flat_acc, dtype=acc.dtype)
-            delta *= fraction
-            flat_acc += delta
+    def run(i: int, lo: int, hi: int) -> None:
+        flat = sums[i].reshape(-1)[lo:hi]
+        np.multiply(flat, factor, out=flat, casting="unsafe")
+
+    _on_threads(sums, run)
+
+
+def _on_threads(arrays: list[np.ndarray], run: Callable[[int, int, int], None]) -> None:
+    """``run(i, start, stop)`` over every element of ``arrays``, in contiguous shares on up
+    to :data:`_MAX_THREADS` threads (this one included) when there is enough work."""
+    pieces = [(i, 0, a.size) for i, a in enumerate(arrays) if a.size]
+    total = sum(a.size for a in arrays)
+    threads = min(_thread_count(), max(1, total // _THREAD_MIN))
+
+    def run_share(share: list[tuple[int, int, int]]) -> None:
+        for i, lo, hi in share:
+            run(i, lo, hi)
+
+    if threads == 1:
+        run_share(pieces)
         return
-    size = min(_BLOCK, flat_acc.size)
-    scratch = np.empty(size, acc.dtype)
-    sources = [
-        (x.reshape(-1), None, f) if isinstance(x, np.ndarray) else (x, np.empty(size, x.dtype), f)
-        for x, f in parts
-    ]
-    for start in range(0, flat_acc.size, _BLOCK):
-        stop = min(start + _BLOCK, flat_acc.size)
-        tmp, acc_block = scratch[: stop - start], flat_acc[start:stop]
-        for x, fetched, fraction in sources:
-            if fetched is not None:
-                block = fetched[: stop - start]
-                x.read_into(block, start)
+    shares = _split(pieces, total, threads)
+    futures = [_pool.submit(functools.partial(run_share, share)) for share in shares[1:]]
+    try:
+        run_share(shares[0])
+    finally:
+        for future in futures:
+            future.result()
+
+
+def _split(
+    pieces: list[tuple[int, int, int]], total: int, count: int
+) -> list[list[tuple[int, int, int]]]:
+    """``pieces`` (array, start, stop) cut into ``count`` shares of about equal size."""
+    target = -(-total // count)
+    shares: list[list[tuple[int, int, int]]] = [[]]
+    room = target
+    for i, lo, hi in pieces:
+        while lo < hi:
+            if room == 0:
+                shares.append([])
+                room = target
+            cut = min(hi, lo + room)
+            shares[-1].append((i, lo, cut))
+            room -= cut - lo
+            lo = cut
+    return shares
+
+
+def _accumulate_range(
+    acc: np.ndarray, parts: list[Part], lo: int, hi: int, assign_first: bool
+) -> None:
+    """:func:`accumulate` on elements ``lo:hi`` of one flat array."""
+    block = max(1024, _BLOCK_BYTES // acc.dtype.itemsize)
+    size = min(block, hi - lo)
+    buffers: dict[np.dtype[Any], np.ndarray] = {}
+    for x, c in parts:  # a block of each source read from elsewhere, of each scaled source
+        for dtype in (
+            *(() if isinstance(x, np.ndarray) else (x.dtype,)),
+            *(() if c == 1.0 else (np.result_type(x.dtype, acc.dtype),)),
+        ):
+            if dtype not in buffers:
+                buffers[dtype] = np.empty(size, dtype)
+    for start in range(lo, hi, block):
+        stop = min(start + block, hi)
+        target = acc[start:stop]
+        for k, (x, c) in enumerate(parts):
+            local = isinstance(x, np.ndarray)
+            if k == 0 and assign_first:
+                if local:
+                    np.copyto(target, x.reshape(-1)[start:stop], casting="unsafe")
+                elif x.dtype == acc.dtype:
+                    x.read_into(target, start)
+                else:
+                    fetched = buffers[x.dtype][: stop - start]
+                    x.read_into(fetched, start)
+                    np.copyto(target, fetched, casting="unsafe")
+                continue
+            if local:
+                source = x.reshape(-1)[start:stop]
             else:
-                block = x[start:stop]
-            np.subtract(block, acc_block, out=tmp, casting="unsafe")
-            tmp *= fraction
-            acc_block += tmp
+                source = buffers[x.dtype][: stop - start]
+                x.read_into(source, start)
+            if c == 1.0:
+                np.add(target, source, out=target, casting="unsafe")
+                continue
+            scaled = buffers[np.result_type(x.dtype, acc.dtype)][: stop - start]
+            np.multiply(source, c, out=scaled, dtype=scaled.dtype, casting="unsafe")
+            np.add(target, scaled, out=target, casting="unsafe")
 
 
 class StreamingMean:
-    """Running weighted mean of param trees and numeric metrics, one result at a time.
+    """Streaming weighted mean of param trees and numeric metrics, one result at a time.
+
+    The sums are ``sum(w_i / base * x_i)``, ``base`` being the weight of the first result
+    with params; :meth:`params` scales them by ``base / W`` once, in place (so the mean of
+    equally weighted results costs one addition per element and result).
 
     ``allocate`` makes the accumulator's arrays (default: numpy); the simulator puts them in
     shared memory, so the new global model goes out to the clients without another copy.
@@ -98,6 +216,7 @@ class StreamingMean:
             self._structure, self._shapes, self._keys = None, [], []
         self._sums: list[np.ndarray] | None = None
         self._weight = 0.0
+        self._base = 0.0  # the weight whose results are added with coefficient 1
         self._params_type: ParamsType | None = None
         self._metric_sums: dict[str, float] = {}
         self._metric_weights: dict[str, float] = {}
@@ -119,7 +238,8 @@ class StreamingMean:
             (model, None if model.params is None else self._validated(model, source))
             for source, model in results
         ]
-        parts: list[tuple[list[np.ndarray], float]] = []
+        parts: list[tuple[list[Any], float]] = []
+        assign_first = False
         for model, arrays in validated:
             weight = model.weight()
             self._add_metrics(model.metrics, weight)
@@ -128,16 +248,22 @@ class StreamingMean:
                 continue
             self._weight += weight
             if self._sums is None:
+                self._base = weight
+                adopted = self._adopted(arrays)
+                if adopted is not None:
+                    self._sums = adopted
+                    continue
                 self._sums = self._new_sums(arrays)
+                parts.append((arrays, 1.0))  # copied in by the pass below
+                assign_first = True
                 continue
-            parts.append((arrays, weight / self._weight))
+            parts.append((arrays, weight / self._base))
         if not parts or self._sums is None:
             return
-        for i, acc in enumerate(self._sums):
-            fold_many_into(acc, [(arrays[i], fraction) for arrays, fraction in parts])
+        accumulate(self._sums, parts, assign_first=assign_first)
 
-    def _new_sums(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
-        specs = [(a.shape, _acc_dtype(a.dtype)) for a in arrays]
+    def _adopted(self, arrays: list[Any]) -> list[np.ndarray] | None:
+        """The first result's own buffers as the sums when they may be (no copy at all)."""
         if (
             self._adopt
             and self._allocate is None
@@ -145,23 +271,18 @@ class StreamingMean:
                 isinstance(a, np.ndarray)
                 and a.flags.writeable
                 and a.flags.c_contiguous
-                and a.dtype == dtype
-                for a, (_, dtype) in zip(arrays, specs, strict=True)
+                and a.dtype == _acc_dtype(a.dtype)
+                for a in arrays
             )
         ):
-            # The first result's own buffers become the sums: no copy, no second model.
             return arrays
-        sums = (
-            self._allocate(specs)
-            if self._allocate is not None
-            else [np.empty(shape, dtype) for shape, dtype in specs]
-        )
-        for acc, a in zip(sums, arrays, strict=True):
-            if not isinstance(a, np.ndarray) and a.dtype == acc.dtype:
-                a.read_into(acc.reshape(-1))  # straight from the client's memory
-            else:
-                np.copyto(acc, np.asarray(a), casting="unsafe")
-        return sums
+        return None
+
+    def _new_sums(self, arrays: list[Any]) -> list[np.ndarray]:
+        specs = [(a.shape, _acc_dtype(a.dtype)) for a in arrays]
+        if self._allocate is not None:
+            return self._allocate(specs)
+        return [np.empty(shape, dtype) for shape, dtype in specs]
 
     def _validated(self, model: FLModel, source: str) -> list[np.ndarray]:
         structure, arrays = flatten(model.params)
@@ -207,9 +328,14 @@ class StreamingMean:
             self._metric_weights[key] = self._metric_weights.get(key, 0.0) + weight
 
     def params(self) -> ParamTree | None:
-        """The weighted mean tree (None if no result carried params)."""
+        """The weighted mean tree (None if no result carried params).
+
+        Scales the sums into the mean in place (once; later results still fold correctly)."""
         if self._sums is None:
             return None
+        if self._base != self._weight:
+            scale(self._sums, self._base / self._weight)
+            self._base = self._weight
         out = [
             acc if acc.dtype == dtype else _cast_back(acc, dtype)
             for acc, (_, dtype) in zip(self._sums, self._shapes, strict=True)
@@ -229,7 +355,11 @@ class StreamingMean:
 
 
 def _acc_dtype(dtype: np.dtype[Any]) -> np.dtype[Any]:
-    return dtype if np.issubdtype(dtype, np.floating) else np.dtype(np.float64)
+    """float32 and wider sum in their own type; float16 in float32 (its range is too small
+    for weighted sums), the rest in float64."""
+    if np.issubdtype(dtype, np.floating):
+        return dtype if dtype.itemsize >= 4 else np.dtype(np.float32)
+    return np.dtype(np.float64)
 
 
 def _cast_back(acc: np.ndarray, dtype: np.dtype[Any]) -> np.ndarray:

@@ -146,7 +146,7 @@ class FedAvg:
                 evaluated_params=params,
             )
             params = new_params
-            recorder.save_global(params, round_number)
+            recorder.save_global(params, round_number, final=round_number == self.num_rounds - 1)
             self._notify(record)
         final_metrics: dict[str, float] = {}
         if self.final_evaluation:

@@ -214,7 +214,8 @@ class _BackgroundWriter:
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._pending: dict[str, Callable[[], object]] = {}
-        self._busy = False
+        self._running: str | None = None  # the key being written
+        self._holding = False  # ... and its job (and the model it writes from) still runs
         self._error: BaseException | None = None
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="fedlift-writer", daemon=True)
@@ -234,6 +235,18 @@ class _BackgroundWriter:
             self._pending[key] = job
             self._cond.notify_all()
 
+    def busy_with(self, key: str) -> bool:
+        """Whether a write for ``key`` is waiting or under way."""
+        with self._cond:
+            return key in self._pending or self._running == key
+
+    def wait_released(self, key: str) -> None:
+        """Wait until no running write for ``key`` holds what it writes from (its slow
+        finishing part, such as an fsync, may still run)."""
+        with self._cond:
+            while self._running == key and self._holding:
+                self._cond.wait()
+
     def _run(self) -> None:
         while True:
             with self._cond:
@@ -243,10 +256,13 @@ class _BackgroundWriter:
                     return
                 key = next(iter(self._pending))
                 job: Callable[[], object] | None = self._pending.pop(key)
-                self._busy = True
+                self._running, self._holding = key, True
             try:
                 finish = job() if job is not None else None
                 job = None  # what it wrote from (a model) can go before the slow part
+                with self._cond:
+                    self._holding = False
+                    self._cond.notify_all()
                 if callable(finish):
                     finish()
             except BaseException as exc:  # handed to the workflow at its next call
@@ -254,13 +270,14 @@ class _BackgroundWriter:
                 with self._cond:
                     self._error = exc
             finally:
+                job = None
                 with self._cond:
-                    self._busy = False
+                    self._running, self._holding = None, False
                     self._cond.notify_all()
 
     def flush(self) -> None:
         with self._cond:
-            while self._pending or self._busy:
+            while self._pending or self._running is not None:
                 self._cond.wait()
             self._raise()
 
@@ -338,6 +355,12 @@ class RunRecorder:
     With ``resume`` the run goes on from that checkpoint: ``metrics.jsonl`` keeps the rounds
     it covers (later lines, from the interrupted round, are dropped) and the best model so
     far is remembered; :attr:`checkpoint` is what to resume from (None: start again).
+
+    Without checkpoints the global model is written at most every ``save_interval`` seconds
+    (0: after every round), and always after the last round: when rounds take less than
+    that, writing each one would cost more than the round. ``state.json`` names the round
+    the file holds. A write lets go of the model before the next round's aggregate needs
+    its memory (the main loop waits for that, at worst).
     """
 
     def __init__(
@@ -349,7 +372,14 @@ class RunRecorder:
         *,
         checkpoints: bool = False,
         resume: bool = False,
+        save_interval: float = 0.0,
     ) -> None:
+        if not isinstance(save_interval, int | float) or not save_interval >= 0:
+            raise ConfigError(
+                f"save_interval must be a number of seconds >= 0; received: {save_interval!r}."
+            )
+        self._save_interval = float(save_interval)
+        self._last_save = -math.inf
         self.directory = directory
         self.models_dir = directory / "models"
         self.models_dir.mkdir(parents=True, exist_ok=True)
@@ -427,10 +457,13 @@ class RunRecorder:
         self._tb.flush()
         return record
 
-    def save_global(self, params: ParamTree, round_done: int) -> None:
+    def save_global(self, params: ParamTree, round_done: int, *, final: bool = False) -> None:
         """Save the global model after ``round_done``, then the job state (both atomic).
 
-        Runs in the background; :meth:`flush` waits for it.
+        Runs in the background; :meth:`flush` waits for it. With checkpoints, and for the
+        ``final`` model, every call is written; otherwise a model is skipped when the last
+        one written is less than ``save_interval`` seconds old (with an interval of 0, when
+        a newer one comes before it starts, the newer one is written instead).
         """
         state = {
             "round_done": round_done,
@@ -451,7 +484,8 @@ class RunRecorder:
                 if self._checkpoints:
                     self._write_checkpoint(params, state)
 
-            self._writer.submit("global", write)
+            if self._checkpoints or self._due(final):
+                self._writer.submit("global", write)
             return
 
         def write_then_publish() -> Callable[[], None]:
@@ -466,7 +500,23 @@ class RunRecorder:
 
             return publish
 
-        self._writer.submit("global", write_then_publish)
+        # The write of the model before this one must have let go of it: its memory is what
+        # the next round's aggregate reuses (a pooled segment), instead of a new allocation.
+        self._writer.wait_released("global")
+        if self._due(final):
+            self._writer.submit("global", write_then_publish)
+
+    def _due(self, final: bool) -> bool:
+        """Whether a global model is to be written now (see :meth:`save_global`)."""
+        now = time.monotonic()
+        if (
+            not final
+            and self._save_interval > 0
+            and (now - self._last_save < self._save_interval or self._writer.busy_with("global"))
+        ):
+            return False
+        self._last_save = now
+        return True
 
     def _write_checkpoint(self, params: ParamTree, state: dict[str, Any]) -> None:
         folder = self.directory / CHECKPOINT_DIR

@@ -136,7 +136,11 @@ def run_simulator(
     if isinstance(model_format, ArraysFormat):
         model_format.recycle = True  # saved every round, read by nobody meanwhile
     recorder = RunRecorder(
-        server_dir, model_format, config.workflow.key_metric, config.workflow.higher_is_better
+        server_dir,
+        model_format,
+        config.workflow.key_metric,
+        config.workflow.higher_is_better,
+        save_interval=config.workflow.save_interval,
     )
     runtime = ServerRuntime(
         job_id,

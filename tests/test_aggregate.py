@@ -404,3 +404,21 @@ def test_results_added_after_params_still_count() -> None:
     np.testing.assert_allclose(acc.params()["w"], [3.0, 2.0])  # (0 + 12) / 4, (8 + 0) / 4
     acc.add(result({"w": np.array([8.0, 8.0], np.float32)}, 4))
     np.testing.assert_allclose(acc.params()["w"], [5.5, 5.0])  # (12 + 32) / 8, (8 + 32) / 8
+
+
+def test_knowing_the_count_scales_in_the_last_pass_with_the_same_result() -> None:
+    trees = [client_params(i) for i in range(3)]
+    results = [result(t, w) for t, w in zip(trees, WEIGHTS, strict=True)]
+    plain, told = StreamingMean(trees[0]), StreamingMean(trees[0], expected=3)
+    for i, model in enumerate(results):
+        plain.add(model, f"site-{i}")
+        told.add(model, f"site-{i}")
+    assert told._base == told.total_weight  # the sums already are the mean
+    a, b = plain.params(), told.params()
+    for layer in ("conv", "dense"):
+        for x, y in zip(a[layer], b[layer], strict=True):
+            np.testing.assert_array_equal(x, y)
+    short = StreamingMean(trees[0], expected=5)  # fewer results came: params() scales
+    for model in results:
+        short.add(model)
+    np.testing.assert_array_equal(short.params()["dense"][0], a["dense"][0])

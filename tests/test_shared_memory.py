@@ -240,6 +240,25 @@ def test_pool_reuses_a_segment_once_its_arrays_are_gone() -> None:
     assert pool.segments == 0
 
 
+@pytest.mark.parametrize(("spare_bytes", "kept"), [(0, 1), (1 << 20, 3), (12_000, 2)])
+def test_pool_keeps_spare_segments_within_its_byte_budget(spare_bytes: int, kept: int) -> None:
+    """Beyond ``keep``, free segments stay while they total at most ``spare_bytes`` (SPECS
+    take ~5 kB each): a segment a slow reader still maps is not traded for a new one each
+    round."""
+    pool = _shm.SegmentPool(keep=1, spare_bytes=spare_bytes)
+    first, second, third = (pool.allocate(SPECS) for _ in range(3))
+    names = {_shm.locate(a)[0] for a in (first, second, third)}  # type: ignore[index]
+    assert len(names) == 3 and pool.segments == 3
+    del first, second, third
+    gc.collect()
+    assert pool.segments == kept
+    again = [pool.allocate(SPECS) for _ in range(pool.segments)]
+    assert {_shm.locate(a)[0] for a in again} <= names  # type: ignore[index]  # all reused
+    del again
+    pool.close()
+    assert pool.segments == 0
+
+
 def test_pool_does_not_rewrite_a_segment_a_reader_still_maps() -> None:
     pool = _shm.SegmentPool(keep=2)  # both kept: the first is tried first
     before = segments()

@@ -185,12 +185,15 @@ class SegmentPool:
     """Owned segments that are reused once free (see the module docstring).
 
     :meth:`allocate` has the :data:`~fedlift.server.Allocator` signature; its arrays'
-    contents are unspecified (callers fill them). At most ``keep`` free segments are kept;
-    :meth:`close` (also at exit) removes them all.
+    contents are unspecified (callers fill them). Free segments are kept for reuse: at
+    least ``keep`` of them, and more while they total at most ``spare_bytes`` (small models:
+    a segment that late readers still map is not traded for a new one every round, which
+    would cost fresh pages each time). :meth:`close` (also at exit) removes them all.
     """
 
-    def __init__(self, keep: int = 1) -> None:
+    def __init__(self, keep: int = 1, spare_bytes: int = 0) -> None:
         self._keep = keep
+        self._spare_bytes = spare_bytes
         self._free: list[_Pooled] = []
         self._all: dict[str, _Pooled] = {}
         self._lock = threading.RLock()  # finalizers may run while this thread holds it
@@ -238,7 +241,9 @@ class SegmentPool:
             if segment.live > 0 or segment.name not in self._all:
                 return
             self._free.append(segment)
-            while len(self._free) > self._keep:
+            while len(self._free) > self._keep and (
+                sum(s.size for s in self._free) > self._spare_bytes
+            ):
                 old = self._free.pop(0)
                 self._all.pop(old.name, None)
                 surplus.append(old)

@@ -76,13 +76,19 @@ Part = tuple[Any, float]
 
 
 def accumulate(
-    sums: list[np.ndarray], parts: list[tuple[list[Any], float]], *, assign_first: bool = False
+    sums: list[np.ndarray],
+    parts: list[tuple[list[Any], float]],
+    *,
+    assign_first: bool = False,
+    then_scale: float = 1.0,
 ) -> None:
-    """``sums[i] += c * x[i]`` for every ``(x, c)`` in ``parts``, in order, in one pass.
+    """``sums[i] += c * x[i]`` for every ``(x, c)`` in ``parts``, in order, in one pass;
+    then ``sums[i] *= then_scale``.
 
-    Each block of the sums takes every part while it is in the CPU cache, so the sums cross
-    the memory bus once per call however many parts there are. With ``assign_first`` the
-    first part (coefficient 1) is copied into the sums instead of added to them. Sources with
+    Each block of the sums takes every part (and the scaling) while it is in the CPU cache,
+    so the sums cross the memory bus once per call however many parts there are. With
+    ``assign_first`` the first part (coefficient 1) is copied into the sums instead of
+    added to them. Sources with
     ``read_into`` (results in another process's memory) are read one block at a time.
     Large calls are split over threads by contiguous element ranges; the arithmetic on
     each element, and so the result, is the same for any split.
@@ -91,7 +97,8 @@ def accumulate(
         raise ConfigError("accumulate(assign_first=True) needs a first part with coefficient 1.")
 
     def run(i: int, lo: int, hi: int) -> None:
-        _accumulate_range(sums[i].reshape(-1), [(x[i], c) for x, c in parts], lo, hi, assign_first)
+        flat = sums[i].reshape(-1)
+        _accumulate_range(flat, [(x[i], c) for x, c in parts], lo, hi, assign_first, then_scale)
 
     _on_threads(sums, run)
 
@@ -149,7 +156,7 @@ def _split(
 
 
 def _accumulate_range(
-    acc: np.ndarray, parts: list[Part], lo: int, hi: int, assign_first: bool
+    acc: np.ndarray, parts: list[Part], lo: int, hi: int, assign_first: bool, then_scale: float
 ) -> None:
     """:func:`accumulate` on elements ``lo:hi`` of one flat array."""
     block = max(1024, _BLOCK_BYTES // acc.dtype.itemsize)
@@ -188,6 +195,8 @@ def _accumulate_range(
             scaled = buffers[np.result_type(x.dtype, acc.dtype)][: stop - start]
             np.multiply(source, c, out=scaled, dtype=scaled.dtype, casting="unsafe")
             np.add(target, scaled, out=target, casting="unsafe")
+        if then_scale != 1.0:
+            np.multiply(target, then_scale, out=target, casting="unsafe")
 
 
 class StreamingMean:
@@ -200,14 +209,21 @@ class StreamingMean:
     ``allocate`` makes the accumulator's arrays (default: numpy); the simulator puts them in
     shared memory, so the new global model goes out to the clients without another copy.
     ``adopt=True`` lets the first result's arrays become the sums (folded in place) when the
-    caller guarantees nobody else holds them (results decoded off the wire).
+    caller guarantees nobody else holds them (results decoded off the wire). ``expected``:
+    how many results the caller will add, if known; the fold of the last one then scales
+    the sums into the mean in the same pass.
     """
 
     def __init__(
-        self, reference: ParamTree | None, allocate: Allocator | None = None, adopt: bool = False
+        self,
+        reference: ParamTree | None,
+        allocate: Allocator | None = None,
+        adopt: bool = False,
+        expected: int | None = None,
     ) -> None:
         self._allocate = allocate
         self._adopt = adopt
+        self._expected = expected
         if reference is not None:
             self._structure, ref = flatten(reference)
             self._shapes = [(a.shape, a.dtype) for a in ref]
@@ -260,7 +276,10 @@ class StreamingMean:
             parts.append((arrays, weight / self._base))
         if not parts or self._sums is None:
             return
-        accumulate(self._sums, parts, assign_first=assign_first)
+        factor = 1.0
+        if self.count == self._expected:  # the last one: the pass ends with the mean
+            factor, self._base = self._base / self._weight, self._weight
+        accumulate(self._sums, parts, assign_first=assign_first, then_scale=factor)
 
     def _adopted(self, arrays: list[Any]) -> list[np.ndarray] | None:
         """The first result's own buffers as the sums when they may be (no copy at all)."""

@@ -122,6 +122,7 @@ class FedAvg:
                 params,
                 allocate=self.allocate,
                 adopt=bool(getattr(runtime, "results_are_private", False)),
+                expected=len(sites),
             )
             answered = runtime.run_task(
                 "train",

@@ -160,7 +160,9 @@ def run_simulator(
     )
     shared = shared_memory and _shm.available()
     if shared:
-        workflow.allocate = _shm.SegmentPool(keep=1).allocate
+        # Spares up to 256 MiB: a small model's segment that slow clients still map when the
+        # next aggregate starts is not traded for fresh pages every round.
+        workflow.allocate = _shm.SegmentPool(keep=1, spare_bytes=256 * 2**20).allocate
     session_id = secrets.token_hex(4)
     previous_session = os.environ.get(_shm.SESSION_ENV)
     os.environ[_shm.SESSION_ENV] = session_id  # this process and its workers: one sweep

@@ -8,7 +8,9 @@ scenarios in their own venvs (``benchmarks/peers``), measured by the same rules:
 * s/round: the gaps between consecutive round ends (aggregation, saving, sending the next
   model and the clients' work all included); the first gap is excluded;
 * startup: launch to the first round done; teardown: the last round done to the exit;
-* peak RSS and PSS summed over the whole process tree, polled every 50 ms;
+* peak RSS and PSS summed over the whole process tree, polled every 50 ms, in a second run
+  of the scenario: reading ``smaps_rollup`` walks every process's page tables (~10 ms of
+  CPU per poll for nine processes here), which would slow the timed run;
 * floor: this machine's warm memcpy of the bytes a round must move (the model to and from
   every client), measured at start.
 
@@ -105,6 +107,15 @@ def memcpy_floor(n_params: int, clients: int) -> float:
 
 
 def run_fedlift(scenario: Scenario, workdir: Path, shared_memory: bool = True) -> Outcome:
+    """Times from a run without the memory poll, peak memory from a second, polled run."""
+    timed = _run_fedlift(scenario, workdir / "timed", shared_memory, memory=False)
+    polled = _run_fedlift(scenario, workdir / "memory", shared_memory, memory=True)
+    timed.peak_rss_mb, timed.peak_pss_mb = polled.peak_rss_mb, polled.peak_pss_mb
+    timed.server_peak_pss_mb = polled.server_peak_pss_mb
+    return timed
+
+
+def _run_fedlift(scenario: Scenario, workdir: Path, shared_memory: bool, memory: bool) -> Outcome:
     job = FedAvgJob(
         "bench", scenario.clients, scenario.rounds, model_of(scenario.params),
         final_evaluation=False,
@@ -115,7 +126,10 @@ def run_fedlift(scenario: Scenario, workdir: Path, shared_memory: bool = True) -
                str(folder)] + ([] if shared_memory else ["--no-shared-memory"])  # fmt: skip
     start = time.time()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    with TreePoller(process.pid) as memory, ServerPoller(process.pid) as server:
+    if memory:
+        with TreePoller(process.pid) as tree, ServerPoller(process.pid) as server:
+            _, err = process.communicate(timeout=1800)
+    else:
         _, err = process.communicate(timeout=1800)
     end = time.time()
     if process.returncode != 0:
@@ -126,15 +140,19 @@ def run_fedlift(scenario: Scenario, workdir: Path, shared_memory: bool = True) -
     return Outcome(
         scenario.name, scenario.params, scenario.clients,
         statistics.median(gaps), min(gaps), max(gaps),
-        ended[0] - start, end - ended[-1], memory.peak_rss, memory.peak_pss,
-        server_peak_pss_mb=server.peak_pss,
+        ended[0] - start, end - ended[-1],
+        tree.peak_rss if memory else 0.0, tree.peak_pss if memory else 0.0,
+        server_peak_pss_mb=server.peak_pss if memory else 0.0,
     )  # fmt: skip
 
 
 def run_peer_outcome(peer: str, scenario: Scenario) -> Outcome:
+    """Like :func:`run_fedlift`: a timed run, then a run for peak memory."""
     from benchmarks.peers import run_peer
 
-    r = run_peer(peer, scenario.params, scenario.clients, scenario.rounds)
+    r = run_peer(peer, scenario.params, scenario.clients, scenario.rounds, memory=False)
+    polled = run_peer(peer, scenario.params, scenario.clients, scenario.rounds, memory=True)
+    r.update(peak_rss_mb=polled["peak_rss_mb"], peak_pss_mb=polled["peak_pss_mb"])
     fields = {k: r[k] for k in Outcome.__dataclass_fields__ if k in r and k != "peer"}
     return Outcome(**fields, peer=f"{peer} {r.get('version', '')}".strip())  # type: ignore[arg-type]
 
@@ -267,7 +285,7 @@ def run_large(json_path: Path) -> int:
     rows = []
     for shared in (True, False):
         with tempfile.TemporaryDirectory(prefix="fedlift-bench-") as tmp:
-            o = run_fedlift(LARGE, Path(tmp), shared_memory=shared)
+            o = _run_fedlift(LARGE, Path(tmp), shared, memory=True)  # memory is the point
         path = "shared memory" if shared else "gRPC chunks"
         print(f"{LARGE.name} via {path}: {o.median_s:.2f} s/round (first round included), "
               f"server peak PSS {o.server_peak_pss_mb:.0f} MB = "

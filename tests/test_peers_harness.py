@@ -121,9 +121,16 @@ def test_tree_memory_of_this_process_and_a_child() -> None:
         assert child_rss > 64
         assert poller.peak_rss >= own_rss + 64 * 0.9
         assert poller.peak_pss > 64
+        # The timed runs' poll: RSS only (statm, no page-table walk), no PSS.
+        assert common.tree_rss([child.pid]) == pytest.approx(child_rss, rel=0.1)
+        with common.TreePoller(me, interval=0.01, pss=False) as cheap:
+            while cheap.samples < 3:
+                time.sleep(0.01)
+        assert cheap.peak_rss >= own_rss + 64 * 0.9 and cheap.peak_pss == 0.0
     finally:
         child.communicate(b"", timeout=30)
     assert common.tree_memory([child.pid]) == (0.0, 0.0)  # gone: counts 0
+    assert common.tree_rss([child.pid]) == 0.0
 
 
 def test_ensure_venv_is_idempotent_with_a_stamp(

@@ -190,13 +190,33 @@ def tree_memory(pids: Iterable[int]) -> tuple[float, float]:
     return rss / 1024, pss / 1024
 
 
-class TreePoller:
-    """Peak summed RSS/PSS of the descendants of ``root`` (``root`` itself unless excluded)."""
+def tree_rss(pids: Iterable[int]) -> float:
+    """Summed RSS in MiB of ``pids``, from ``statm`` (cheap: no page-table walk)."""
+    pages = 0
+    for pid in pids:
+        try:
+            pages += int(Path(f"/proc/{pid}/statm").read_text().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
-    def __init__(self, root: int, interval: float = 0.05, include_root: bool = True) -> None:
+
+class TreePoller:
+    """Peak summed RSS/PSS of the descendants of ``root`` (``root`` itself unless excluded).
+
+    Reading ``smaps_rollup`` walks every page table of every process: ~10 ms of CPU for a
+    tree of nine processes here, every ``interval``. So timed runs poll with ``pss=False``
+    (RSS from ``statm``, for the memory guard only) and memory is measured in a run of its
+    own (see :func:`measure`).
+    """
+
+    def __init__(
+        self, root: int, interval: float = 0.05, include_root: bool = True, pss: bool = True
+    ) -> None:
         self.root = root
         self.interval = interval
         self.include_root = include_root
+        self.pss = pss
         self.peak_rss = self.peak_pss = 0.0
         self.samples = 0
         self._stop = threading.Event()
@@ -208,7 +228,8 @@ class TreePoller:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            rss, pss = tree_memory(self.pids())
+            pids = self.pids()
+            rss, pss = tree_memory(pids) if self.pss else (tree_rss(pids), 0.0)
             self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
             self.samples += 1
             self._stop.wait(self.interval)
@@ -258,11 +279,14 @@ def measure(
     env: dict[str, str] | None = None,
     log: Path | None = None,
     max_rss_mb: float = MAX_RSS_MB,
+    memory: bool = True,
 ) -> dict[str, object]:
     """Launch ``command``, poll its tree's memory until it exits, time its rounds.
 
     The run is killed (and an error raised) past ``timeout`` seconds or when the tree's RSS
-    goes over ``max_rss_mb``.
+    goes over ``max_rss_mb``. ``memory=False``: a timed run, with only the cheap RSS poll
+    of the guard (its peak RSS and PSS are reported as 0); the PSS poll costs CPU that the
+    framework would otherwise have.
     """
     subreaper = become_subreaper()
     load_before = os.getloadavg()[0]
@@ -274,7 +298,8 @@ def measure(
         )
         # With the subreaper set, orphans land on us: poll everything below us.
         root = os.getpid() if subreaper else proc.pid
-        with TreePoller(root, include_root=not subreaper) as poller:
+        interval = 0.05 if memory else 0.25  # without PSS, the poll is only the guard
+        with TreePoller(root, interval=interval, include_root=not subreaper, pss=memory) as poller:
             deadline = time.monotonic() + timeout
             while (code := proc.poll()) is None:
                 why = ""
@@ -298,7 +323,7 @@ def measure(
         raise RuntimeError(f"{command[0]} exited with {code}:\n{tail}")
     result = summarize(read_events(events_dir), rounds, launched, exited)
     result.update(
-        peak_rss_mb=poller.peak_rss,
+        peak_rss_mb=poller.peak_rss if memory else 0.0,
         peak_pss_mb=poller.peak_pss,
         memory_samples=poller.samples,
         lingering_pids=lingering,
@@ -315,6 +340,7 @@ def run_peer(
     rounds: int,
     timeout: float = 1800.0,
     extra_args: Sequence[str] = (),
+    memory: bool = True,
 ) -> dict[str, object]:
     """Run one scenario with ``peer`` ("nvflare" or "flower") in its own venv.
 
@@ -323,7 +349,8 @@ def run_peer(
     of fedlift's ``Outcome`` plus ``peer``, ``version``, ``round_s`` (every measured round)
     and a few diagnostics. ``extra_args`` go to the peer's module (e.g. NVFlare's
     ``["--task-request-interval", "0.1"]``). Raises ``RuntimeError`` when the run fails,
-    goes past ``timeout`` seconds or over ``MAX_RSS_MB``.
+    goes past ``timeout`` seconds or over ``MAX_RSS_MB``. ``memory=False``: a timed run
+    without the PSS poll (see :func:`measure`).
     """
     from .venvs import ensure_peer, python_of
 
@@ -338,6 +365,7 @@ def run_peer(
         f"--clients={clients}",
         f"--rounds={rounds}",
         f"--timeout={timeout}",
+        *([] if memory else ["--no-memory"]),
         *extra_args,
     ]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout + 120)

@@ -27,6 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, required=True)
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--timeout", type=float, default=1800.0)
+    parser.add_argument(
+        "--no-memory", action="store_true", help="a timed run: no PSS poll (it costs CPU)"
+    )
     parser.add_argument("--keep", type=Path, default=None, help="keep the workdir here")
     args = parser.parse_args(argv)
 
@@ -47,7 +50,14 @@ def main(argv: list[str] | None = None) -> int:
         ]
         env = dict(os.environ, PYTHONUNBUFFERED="1", RAY_DISABLE_USAGE_STATS="1")
         timing = measure(
-            command, times, args.rounds, args.timeout, cwd=work, env=env, log=work / "log.txt"
+            command,
+            times,
+            args.rounds,
+            args.timeout,
+            cwd=work,
+            env=env,
+            log=work / "log.txt",
+            memory=not args.no_memory,
         )
     result = outcome("flower", version("flwr"), args.params, args.clients, timing)
     print(json.dumps(result), flush=True)

@@ -70,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--timeout", type=float, default=1800.0)
     parser.add_argument(
+        "--no-memory", action="store_true", help="a timed run: no PSS poll (it costs CPU)"
+    )
+    parser.add_argument(
         "--task-request-interval",
         type=float,
         default=None,
@@ -101,7 +104,14 @@ def main(argv: list[str] | None = None) -> int:
         ]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         timing = measure(
-            command, times, args.rounds, args.timeout, cwd=ROOT, env=env, log=work / "log.txt"
+            command,
+            times,
+            args.rounds,
+            args.timeout,
+            cwd=ROOT,
+            env=env,
+            log=work / "log.txt",
+            memory=not args.no_memory,
         )
     timing["task_request_interval"] = args.task_request_interval
     result = outcome("nvflare", nvflare.__version__, args.params, args.clients, timing)

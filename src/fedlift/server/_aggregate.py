@@ -13,7 +13,6 @@ there are.
 
 from __future__ import annotations
 
-import functools
 import os
 import threading
 from collections.abc import Callable, Iterable, Mapping
@@ -42,6 +41,7 @@ unspecified, callers fill them."""
 _BLOCK_BYTES = 512 * 1024  # per block and source: stays in the CPU cache (fastest here)
 _THREAD_MIN = 1 << 20  # elements per thread below which one thread does all the work
 _MAX_THREADS = 4  # folding is memory-bound: more threads than this stop paying
+_SHARES_PER_THREAD = 4
 
 
 def _thread_count() -> int:
@@ -114,23 +114,35 @@ def scale(sums: list[np.ndarray], factor: float) -> None:
 
 
 def _on_threads(arrays: list[np.ndarray], run: Callable[[int, int, int], None]) -> None:
-    """``run(i, start, stop)`` over every element of ``arrays``, in contiguous shares on up
-    to :data:`_MAX_THREADS` threads (this one included) when there is enough work."""
+    """``run(i, start, stop)`` over every element of ``arrays``, on up to
+    :data:`_MAX_THREADS` threads (this one included) when there is enough work.
+
+    The elements are cut into a few contiguous shares per thread, which the threads take in
+    turn: a thread the OS pauses (a client runs on its core) holds up one small share, not
+    half of the fold.
+    """
     pieces = [(i, 0, a.size) for i, a in enumerate(arrays) if a.size]
     total = sum(a.size for a in arrays)
     threads = min(_thread_count(), max(1, total // _THREAD_MIN))
-
-    def run_share(share: list[tuple[int, int, int]]) -> None:
-        for i, lo, hi in share:
-            run(i, lo, hi)
-
     if threads == 1:
-        run_share(pieces)
+        for i, lo, hi in pieces:
+            run(i, lo, hi)
         return
-    shares = _split(pieces, total, threads)
-    futures = [_pool.submit(functools.partial(run_share, share)) for share in shares[1:]]
+    shares = _split(pieces, total, threads * _SHARES_PER_THREAD)
+    lock = threading.Lock()
+
+    def work() -> None:
+        while True:
+            with lock:
+                if not shares:
+                    return
+                share = shares.pop()
+            for i, lo, hi in share:
+                run(i, lo, hi)
+
+    futures = [_pool.submit(work) for _ in range(threads - 1)]
     try:
-        run_share(shares[0])
+        work()
     finally:
         for future in futures:
             future.result()

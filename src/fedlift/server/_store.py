@@ -101,7 +101,7 @@ class ArraysFormat:
     """Params trees of plain arrays, saved as ``.safetensors`` (fast: no checksum pass).
 
     ``recycle=True`` rewrites the file each save replaced (see ``fedlift._atomic``): for a
-    model saved every round by one process, where no reader holds an old copy open.
+    model saved again and again by one process, where no reader holds an old copy open.
     """
 
     suffix = ".safetensors"

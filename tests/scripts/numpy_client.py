@@ -1,6 +1,7 @@
 """A NumPy client for tests: adds (site_index + 1) * STEP to every array and reports metrics.
 
 Options: --weight W (NUM_STEPS_CURRENT_ROUND, default site_index + 1), --diff (send a DIFF),
+--drop-model (let go of the model after send(), not when the next one arrives),
 --fail-round R (raise in round R), --exit-early R (return after round R), --hang-round R
 (never answer round R), --kill-round R (SIGKILL its own process in round R), --only-site I
 (the failure options apply to that site index only; default: all sites).
@@ -37,6 +38,9 @@ parser.add_argument(
     "--signal-handler", action="store_true", help="install a SIGUSR1 handler (main thread only)"
 )
 parser.add_argument("--sleep", type=float, default=0.0, help="seconds of 'training' per round")
+parser.add_argument(
+    "--drop-model", action="store_true", help="let go of the round's model once it is answered"
+)
 parser.add_argument(
     "--lockstep", action="store_true", help="rank 0 waits for rank 1's record (like DDP's sync)"
 )
@@ -98,6 +102,8 @@ while flare.is_running():
         for value in out.values() if isinstance(out, dict) else []:
             for array in value if isinstance(value, list) else [value]:
                 array[...] = -1e9
+    if args.drop_model:
+        del model, new, out
     if targeted and rnd == args.exit_early:
         break
 if args.linger:

@@ -19,6 +19,13 @@ private and writable, and no byte is copied on the way). Two kinds of segment:
   after it was rewritten (a stale message) gets a ProtocolError instead of another round's
   numbers.
 
+A receiver keeps its mappings of pooled segments up to 256 MiB once their arrays are gone
+(a few of them): the owner's pool hands the same segments out round after round, and
+mapping 40 MB afresh (page tables filled, then torn down) costs a receiver ~4 ms a round.
+A kept mapping is private too, so before it is used again the pages the last user wrote to
+(its private copies, found in ``/proc/self/pagemap``) are dropped, and the mapping shows
+the segment as it is now. It is let go once the owner has removed the segment.
+
 Names are ``fedlift-SESSION-PID-N-RANDOM``; :func:`sweep` removes a session's leftovers
 (a process killed between create and unlink), so nothing is leaked in ``/dev/shm``.
 """
@@ -303,11 +310,12 @@ def locate(arrays: list[np.ndarray]) -> tuple[str, int, list[int], int] | None:
 
 def open_segment(
     name: str, size: int, populate: bool = True, gen: int | None = None
-) -> mmap.mmap | bytearray:
+) -> mmap.mmap | bytearray | ctypes.Array[ctypes.c_char]:
     """Map a peer's segment copy-on-write (private, writable). Validates name and size.
 
     With ``gen`` (a pooled segment) the mapping holds a shared lock on the segment while it
-    lives, and the segment must still be at that generation.
+    (the returned buffer, and so any array on it) lives, and the segment must still be at
+    that generation; such mappings are kept for reuse (see the module docstring).
 
     ``populate`` maps every page at once (fast to read all of it, no copy); without it
     pages are mapped as they are touched.
@@ -316,6 +324,48 @@ def open_segment(
         raise ProtocolError(f"invalid shared-memory segment name {name!r:.80}")
     if size == 0:
         return bytearray()
+    if gen is not None and size <= _KEEP_MAX_BYTES and _readers.usable():
+        kept = _readers.take(name, size)
+        if kept is not None:
+            try:
+                fcntl.flock(kept.fd, fcntl.LOCK_SH)
+                _readers.restore(kept)
+                _check_generation(kept.mapping, name, size, gen)
+            except BaseException:
+                kept.close()
+                raise
+            return _readers.lend(kept)
+    fd = _open_peer(name, size)
+    try:
+        if gen is not None:
+            # Held by the mapping's own descriptor (mmap keeps a duplicate) until it is gone.
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        mapping = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        if gen is not None and size <= _KEEP_MAX_BYTES and _readers.usable():
+            entry = _Kept(name, os.dup(fd), mapping, size)
+        else:
+            entry = None
+    finally:
+        os.close(fd)
+    if gen is not None:
+        try:
+            _check_generation(mapping, name, size, gen)
+        except ProtocolError:
+            if entry is not None:
+                entry.close()
+            else:
+                mapping.close()
+            raise
+    if populate:
+        # Not MAP_POPULATE: on a private writable mapping that pre-faults every page for
+        # writing, i.e. copies the whole segment. POPULATE_READ maps the shared pages as they
+        # are (a page is copied only if the receiver writes to it).
+        with contextlib.suppress(OSError, ValueError, OverflowError):
+            mapping.madvise(_MADV_POPULATE_READ)
+    return mapping if entry is None else _readers.lend(entry)
+
+
+def _open_peer(name: str, size: int) -> int:
     try:
         fd = os.open(SHM_DIR / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
@@ -328,27 +378,142 @@ def open_segment(
             raise ProtocolError(
                 f"shared-memory segment {name} holds {info.st_size} bytes, not {size}."
             )
-        if gen is not None:
-            # Held by the mapping's own descriptor (mmap keeps a duplicate) until it is gone.
-            fcntl.flock(fd, fcntl.LOCK_SH)
-        mapping = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-    finally:
+    except BaseException:
         os.close(fd)
-    if gen is not None and (
-        size < _HEADER or mapping[:8] != _MAGIC or int.from_bytes(mapping[8:16], "little") != gen
-    ):
-        mapping.close()
+        raise
+    return fd
+
+
+def _check_generation(mapping: mmap.mmap, name: str, size: int, gen: int) -> None:
+    if size < _HEADER or mapping[:8] != _MAGIC or int.from_bytes(mapping[8:16], "little") != gen:
         raise ProtocolError(
             f"shared-memory segment {name} no longer holds generation {gen} of its data: "
             "the message is stale (its sender has reused the memory since)."
         )
-    if populate:
-        # Not MAP_POPULATE: on a private writable mapping that pre-faults every page for
-        # writing, i.e. copies the whole segment. POPULATE_READ maps the shared pages as they
-        # are (a page is copied only if the receiver writes to it).
-        with contextlib.suppress(OSError, ValueError, OverflowError):
-            mapping.madvise(_MADV_POPULATE_READ)
-    return mapping
+
+
+_KEEP_MAX_BYTES = 256 * 2**20  # larger segments are mapped afresh each time
+_KEEP_IDLE = 4  # idle mappings kept per process
+_PAGE = mmap.PAGESIZE
+
+
+class _Kept:
+    """A receiver's mapping of a pooled segment, with its own descriptor (for ``flock``)."""
+
+    def __init__(self, name: str, fd: int, mapping: mmap.mmap, size: int) -> None:
+        self.name, self.fd, self.mapping, self.size = name, fd, mapping, size
+        self.address = _base_address(mapping)
+
+    def removed(self) -> bool:
+        """Whether the owner has unlinked the segment (then only mappings keep its pages)."""
+        try:
+            return os.fstat(self.fd).st_nlink == 0
+        except OSError:
+            return True
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)  # releases the shared lock, if held
+        with contextlib.suppress(BufferError):
+            self.mapping.close()
+
+
+class _Readers:
+    """Idle :class:`_Kept` mappings of this process, by segment name (oldest first)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle: dict[str, _Kept] = {}
+        self._lent: dict[int, _Kept] = {}  # by the address of the buffer lent
+        self._pagemap: int | None = None
+        self._usable: bool | None = None
+
+    def usable(self) -> bool:
+        """Whether kept mappings can be cleaned (``/proc/self/pagemap`` is readable)."""
+        if self._usable is None:
+            try:
+                self._pagemap = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+                os.pread(self._pagemap, 8, 0)
+                self._usable = True
+            except OSError:
+                self._usable = False
+        return self._usable
+
+    def take(self, name: str, size: int) -> _Kept | None:
+        """The idle mapping of ``name`` (now in use), if one is kept; drops removed ones."""
+        with self._lock:
+            gone = [k for k in self._idle.values() if k.removed()]
+            for kept in gone:
+                del self._idle[kept.name]
+            entry = self._idle.pop(name, None)
+        for kept in gone:
+            kept.close()
+        if entry is not None and entry.size != size:
+            entry.close()
+            return None
+        return entry
+
+    def lend(self, entry: _Kept) -> ctypes.Array[ctypes.c_char]:
+        """A buffer on ``entry``'s pages; when it (and every array on it) is gone, the lock
+        is released and the mapping is kept for the next message."""
+        buffer = (ctypes.c_char * entry.size).from_address(entry.address)
+        with self._lock:
+            self._lent[entry.address] = entry
+        weakref.finalize(buffer, self._returned, entry)
+        return buffer
+
+    def lent(self, address: int) -> mmap.mmap | None:
+        """The mapping behind a buffer :meth:`lend` returned (while it lives)."""
+        with self._lock:
+            entry = self._lent.get(address)
+        return None if entry is None else entry.mapping
+
+    def _returned(self, entry: _Kept) -> None:
+        with contextlib.suppress(OSError):
+            fcntl.flock(entry.fd, fcntl.LOCK_UN)
+        surplus = [entry] if entry.removed() else []
+        with self._lock:
+            self._lent.pop(entry.address, None)
+            if not surplus:
+                old = self._idle.pop(entry.name, None)
+                if old is not None:
+                    surplus.append(old)
+                self._idle[entry.name] = entry
+                while len(self._idle) > _KEEP_IDLE:
+                    surplus.append(self._idle.pop(next(iter(self._idle))))
+        for kept in surplus:
+            kept.close()
+
+    def restore(self, entry: _Kept) -> None:
+        """Drop the pages the last user wrote to (private copies): the mapping then shows
+        the segment's current contents everywhere."""
+        if self._pagemap is None:
+            raise ProtocolError("kept mappings need /proc/self/pagemap")
+        first, count = entry.address // _PAGE, -(-entry.size // _PAGE)
+        raw = os.pread(self._pagemap, 8 * count, 8 * first)
+        flags = np.frombuffer(raw, np.uint64) >> np.uint64(61)
+        present, swapped, file_page = (
+            flags >> np.uint64(2),
+            (flags >> np.uint64(1)) & np.uint64(1),
+            flags & np.uint64(1),
+        )
+        private = np.flatnonzero(((present == 1) & (file_page == 0)) | (swapped == 1))
+        if private.size == 0:
+            return
+        # Runs of consecutive pages: one madvise each.
+        breaks = np.flatnonzero(np.diff(private) != 1) + 1
+        for run in np.split(private, breaks):
+            start = int(run[0]) * _PAGE
+            length = min(len(run) * _PAGE, entry.size - start)
+            entry.mapping.madvise(mmap.MADV_DONTNEED, start, length)
+
+    @property
+    def idle(self) -> int:
+        with self._lock:
+            return len(self._idle)
+
+
+_readers = _Readers()
 
 
 def prefetch(arrays: list[np.ndarray]) -> None:
@@ -358,8 +523,10 @@ def prefetch(arrays: list[np.ndarray]) -> None:
     seen: set[int] = set()
     for array in arrays:
         base: Any = array
-        while base is not None and not isinstance(base, mmap.mmap):
+        while base is not None and not isinstance(base, mmap.mmap | ctypes.Array):
             base = base.obj if isinstance(base, memoryview) else getattr(base, "base", None)
+        if isinstance(base, ctypes.Array):  # a kept mapping, lent
+            base = _readers.lent(ctypes.addressof(base))
         if base is None or id(base) in seen or base.closed:
             continue
         seen.add(id(base))

@@ -340,6 +340,28 @@ def test_a_kept_mapping_in_use_is_not_lent_twice() -> None:
     gc.collect()
 
 
+def test_a_kept_mapping_that_cannot_be_cleaned_is_replaced_by_a_fresh_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pool = _shm.SegmentPool(keep=1)
+    arrays = pool.allocate(SPECS)
+    arrays[0][:] = 1.0
+    first = decode(_send_by_reference(arrays), allow_shm=True)
+    first.arrays[0][:] = -1.0  # private copies that must not show through
+    del first
+    gc.collect()
+
+    def unreadable(entry: object) -> None:
+        raise OSError("pagemap unreadable")
+
+    monkeypatch.setattr(_shm._readers, "restore", unreadable)
+    second = decode(_send_by_reference(arrays), allow_shm=True)
+    np.testing.assert_array_equal(second.arrays[0], np.full(1000, 1.0, np.float32))
+    del second, arrays
+    pool.close()
+    gc.collect()
+
+
 def test_a_kept_mapping_of_a_stale_or_removed_segment_is_dropped() -> None:
     pool = _shm.SegmentPool(keep=1)
     arrays = pool.allocate(SPECS)

@@ -36,6 +36,7 @@ import contextlib
 import ctypes
 import fcntl
 import itertools
+import logging
 import mmap
 import os
 import re
@@ -64,6 +65,8 @@ __all__ = [
     "sweep",
     "unlink",
 ]
+
+log = logging.getLogger("fedlift.shm")
 
 SHM_DIR = Path("/dev/shm")
 SESSION_ENV = "FEDLIFT_SHM_SESSION"
@@ -330,11 +333,16 @@ def open_segment(
             try:
                 fcntl.flock(kept.fd, fcntl.LOCK_SH)
                 _readers.restore(kept)
-                _check_generation(kept.mapping, name, size, gen)
-            except BaseException:
-                kept.close()
-                raise
-            return _readers.lend(kept)
+            except (OSError, ValueError, ProtocolError) as exc:
+                log.debug("not reusing the mapping of %s: %s", name, exc)
+                kept.close()  # and map it afresh below
+            else:
+                try:
+                    _check_generation(kept.mapping, name, size, gen)
+                except BaseException:
+                    kept.close()
+                    raise
+                return _readers.lend(kept)
     fd = _open_peer(name, size)
     try:
         if gen is not None:
@@ -422,7 +430,7 @@ class _Readers:
     """Idle :class:`_Kept` mappings of this process, by segment name (oldest first)."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # finalizers may run while this thread holds it
         self._idle: dict[str, _Kept] = {}
         self._lent: dict[int, _Kept] = {}  # by the address of the buffer lent
         self._pagemap: int | None = None
@@ -491,6 +499,8 @@ class _Readers:
             raise ProtocolError("kept mappings need /proc/self/pagemap")
         first, count = entry.address // _PAGE, -(-entry.size // _PAGE)
         raw = os.pread(self._pagemap, 8 * count, 8 * first)
+        if len(raw) != 8 * count:
+            raise ProtocolError(f"/proc/self/pagemap gave {len(raw)} of {8 * count} bytes")
         flags = np.frombuffer(raw, np.uint64) >> np.uint64(61)
         present, swapped, file_page = (
             flags >> np.uint64(2),

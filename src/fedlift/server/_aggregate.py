@@ -6,9 +6,9 @@ holds one model's worth of sums no matter how many clients answer; the mean is t
 scaled once by ``base / W`` at the end. For equal weights each fold is one addition per
 element, and the mean of one client is that client's params exactly.
 
-Large folds run in cache-sized blocks (no full-size temporary) on several threads: each
-thread owns a contiguous share of the elements, so the result does not depend on how many
-there are.
+Large folds run in cache-sized blocks (no full-size temporary) on several threads, each
+taking contiguous shares of the elements in turn: the arithmetic on every element is the
+same however the work is split, and so is the result.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ __all__ = [
     "StreamingMean",
     "accumulate",
     "apply_update",
+    "scale",
     "weighted_mean",
     "weighted_mean_metrics",
 ]
@@ -88,10 +89,9 @@ def accumulate(
     Each block of the sums takes every part (and the scaling) while it is in the CPU cache,
     so the sums cross the memory bus once per call however many parts there are. With
     ``assign_first`` the first part (coefficient 1) is copied into the sums instead of
-    added to them. Sources with
-    ``read_into`` (results in another process's memory) are read one block at a time.
-    Large calls are split over threads by contiguous element ranges; the arithmetic on
-    each element, and so the result, is the same for any split.
+    added to them. Sources with ``read_into`` (results in another process's memory) are
+    read one block at a time. Large calls are split over threads by contiguous element
+    ranges; the arithmetic on each element, and so the result, is the same for any split.
     """
     if assign_first and (not parts or parts[0][1] != 1.0):
         raise ConfigError("accumulate(assign_first=True) needs a first part with coefficient 1.")

@@ -327,7 +327,8 @@ def open_segment(
         raise ProtocolError(f"invalid shared-memory segment name {name!r:.80}")
     if size == 0:
         return bytearray()
-    if gen is not None and size <= _KEEP_MAX_BYTES and _readers.usable():
+    keepable = gen is not None and size <= _KEEP_MAX_BYTES and _readers.usable()
+    if gen is not None and keepable:
         kept = _readers.take(name, size)
         if kept is not None:
             try:
@@ -349,10 +350,7 @@ def open_segment(
             # Held by the mapping's own descriptor (mmap keeps a duplicate) until it is gone.
             fcntl.flock(fd, fcntl.LOCK_SH)
         mapping = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        if gen is not None and size <= _KEEP_MAX_BYTES and _readers.usable():
-            entry = _Kept(name, os.dup(fd), mapping, size)
-        else:
-            entry = None
+        entry = _Kept(name, os.dup(fd), mapping, size) if keepable else None
     finally:
         os.close(fd)
     if gen is not None:

@@ -84,6 +84,11 @@ class JobConfig:
         }
 
 
+def is_seconds(value: Any) -> bool:
+    """Whether ``value`` is a number of seconds >= 0 (not a bool, not a string)."""
+    return not isinstance(value, bool) and isinstance(value, int | float) and value >= 0
+
+
 def _require(data: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
     if key not in data:
         raise ConfigError(f"{where} lacks {key!r}. Re-export the job with job.export_job().")
@@ -125,11 +130,10 @@ def load_job(folder: str | Path) -> tuple[JobConfig, Path]:
         raise ConfigError(f"{where}: {exc}") from None
     if workflow.type != "fedavg":
         raise ConfigError(f"{where}: workflow type {workflow.type!r} is unknown; use 'fedavg'.")
-    interval = workflow.save_interval
-    if isinstance(interval, bool) or not isinstance(interval, int | float) or not interval >= 0:
+    if not is_seconds(workflow.save_interval):
         raise ConfigError(
             f"{where}: workflow.save_interval must be a number of seconds >= 0; "
-            f"received: {interval!r}."
+            f"received: {workflow.save_interval!r}."
         )
     config = JobConfig(
         name=_require(data, "name", str, where),

@@ -13,7 +13,7 @@ from ..errors import ConfigError
 from ..model import flatten
 from ..model._keras import is_keras_model, plain_keras_copy
 from ..model._safetensors import save_safetensors
-from ._config import _SKIP_DIRS, JobConfig, RunnerConfig, WorkflowConfig
+from ._config import _SKIP_DIRS, JobConfig, RunnerConfig, WorkflowConfig, is_seconds
 
 if TYPE_CHECKING:
     from ..simulator import SimulationResult
@@ -136,11 +136,7 @@ class FedAvgJob:
                 f"FedAvgJob(min_clients=...) must be between 1 and n_clients={n_clients}; "
                 f"received: {min_clients!r}."
             )
-        if (
-            isinstance(save_interval, bool)
-            or not isinstance(save_interval, int | float)
-            or not save_interval >= 0
-        ):
+        if not is_seconds(save_interval):
             raise ConfigError(
                 "FedAvgJob(save_interval=...) is the most often, in seconds, that the global "
                 f"model is written (0: every round); received: {save_interval!r}."

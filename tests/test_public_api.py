@@ -144,12 +144,15 @@ EXPECTED: dict[str, list[str]] = {
         "ConfigError",
         "ConnectionLostError",
         "FedliftError",
+        "InvalidResultError",
         "JobAbortedError",
         "PermissionDeniedError",
         "ProtocolError",
         "ReceiveTimeoutError",
         "RemoteError",
+        "ResourceLimitError",
         "RoundTimeoutError",
+        "StorageError",
         "TransportError",
         "TransportTimeoutError",
         "error_from_name",
@@ -229,6 +232,9 @@ def test_error_hierarchy() -> None:
     assert issubclass(e.TransportError, ConnectionError)
     assert issubclass(e.TransportTimeoutError, TimeoutError)
     assert issubclass(e.RoundTimeoutError, TimeoutError)
+    assert issubclass(e.InvalidResultError, e.ClientFailedError)
+    assert issubclass(e.ResourceLimitError, e.ProtocolError)
+    assert issubclass(e.StorageError, OSError)
 
 
 def test_errors_are_rebuilt_by_name() -> None:

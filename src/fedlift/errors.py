@@ -13,12 +13,15 @@ __all__ = [
     "ConfigError",
     "ConnectionLostError",
     "FedliftError",
+    "InvalidResultError",
     "JobAbortedError",
     "PermissionDeniedError",
     "ProtocolError",
     "ReceiveTimeoutError",
     "RemoteError",
+    "ResourceLimitError",
     "RoundTimeoutError",
+    "StorageError",
     "TransportError",
     "TransportTimeoutError",
     "error_from_name",
@@ -73,6 +76,23 @@ class JobAbortedError(FedliftError):
     """The job was stopped before it finished (by a failure elsewhere or by a user)."""
 
 
+class InvalidResultError(ClientFailedError, ValueError):
+    """A site's result cannot be aggregated: NaN or Inf values, keys, shapes or dtypes that
+    differ from the global model, or a weight that is not a finite number > 0. The message
+    names the site; the job's error policy decides whether the job fails or the site is left
+    out of the round."""
+
+
+class ResourceLimitError(ProtocolError):
+    """A peer went past a limit the server keeps per peer (concurrent calls, message size,
+    an idle stream): the call is refused before anything is allocated for it."""
+
+
+class StorageError(FedliftError, OSError):
+    """Writing to the workspace failed (disk full, read-only file system, no permission);
+    what was on disk before the write is intact."""
+
+
 class PermissionDeniedError(FedliftError):
     """The caller's certificate does not allow this operation (wrong role or another party's
     name)."""
@@ -94,6 +114,9 @@ _BY_NAME: dict[str, type[FedliftError]] = {
         RoundTimeoutError,
         JobAbortedError,
         PermissionDeniedError,
+        InvalidResultError,
+        ResourceLimitError,
+        StorageError,
     )
 }
 

@@ -9,7 +9,7 @@ STAMP := $(VENV)/.fedlift-installed
 FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 PYTEST_ARGS ?=
 
-.PHONY: venv data demo test check lint typecheck format bench clean
+.PHONY: venv data demo test reliability check lint typecheck format bench clean
 
 venv: $(STAMP)
 
@@ -48,8 +48,20 @@ format: venv
 	$(VENV)/bin/ruff format src tests examples benchmarks
 	$(VENV)/bin/ruff check --fix src tests examples benchmarks
 
+LEDGER := .reliability/ledger.jsonl
+
+# The whole suite, reliability tests in their reduced forms (slow full forms left out),
+# then the reliability table of this run.
 test: venv data check
-	$(PY) -m pytest $(PYTEST_ARGS)
+	@rm -f $(LEDGER)
+	@status=0; $(PY) -m pytest -m "not slow" $(PYTEST_ARGS) || status=$$?; \
+		$(PY) tests/reliability_report.py || true; exit $$status
+
+# The reliability suite in its full forms (faults, hostile input, soak), and its table.
+reliability: venv data
+	@rm -f $(LEDGER)
+	@status=0; FEDLIFT_RELIABILITY_FULL=1 $(PY) -m pytest -m reliability $(PYTEST_ARGS) \
+		|| status=$$?; $(PY) tests/reliability_report.py || status=1; exit $$status
 
 bench: venv
 	$(PY) -m benchmarks

@@ -34,3 +34,9 @@ def worker_pids(workspace: Path) -> list[int]:
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from reliability_plugin import (  # noqa: E402,F401  (the reliability suite's ledger)
+    pytest_configure,
+    pytest_runtest_makereport,
+    reliability,
+)

@@ -74,6 +74,7 @@ EXPECTED: dict[str, list[str]] = {
         "decode_frame",
         "encode",
         "frame_length",
+        "frame_op",
         "model_from_wire",
         "model_to_wire",
     ],

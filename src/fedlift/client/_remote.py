@@ -19,8 +19,7 @@ class RemoteLink:
     """Speaks the worker's Client API operations (see ``_service.py``)."""
 
     def __init__(self, address: str, token: str, rank: str) -> None:
-        self._transport = GrpcTransport(address, shared_memory=_shm.available())
-        self._token = token
+        self._transport = GrpcTransport(address, shared_memory=_shm.available(), token=token)
         self._rank = rank
         self._after = 0
         reply = self._call("hello", {}, timeout=60)
@@ -40,7 +39,7 @@ class RemoteLink:
         arrays: list[object] | None = None,
         timeout: float = 60.0,
     ) -> Message:
-        request = Message(op, {"token": self._token, "rank": self._rank, **fields}, arrays or [])  # type: ignore[arg-type]
+        request = Message(op, {"rank": self._rank, **fields}, arrays or [])  # type: ignore[arg-type]
         try:
             return self._transport.call(request, timeout)
         except ConnectionLostError as exc:

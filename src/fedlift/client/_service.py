@@ -2,7 +2,10 @@
 
 The worker starts a gRPC listener on a private Unix socket, launches
 ``command script script_args`` with the address and a per-run secret token in its
-environment, and answers the script's operations:
+environment (never its argv: ``/proc/PID/cmdline`` is world-readable), and answers the
+script's operations. The listener checks the token (call metadata) before it reads a byte
+of a call, so a process that is not the script cannot make the worker decode a message
+(and so open or unlink shared memory):
 
 ``hello``     -> ``context`` (job, site, config); the first call of ``flare.init()``
 ``next_task`` -> ``task`` / ``stop`` / ``none`` (long poll; every rank sees every task)
@@ -18,7 +21,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
-import hmac
 import logging
 import os
 import secrets
@@ -35,7 +37,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from ..codec import Message, _shm, model_from_wire, model_to_wire
-from ..errors import ClientAPIError, ConfigError, ProtocolError
+from ..errors import ConfigError, ProtocolError
 from ..transport import GrpcListener
 from ._link import LocalLink, Task
 
@@ -52,9 +54,8 @@ _TAIL = 40
 class ScriptService:
     """Answers the external script's Client API calls from the worker's :class:`LocalLink`."""
 
-    def __init__(self, link: LocalLink, token: str) -> None:
+    def __init__(self, link: LocalLink) -> None:
         self._link = link
-        self._token = token
         self._cond = threading.Condition()
         self._seq = 0
         self._task: Task | None = None
@@ -77,9 +78,6 @@ class ScriptService:
 
     def handle(self, request: Message) -> Message:
         fields = request.fields
-        token = fields.get("token")
-        if not isinstance(token, str) or not hmac.compare_digest(token, self._token):
-            raise ClientAPIError("this worker refused a Client API call with a wrong token.")
         rank = str(fields.get("rank", "0"))
         if request.op == "hello":
             self.hello.set()
@@ -202,12 +200,13 @@ class ScriptProcess:
         self.init_timeout = init_timeout
         self.tail: collections.deque[str] = collections.deque(maxlen=_TAIL)
         self._dir = Path(tempfile.mkdtemp(prefix="fedlift-"))
-        self._token = secrets.token_hex(16)
-        self.service = ScriptService(link, self._token)
+        self._token = secrets.token_hex(32)
+        self.service = ScriptService(link)
         self._listener = GrpcListener(
             self.service.handle,
             f"unix:{self._dir / 'client.sock'}",
             shared_memory=_shm.available(),
+            token=self._token,
         )
         self._app_dir = app_dir
         self._script = script

@@ -39,6 +39,9 @@ __all__ = ["run_worker", "main", "unpack_app"]
 log = logging.getLogger("fedlift.client")
 
 SHARED_MEMORY_ENV = "FEDLIFT_SHARED_MEMORY"
+SERVER_TOKEN_ENV = "FEDLIFT_SERVER_TOKEN"
+"""The server's per-run secret (the simulator's); read once and removed from the environment,
+so the site's script and its children never see it."""
 """Set to 1 (by the simulator) when the server runs on this host: payloads go by /dev/shm."""
 _SCRIPT_EXIT_GRACE = 1.0  # after the job ended, how long the script may take to return
 REMOTE_READS_ENV = "FEDLIFT_REMOTE_READS"
@@ -420,8 +423,9 @@ def run_worker(
         from ..deploy import channel_credentials
 
         credentials = channel_credentials(kit)
+    token = os.environ.pop(SERVER_TOKEN_ENV, None) or None
     transport = GrpcTransport(
-        server, wait_for_ready=True, shared_memory=shared, credentials=credentials
+        server, wait_for_ready=True, shared_memory=shared, credentials=credentials, token=token
     )
     worker = Worker(
         transport,

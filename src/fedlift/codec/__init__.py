@@ -11,6 +11,7 @@ from ._wire import (
     decode_frame,
     encode,
     frame_length,
+    frame_op,
 )
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "decode_frame",
     "encode",
     "frame_length",
+    "frame_op",
     "model_from_wire",
     "model_to_wire",
 ]

@@ -26,8 +26,12 @@ A kept mapping is private too, so before it is used again the pages the last use
 (its private copies, found in ``/proc/self/pagemap``) are dropped, and the mapping shows
 the segment as it is now. It is let go once the owner has removed the segment.
 
-Names are ``fedlift-SESSION-PID-N-RANDOM``; :func:`sweep` removes a session's leftovers
-(a process killed between create and unlink), so nothing is leaked in ``/dev/shm``.
+Names are ``fedlift-SESSION-PID-N-RANDOM`` (owned) and ``fedlift-SESSION-PID-N-RANDOM-t``
+(transfer); :func:`sweep` removes a session's leftovers (a process killed between create
+and unlink), so nothing is leaked in ``/dev/shm``. :func:`unlink` only removes transfer
+segments: a message may ask its receiver to unlink the segment it came in, and a hostile
+one must not be able to name a pooled segment (the receiver's own or another party's) and
+so fail the job; pooled names never carry the transfer suffix.
 """
 
 from __future__ import annotations
@@ -70,7 +74,8 @@ log = logging.getLogger("fedlift.shm")
 
 SHM_DIR = Path("/dev/shm")
 SESSION_ENV = "FEDLIFT_SHM_SESSION"
-_NAME = re.compile(r"^fedlift-[A-Za-z0-9]{1,64}-[0-9]{1,10}-[0-9]{1,20}-[0-9a-f]{8}$")
+_NAME = re.compile(r"^fedlift-[A-Za-z0-9]{1,64}-[0-9]{1,10}-[0-9]{1,20}-[0-9a-f]{8}(-t)?$")
+_TRANSFER_SUFFIX = "-t"
 _ALIGN = 64
 _MADV_POPULATE_READ = 22  # Linux >= 5.14; older kernels refuse it (EINVAL) and map lazily
 _counter = itertools.count()
@@ -104,19 +109,20 @@ def available() -> bool:
     return SHM_DIR.is_dir() and os.access(SHM_DIR, os.W_OK)
 
 
-def _new_name() -> str:
-    return f"fedlift-{session()}-{os.getpid()}-{next(_counter)}-{secrets.token_hex(4)}"
+def _new_name(transfer: bool) -> str:
+    suffix = _TRANSFER_SUFFIX if transfer else ""
+    return f"fedlift-{session()}-{os.getpid()}-{next(_counter)}-{secrets.token_hex(4)}{suffix}"
 
 
-def _create(size: int) -> tuple[str, mmap.mmap]:
-    name = _new_name()
+def _create(size: int, transfer: bool = False) -> tuple[str, mmap.mmap]:
+    name = _new_name(transfer)
     fd = os.open(SHM_DIR / name, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o600)
     try:
         os.ftruncate(fd, size)
         flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
         return name, mmap.mmap(fd, size, flags=flags)
     except BaseException:
-        unlink(name)
+        _remove(name)
         raise
     finally:
         os.close(fd)
@@ -124,7 +130,7 @@ def _create(size: int) -> tuple[str, mmap.mmap]:
 
 def create_transfer(size: int) -> tuple[str, mmap.mmap]:
     """A segment for one message (the receiver unlinks it)."""
-    return _create(max(size, 1))
+    return _create(max(size, 1), transfer=True)
 
 
 def _base_address(buffer: mmap.mmap) -> int:
@@ -185,7 +191,7 @@ class _Pooled:
     def close(self) -> None:
         with _lock:
             _owned.pop(self.name, None)
-        unlink(self.name)
+        _remove(self.name)
         os.close(self.fd)
         with contextlib.suppress(BufferError):  # an export still alive: the GC unmaps it
             self.buffer.close()
@@ -278,7 +284,7 @@ class SegmentPool:
     @staticmethod
     def _close_all(segments: dict[str, _Pooled]) -> None:
         for segment in list(segments.values()):
-            unlink(segment.name)
+            _remove(segment.name)
 
 
 def locate(arrays: list[np.ndarray]) -> tuple[str, int, list[int], int] | None:
@@ -543,6 +549,18 @@ def prefetch(arrays: list[np.ndarray]) -> None:
 
 
 def unlink(name: str) -> None:
+    """Remove the transfer segment ``name`` (one :func:`create_transfer` made, here or in a
+    peer). Any other name is refused with ProtocolError: names come from messages, and a
+    pooled segment (this process's or another's) is only ever removed by its owner."""
+    if not (isinstance(name, str) and _NAME.match(name) and name.endswith(_TRANSFER_SUFFIX)):
+        raise ProtocolError(
+            f"refusing to unlink shared-memory segment {name!r:.80}: a message may only ask "
+            "to unlink a transfer segment (its name ends in '-t'), never a pooled one."
+        )
+    _remove(name)
+
+
+def _remove(name: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(SHM_DIR / name)
 
@@ -553,6 +571,6 @@ def sweep(session_id: str) -> list[str]:
         return []
     removed = []
     for path in SHM_DIR.glob(f"fedlift-{session_id}-*"):
-        unlink(path.name)
+        _remove(path.name)
         removed.append(path.name)
     return removed

@@ -37,6 +37,7 @@ __all__ = [
     "decode_frame",
     "encode",
     "frame_length",
+    "frame_op",
 ]
 
 MAGIC = b"FLW1"
@@ -443,3 +444,29 @@ def _array_from_spec(
         return flat.reshape(shape)
     except ValueError as exc:  # dims past numpy's limits (a zero dim keeps nbytes at 0)
         raise ProtocolError(f"array {i}: shape {shape!r:.80} is not valid: {exc}") from None
+
+
+def frame_op(data: bytes | bytearray | memoryview) -> str | None:
+    """The op of a frame given its first bytes, or None while its header is incomplete.
+
+    Checks the prefix (magic, header length) and that the header is a JSON object with a
+    short op string; everything else is left to :func:`decode`. A receiver uses it to decide
+    whether to accept a message before it allocates anything for the rest of it.
+    """
+    view = memoryview(data).cast("B")
+    frame_length(view)
+    header_len = _PREFIX.unpack_from(view, 0)[1]
+    if header_len > MAX_HEADER_BYTES:
+        raise ProtocolError(
+            f"message header length {header_len:,} is over the limit of {MAX_HEADER_BYTES:,}."
+        )
+    if len(view) < PREFIX_BYTES + header_len:
+        return None
+    try:
+        header = json.loads(bytes(view[PREFIX_BYTES : PREFIX_BYTES + header_len]))
+    except (ValueError, RecursionError) as exc:
+        raise ProtocolError(f"message header is not valid JSON: {exc}") from None
+    op = header.get("op") if isinstance(header, dict) else None
+    if not isinstance(op, str) or not op or len(op) > 128:
+        raise ProtocolError(f"message op must be a short non-empty string; got {op!r:.80}")
+    return op

@@ -52,11 +52,13 @@ from ..errors import (
     JobAbortedError,
     PermissionDeniedError,
     ProtocolError,
+    ResourceLimitError,
 )
 from ..job import JobConfig, load_job, zip_dir
 from ..server import FedAvg, RoundRecord, RunRecorder, ServerRuntime
 from ..server._store import CHECKPOINT_DIR, CHECKPOINT_FILE, load_initial_model
 from ..transport import GrpcListener
+from ._identity import Identity
 from ._tls import Kit, load_kit, server_credentials
 
 __all__ = ["ADMIN_OPS", "JOB_STATES", "SITE_JOB_OPS", "DeployServer"]
@@ -74,6 +76,11 @@ _POLLER_FRESH_SECONDS = _MAX_POLL_SECONDS + 15.0  # a site between two polls sti
 _MAX_SITE_LOG_BYTES = 16 << 20
 _MAX_LOG_CHUNK = 1 << 20
 _MAX_LOG_REPLY = 1 << 20
+_MAX_SMALL_REQUEST = 1 << 20  # every request but a site's submit and an admin's job_submit
+_LARGE_OPS = frozenset({("site", "submit"), ("admin", "job_submit")})
+_CALLS_PER_PEER = 16  # a site needs about 5 at once (poll, task, submit, logs)
+_PLANNED_SITES = 64
+_PLANNED_ADMINS = 8
 
 
 @dataclass
@@ -186,11 +193,16 @@ class DeployServer:
         self._polling: collections.Counter[str] = collections.Counter()
         self._stopping = False
         self._load_store()
+        # Threads start on demand and exit when idle; the most there can be: every site of a
+        # large project at its per-peer limit of calls, plus room for admins.
+        per_peer = _CALLS_PER_PEER
         self._listener = GrpcListener(
             self.handle,
             address or f"0.0.0.0:{self.kit.server_port}",
-            max_workers=256,  # each polling site holds one while it waits
+            max_workers=_PLANNED_SITES * per_peer + _PLANNED_ADMINS * per_peer,
             credentials=server_credentials(self.kit),
+            admit=self._admit,
+            max_calls_per_peer=per_peer,
         )
         self._runner = threading.Thread(target=self._run_jobs, name="fedlift-jobs", daemon=True)
         self._runner.start()
@@ -286,6 +298,33 @@ class DeployServer:
         raise ProtocolError(
             f"unknown operation {op!r}; expected one of {', '.join(sorted(ADMIN_OPS | _SITE_OPS))}."
         )
+
+    def _admit(self, peer: Identity | None, op: str, claimed_bytes: int) -> None:
+        """Decide on a request from its op and announced size, before it is received: the
+        caller's role must allow the op, and only a site's ``submit`` and an admin's
+        ``job_submit`` may be larger than 1 MiB."""
+        if peer is None or peer.role is None:
+            raise PermissionDeniedError(
+                "this server only serves callers with a certificate of the project (mutual TLS)."
+            )
+        allowed = ADMIN_OPS if peer.role == "admin" else _SITE_OPS if peer.role == "site" else None
+        if allowed is None or op not in allowed:
+            known = op in ADMIN_OPS or op in _SITE_OPS
+            if not known:
+                raise ProtocolError(
+                    f"unknown operation {op!r:.80}; expected one of "
+                    f"{', '.join(sorted(ADMIN_OPS | _SITE_OPS))}."
+                )
+            raise PermissionDeniedError(
+                f"{peer.role} {peer.name!r} may not call {op!r}: it needs "
+                f"{'an admin' if op in ADMIN_OPS else 'a site'} kit."
+            )
+        if claimed_bytes > _MAX_SMALL_REQUEST and (peer.role, op) not in _LARGE_OPS:
+            raise ResourceLimitError(
+                f"{peer.role} {peer.name!r} announced a {claimed_bytes:,}-byte {op!r} request; "
+                f"only a site's submit and an admin's job_submit may exceed "
+                f"{_MAX_SMALL_REQUEST:,} bytes. Received: claimed_bytes={claimed_bytes}."
+            )
 
     # ------------------------------------------------------------------ admin operations
     def _admin(self, request: Message) -> Message:

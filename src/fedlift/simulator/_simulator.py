@@ -21,7 +21,7 @@ from typing import Any, TextIO
 from rich.console import Console
 from rich.table import Table
 
-from ..client._worker import SHARED_MEMORY_ENV
+from ..client._worker import SERVER_TOKEN_ENV, SHARED_MEMORY_ENV
 from ..codec import _shm
 from ..errors import ClientFailedError, ConfigError
 from ..job import load_job, zip_dir
@@ -166,8 +166,11 @@ def run_simulator(
     session_id = secrets.token_hex(4)
     previous_session = os.environ.get(_shm.SESSION_ENV)
     os.environ[_shm.SESSION_ENV] = session_id  # this process and its workers: one sweep
+    # Only this run's workers may call the server: they get the secret in their environment
+    # (never argv, which any local user can read in /proc/PID/cmdline).
+    token = secrets.token_hex(32)
     listener = GrpcListener(
-        runtime.handle, "127.0.0.1:0", max_workers=2 * n + 8, shared_memory=shared
+        runtime.handle, "127.0.0.1:0", max_workers=2 * n + 8, shared_memory=shared, token=token
     )
     workers: list[WorkerProcess] = []
 
@@ -198,7 +201,11 @@ def run_simulator(
                     site,
                     listener.address,
                     ws / site,
-                    {**site_environment(placement.get(site)), SHARED_MEMORY_ENV: str(int(shared))},
+                    {
+                        **site_environment(placement.get(site)),
+                        SHARED_MEMORY_ENV: str(int(shared)),
+                        SERVER_TOKEN_ENV: token,
+                    },
                     out,
                     on_exit,
                 )

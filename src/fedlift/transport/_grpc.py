@@ -1,17 +1,32 @@
 """gRPC transport: one bidirectional-streaming method carries every message in chunks.
 
 Messages are encoded by :mod:`fedlift.codec` and cut into chunks of ``chunk_bytes``
-(1 MiB by default), so models far beyond gRPC's 2 GB message limit travel; the receiver
-learns the total size from the first chunk and fills one preallocated buffer.
+(1 MiB by default), so models far beyond gRPC's 2 GB message limit travel. The receiver
+learns the total size from the first chunk, but trusts it with nothing: memory grows only
+as bytes arrive (:mod:`._buffer`), within ``max_message_bytes``.
+
+What a listener checks on every call, in this order, before it reads a chunk:
+
+1. ``token`` (a per-run secret, sent as call metadata; compared in constant time): a wrong
+   or missing one is refused as UNAUTHENTICATED, which the caller sees as
+   :class:`~fedlift.errors.PermissionDeniedError`;
+2. the peer: the identity of its verified TLS certificate (else its connection), which may
+   have at most ``max_calls_per_peer`` calls in progress (one more:
+   :class:`~fedlift.errors.ResourceLimitError`);
+
+then, once the first chunk shows the op and the announced size, ``admit(peer, op, size)``
+(raises to refuse) before any buffer for the rest exists. A stream that moves no chunk for
+``idle_timeout`` seconds is cancelled (:mod:`._limits`), and the listener's threads exit
+when idle (:mod:`._executor`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hmac
 import json
 import os
-from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -25,25 +40,50 @@ from ..codec import (
     decode_frame,
     encode,
     frame_length,
+    frame_op,
 )
 from ..errors import (
     ConfigError,
     ConnectionLostError,
     FedliftError,
+    PermissionDeniedError,
     ProtocolError,
+    ResourceLimitError,
     TransportError,
     TransportTimeoutError,
     error_from_name,
 )
 from ._base import Handler, describe_error
+from ._buffer import receive_buffer
+from ._executor import ElasticExecutor
+from ._limits import PeerSlots, Progress, Watchdog
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "DEFAULT_SHM_MIN_BYTES", "GrpcListener", "GrpcTransport"]
+__all__ = [
+    "DEFAULT_CHUNK_BYTES",
+    "DEFAULT_IDLE_TIMEOUT",
+    "DEFAULT_MAX_CALLS_PER_PEER",
+    "DEFAULT_SHM_MIN_BYTES",
+    "Admit",
+    "GrpcListener",
+    "GrpcTransport",
+]
 
 _METHOD = "/fedlift.v1.Exchange/Call"
 _SMALL_METHOD = "/fedlift.v1.Exchange/Small"  # one message each way: ~3x less gRPC overhead
+_TOKEN_KEY = "fedlift-token"
 DEFAULT_CHUNK_BYTES = 1 << 20
 DEFAULT_SHM_MIN_BYTES = 1 << 20
+DEFAULT_IDLE_TIMEOUT = 60.0
+DEFAULT_MAX_CALLS_PER_PEER = 16
+_THREAD_IDLE_SECONDS = 5.0
+_ADMIT_PEEK_BYTES = 1 << 20
 _MAX_DETAIL = 8000
+
+Admit = Callable[[Any, str, int], None]
+"""``admit(peer, op, claimed_bytes)``: ``peer`` is the verified
+:class:`~fedlift.transport._identity.Identity` (None without TLS); raise
+:class:`~fedlift.errors.PermissionDeniedError` or :class:`~fedlift.errors.ResourceLimitError`
+to refuse the message before anything is allocated for it."""
 
 
 def _channel_limit(chunk_bytes: int) -> int:
@@ -66,34 +106,79 @@ def _channel_options(chunk_bytes: int) -> list[tuple[str, Any]]:
     ]
 
 
-def _assemble(chunks: Iterable[bytes], max_bytes: int) -> bytearray:
-    iterator = iter(chunks)
-    first = next(iterator, None)
+_NO_PROGRESS = Progress()  # a sink for the per-chunk count where nobody watches
+
+
+def _assemble(
+    chunks: Iterator[bytes],
+    max_bytes: int,
+    progress: Progress = _NO_PROGRESS,
+    admit: Callable[[str, int], None] | None = None,
+) -> bytearray | memoryview:
+    """One message from its chunks. Nothing is allocated for the announced size before
+    ``admit`` accepted it, and then memory grows only as bytes arrive (``_buffer``)."""
+    first = next(chunks, None)
     if first is None:
         raise ProtocolError("the peer sent an empty message (no chunks).")
     if len(first) < PREFIX_BYTES:
         raise ProtocolError(f"first chunk is {len(first)} bytes; need at least {PREFIX_BYTES}.")
     total = frame_length(first)
     if total > max_bytes:
-        raise ProtocolError(
-            f"the peer announced a {total:,}-byte message; the limit is {max_bytes:,}."
+        raise ResourceLimitError(
+            f"the peer announced a {total:,}-byte message; the limit is {max_bytes:,} "
+            f"(max_message_bytes). Received: total={total}."
         )
-    buffer = bytearray(total)
-    position = 0
-    for chunk in _chain(first, iterator):
+    head: bytes | bytearray = first
+    if admit is not None:
+        head = _admitted_head(first, chunks, total, admit, progress)
+    if total < len(head):
+        raise ProtocolError(f"the peer sent more than the {total:,} bytes it announced.")
+    if total == len(head):
+        if next(chunks, None) is not None:
+            raise ProtocolError(f"the peer sent more than the {total:,} bytes it announced.")
+        return head if isinstance(head, bytearray) else bytearray(head)
+    buffer = receive_buffer(total)
+    position = len(head)
+    buffer[:position] = head
+    del first, head
+    for chunk in chunks:
         end = position + len(chunk)
         if end > total:
             raise ProtocolError(f"the peer sent more than the {total:,} bytes it announced.")
         buffer[position:end] = chunk
         position = end
+        progress.chunks += 1
     if position != total:
         raise ProtocolError(f"the peer announced {total:,} bytes but sent {position:,}.")
     return buffer
 
 
-def _chain(first: bytes, rest: Iterator[bytes]) -> Iterator[bytes]:
-    yield first
-    yield from rest
+def _admitted_head(
+    first: bytes,
+    chunks: Iterator[bytes],
+    total: int,
+    admit: Callable[[str, int], None],
+    progress: Progress,
+) -> bytes | bytearray:
+    """The first chunks, up to the end of the header (within :data:`_ADMIT_PEEK_BYTES`),
+    once ``admit`` has accepted the op and the size they announce."""
+    head: bytes | bytearray = first
+    op = frame_op(head)
+    while op is None:
+        if len(head) >= min(total, _ADMIT_PEEK_BYTES):
+            raise ProtocolError(
+                f"the message's header is not within its first {len(head):,} bytes; it must "
+                f"be within {_ADMIT_PEEK_BYTES:,} (put large data in arrays). "
+                f"Received: total={total}."
+            )
+        more = next(chunks, None)
+        if more is None:
+            raise ProtocolError(f"the peer announced {total:,} bytes but sent {len(head):,}.")
+        progress.chunks += 1
+        head = (bytearray(head) if isinstance(head, bytes) else head) + more
+        op = frame_op(head)
+    admit(op, total)
+    return head
 
 
 def _error_details(exc: BaseException) -> str:
@@ -118,25 +203,47 @@ def _translate(exc: grpc.RpcError, op: str, target: str, timeout: float | None) 
             f"cannot reach {target} for {op!r} ({code.name}: {details}). "
             "Is the server running and the address right?"
         )
+    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        return PermissionDeniedError(f"{target} refused {op!r} ({code.name}): {details}")
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return ProtocolError(f"{op!r} to {target} was refused as too large: {details}")
+        return ResourceLimitError(f"{op!r} to {target} was refused as too large: {details}")
     name = code.name if code is not None else "UNKNOWN"
     return TransportError(f"{op!r} to {target} failed ({name}): {details}")
 
 
-def _with_peer(request: Message, context: grpc.ServicerContext) -> Message:
-    """``request`` with the identity of the client's verified certificate (not from the wire)."""
-    certificates = context.auth_context().get("x509_pem_cert")
-    if not certificates:
-        return request
-    from ..deploy._identity import identity_from_pem  # needs cryptography: only with TLS
+def _abort_code(exc: BaseException) -> grpc.StatusCode:
+    if isinstance(exc, ResourceLimitError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if isinstance(exc, ProtocolError):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    if isinstance(exc, PermissionDeniedError):
+        return grpc.StatusCode.PERMISSION_DENIED
+    return grpc.StatusCode.FAILED_PRECONDITION
 
-    identity = identity_from_pem(bytes(certificates[0]))
-    return dataclasses.replace(request, peer=identity.name, peer_role=identity.role)
+
+def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
+    context.abort(_abort_code(exc), _error_details(exc))
+
+
+class _Caller:
+    """Who is calling (checked before a chunk is read): identity, slot key, progress."""
+
+    __slots__ = ("identity", "key", "progress")
+
+    def __init__(self, identity: Any, key: str, progress: Progress) -> None:
+        self.identity = identity
+        self.key = key
+        self.progress = progress
 
 
 class GrpcListener:
-    """Serves ``handler`` over gRPC at ``address`` (``host:port``, port 0 picks a free one)."""
+    """Serves ``handler`` over gRPC at ``address`` (``host:port``, port 0 picks a free one).
+
+    ``token``: callers must present it (see :class:`GrpcTransport`); ``admit``: decides on
+    each message from its op and announced size before it is received;
+    ``max_calls_per_peer``: calls in progress per peer; ``idle_timeout``: seconds a call's
+    stream may move nothing before it is cancelled (see the module docstring).
+    """
 
     def __init__(
         self,
@@ -148,31 +255,51 @@ class GrpcListener:
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         shared_memory: bool = False,
+        token: str | None = None,
+        admit: Admit | None = None,
+        max_calls_per_peer: int = DEFAULT_MAX_CALLS_PER_PEER,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        thread_idle_seconds: float = _THREAD_IDLE_SECONDS,
     ) -> None:
         if chunk_bytes < 4096:
             raise ConfigError(f"chunk_bytes must be at least 4096; received: {chunk_bytes}.")
+        if token is not None and (not isinstance(token, str) or not token):
+            raise ConfigError(f"token must be a non-empty str or None; received: {token!r:.20}")
         self._handler = handler
         self._chunk = chunk_bytes
         self._max = max_message_bytes
         self._shm = shared_memory
         self._tls = credentials is not None
+        self._token = token.encode() if token is not None else None
+        self._admit = admit
+        self._slots = PeerSlots(max_calls_per_peer)
+        self._executor = ElasticExecutor(
+            max_workers, idle_seconds=thread_idle_seconds, name="fedlift-grpc"
+        )
+        self._watchdog = Watchdog(idle_timeout)
         self._server = grpc.server(
-            ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="fedlift-grpc"),
+            self._executor,
             options=_channel_options(chunk_bytes),
             maximum_concurrent_rpcs=None,
         )
         methods = {
             "Call": grpc.stream_stream_rpc_method_handler(self._serve),
-            "Small": grpc.unary_unary_rpc_method_handler(self._serve_small),
+            # Served as a stream (the caller sends one message, as unary): the handler runs
+            # before the message is in, so a stalled one is counted and timed like any other.
+            "Small": grpc.stream_unary_rpc_method_handler(self._serve_small),
         }
         self._server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler("fedlift.v1.Exchange", methods),)
         )
-        if credentials is None:
-            port = self._server.add_insecure_port(address)
-        else:
-            port = self._server.add_secure_port(address, credentials)
+        try:
+            if credentials is None:
+                port = self._server.add_insecure_port(address)
+            else:
+                port = self._server.add_secure_port(address, credentials)
+        except RuntimeError:
+            port = 0
         if port == 0:
+            self._watchdog.stop()
             raise TransportError(
                 f"cannot listen on {address!r}: the address is in use or not valid here."
             )
@@ -187,16 +314,71 @@ class GrpcListener:
     def address(self) -> str:
         return self._address
 
+    @property
+    def threads(self) -> int:
+        """How many serving threads are alive now (they exit when idle)."""
+        return self._executor.threads
+
+    @property
+    def idle_cancelled(self) -> int:
+        """How many calls were cancelled because their stream went idle."""
+        return self._watchdog.cancelled
+
     def stop(self, grace: float | None = None) -> None:
         self._server.stop(grace).wait()
+        self._watchdog.stop()
+        self._executor.shutdown(wait=False)
 
-    def _reply_frame(self, request_bytes: bytearray, context: grpc.ServicerContext) -> Frame:
+    def _enter(self, context: grpc.ServicerContext) -> _Caller:
+        """Check the token, name the peer and take one of its slots (before any chunk)."""
+        if self._token is not None:
+            presented = b""
+            for key, value in context.invocation_metadata() or ():
+                if key == _TOKEN_KEY:
+                    presented = value.encode() if isinstance(value, str) else bytes(value)
+            if not hmac.compare_digest(presented, self._token):
+                context.abort(
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    _error_details(
+                        PermissionDeniedError(
+                            "this endpoint refused a call with a missing or wrong token: only "
+                            "the processes of this run may call it. Received: a token of "
+                            f"{len(presented)} bytes."
+                        )
+                    ),
+                )
+        identity = None
+        if self._tls:
+            try:
+                identity = _peer_identity(context)
+            except ProtocolError as exc:
+                _abort(context, exc)
+        key = f"peer {identity.name!r}" if identity is not None else f"peer {context.peer()}"
+        try:
+            self._slots.enter(key)
+        except ResourceLimitError as exc:
+            _abort(context, exc)
+        return _Caller(identity, key, self._watchdog.watch(context, key))
+
+    def _leave(self, caller: _Caller) -> None:
+        self._watchdog.done(caller.progress)
+        self._slots.leave(caller.key)
+
+    def _admission(self, caller: _Caller) -> Callable[[str, int], None] | None:
+        admit = self._admit
+        if admit is None:
+            return None
+        identity = caller.identity
+        return lambda op, total: admit(identity, op, total)
+
+    def _reply_frame(self, request_bytes: bytearray | memoryview, caller: _Caller) -> Frame:
         # Lazily mapped: results queued on a server cost no memory until they are read.
         request, peer_accepts_shm = decode_frame(
             request_bytes, self._max, allow_shm=self._shm, populate=False
         )
-        if self._tls:
-            request = _with_peer(request, context)
+        identity = caller.identity
+        if identity is not None:
+            request = dataclasses.replace(request, peer=identity.name, peer_role=identity.role)
         reply = self._handler(request)
         # Do not keep the request (maybe a whole model) alive while the reply streams:
         # gRPC may hold the serving generator for a while after the call.
@@ -204,48 +386,81 @@ class GrpcListener:
         shm = DEFAULT_SHM_MIN_BYTES if (self._shm and peer_accepts_shm) else None
         return encode(reply, shm_min_bytes=shm)
 
-    @staticmethod
-    def _abort(context: grpc.ServicerContext, exc: Exception) -> None:
-        code = (
-            grpc.StatusCode.INVALID_ARGUMENT
-            if isinstance(exc, ProtocolError)
-            else grpc.StatusCode.FAILED_PRECONDITION
-        )
-        context.abort(code, _error_details(exc))
-
     def _serve(
         self, request_chunks: Iterator[bytes], context: grpc.ServicerContext
     ) -> Iterator[bytes]:
+        caller = self._enter(context)
+        progress = caller.progress
         try:
-            frame = self._reply_frame(_assemble(request_chunks, self._max), context)
-        except Exception as exc:  # the boundary: errors travel as their class name
-            self._abort(context, exc)
-            return
-        sent = False
-        try:
-            yield from frame.chunks(self._chunk)
-            sent = True
+            try:
+                request = _assemble(request_chunks, self._max, progress, self._admission(caller))
+                self._watchdog.pause(progress)
+                frame = self._reply_frame(request, caller)
+                del request
+            except Exception as exc:  # the boundary: errors travel as their class name
+                _abort(context, exc)
+                return
+            self._watchdog.resume(progress)
+            sent = False
+            try:
+                for chunk in frame.chunks(self._chunk):
+                    yield chunk
+                    progress.chunks += 1
+                sent = True
+            finally:
+                if not sent:
+                    frame.discard()
         finally:
-            if not sent:
-                frame.discard()
+            self._leave(caller)
 
-    def _serve_small(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+    def _serve_small(
+        self, request_iterator: Iterator[bytes], context: grpc.ServicerContext
+    ) -> bytes:
         """One-message calls (used with shared memory, where every message is small)."""
+        caller = self._enter(context)
         try:
-            frame = self._reply_frame(_assemble((request,), self._max), context)
-            if frame.nbytes > _channel_limit(self._chunk):
-                frame.discard()
-                raise ProtocolError(
-                    f"the reply ({frame.nbytes:,} bytes) is too large for a one-message call."
+            try:
+                message = next(request_iterator, None)
+                if message is None:
+                    raise ProtocolError("the peer sent an empty message (no chunks).")
+                if len(message) >= PREFIX_BYTES and frame_length(message) != len(message):
+                    raise ProtocolError(
+                        f"the message announces {frame_length(message):,} bytes but "
+                        f"{len(message):,} arrived; a one-message call carries it whole. "
+                        f"Received: total={frame_length(message)}."
+                    )
+                self._watchdog.pause(caller.progress)
+                request = _assemble(
+                    iter((message,)), self._max, caller.progress, self._admission(caller)
                 )
-        except Exception as exc:  # the boundary: errors travel as their class name
-            self._abort(context, exc)
-            raise  # not reached: abort raises
-        return frame.tobytes()
+                del message
+                frame = self._reply_frame(request, caller)
+                del request
+                if frame.nbytes > _channel_limit(self._chunk):
+                    frame.discard()
+                    raise ProtocolError(
+                        f"the reply ({frame.nbytes:,} bytes) is too large for a one-message call."
+                    )
+            except Exception as exc:  # the boundary: errors travel as their class name
+                _abort(context, exc)
+                raise  # not reached: abort raises
+            return frame.tobytes()
+        finally:
+            self._leave(caller)
+
+
+def _peer_identity(context: grpc.ServicerContext) -> Any:
+    """The identity of the client's verified certificate (None if it presented none)."""
+    certificates = context.auth_context().get("x509_pem_cert")
+    if not certificates:
+        return None
+    from ._identity import identity_from_pem  # needs cryptography: only with TLS
+
+    return identity_from_pem(bytes(certificates[0]))
 
 
 class GrpcTransport:
-    """Calls a :class:`GrpcListener` at ``address``."""
+    """Calls a :class:`GrpcListener` at ``address``; ``token``: the listener's, if it has one."""
 
     def __init__(
         self,
@@ -257,12 +472,16 @@ class GrpcTransport:
         wait_for_ready: bool = False,
         server_name_override: str | None = None,
         shared_memory: bool = False,
+        token: str | None = None,
     ) -> None:
+        if token is not None and (not isinstance(token, str) or not token):
+            raise ConfigError(f"token must be a non-empty str or None; received: {token!r:.20}")
         self._address = address
         self._shm = shared_memory
         self._chunk = chunk_bytes
         self._max = max_message_bytes
         self._wait = wait_for_ready
+        self._metadata = ((_TOKEN_KEY, token),) if token is not None else None
         options = _channel_options(chunk_bytes)
         if server_name_override:
             options.append(("grpc.ssl_target_name_override", server_name_override))
@@ -288,10 +507,18 @@ class GrpcTransport:
         )
         try:
             if self._shm and frame.nbytes <= self._chunk:
-                reply = self._small(frame.tobytes(), timeout=timeout, wait_for_ready=self._wait)
-                return decode(_assemble((reply,), self._max), self._max, allow_shm=True)
+                reply = self._small(
+                    frame.tobytes(),
+                    timeout=timeout,
+                    wait_for_ready=self._wait,
+                    metadata=self._metadata,
+                )
+                return decode(_assemble(iter((reply,)), self._max), self._max, allow_shm=True)
             replies = self._method(
-                frame.chunks(self._chunk), timeout=timeout, wait_for_ready=self._wait
+                frame.chunks(self._chunk),
+                timeout=timeout,
+                wait_for_ready=self._wait,
+                metadata=self._metadata,
             )
             return decode(_assemble(replies, self._max), self._max, allow_shm=self._shm)
         except grpc.RpcError as exc:

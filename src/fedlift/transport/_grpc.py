@@ -320,6 +320,11 @@ class GrpcListener:
         return self._executor.threads
 
     @property
+    def calls_in_progress(self) -> int:
+        """How many calls hold a per-peer slot now (all peers together)."""
+        return self._slots.total()
+
+    @property
     def idle_cancelled(self) -> int:
         """How many calls were cancelled because their stream went idle."""
         return self._watchdog.cancelled

@@ -142,3 +142,7 @@ class PeerSlots:
     def in_use(self, key: str) -> int:
         with self._lock:
             return self._counts.get(key, 0)
+
+    def total(self) -> int:
+        with self._lock:
+            return sum(self._counts.values())

@@ -18,11 +18,11 @@ import os
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 
-from ..errors import ConfigError, InvalidResultError
+from ..errors import ClientFailedError, ConfigError, InvalidResultError
 from ..model import (
     FLModel,
     MetaKey,
@@ -36,14 +36,47 @@ from ..model import (
 
 __all__ = [
     "Allocator",
+    "ErrorPolicy",
     "StreamingMean",
     "accumulate",
     "apply_update",
+    "check_error_policy",
     "scale",
     "scan_finite",
     "weighted_mean",
     "weighted_mean_metrics",
 ]
+
+
+ErrorPolicy = Literal["fail", "exclude"]
+"""What a site's error does to the job: ``"fail"`` it (the traceback is the job's error), or
+``"exclude"`` that site from the round, which goes on while ``min_clients`` still holds
+(NVFlare's ``ignore_result_error``). Errors are a script's exception and a result that
+cannot be aggregated (:class:`~fedlift.errors.InvalidResultError`); a site whose process is
+gone is left out under either policy."""
+
+ERROR_POLICIES: tuple[str, ...] = get_args(ErrorPolicy)
+
+
+def check_error_policy(value: object, where: str) -> ErrorPolicy:
+    """``value`` if it is an :data:`ErrorPolicy`, else a ConfigError that says so."""
+    if not isinstance(value, str) or value not in ERROR_POLICIES:
+        raise ConfigError(
+            f"{where} must be one of {', '.join(map(repr, ERROR_POLICIES))}: 'fail' stops the "
+            "job at a site's error, 'exclude' leaves that site out of the round. "
+            f"Received: on_client_error={value!r}."
+        )
+    return value  # type: ignore[return-value]
+
+
+class _ResultLost(ClientFailedError):
+    """Raised by a controller's ``run_task`` when results were lost part-way through being
+    folded (their process died while they were read): the round's aggregate is spoilt,
+    and the workflow runs the round again without ``sites``."""
+
+    def __init__(self, sites: list[str], message: str) -> None:
+        super().__init__(message)
+        self.sites = sites
 
 
 Allocator = Callable[[list[tuple[tuple[int, ...], np.dtype[Any]]]], list[np.ndarray]]

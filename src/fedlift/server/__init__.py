@@ -1,7 +1,13 @@
 """Server runtime and workflows: the client protocol, FedAvg, aggregation maths, storage."""
 
-from ._aggregate import StreamingMean, apply_update, weighted_mean, weighted_mean_metrics
-from ._fedavg import Controller, ErrorPolicy, FedAvg, FedAvgResult, all_clients
+from ._aggregate import (
+    ErrorPolicy,
+    StreamingMean,
+    apply_update,
+    weighted_mean,
+    weighted_mean_metrics,
+)
+from ._fedavg import Controller, FedAvg, FedAvgResult, all_clients
 from ._runtime import LogRecord, ServerRuntime
 from ._store import ArraysFormat, KerasWeightsFormat, ModelFormat, RoundRecord, RunRecorder
 

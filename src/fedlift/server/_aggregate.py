@@ -215,7 +215,7 @@ def scan_finite(arrays: Sequence[Any]) -> None:
                 x.read_into(source, start)
             if not _finite(source):
                 offset, value = _first_bad(source, start) or (start, math.nan)
-                exc = _NotFinite(0, offset, value)
+                exc = _NotFinite(None, offset, value)
                 exc.index = i
                 raise exc
 
@@ -355,13 +355,14 @@ def _accumulate_range(
             np.multiply(source, c, out=scaled, dtype=scaled.dtype, casting="unsafe")
             np.add(target, scaled, out=target, casting="unsafe")
         if check and not _finite(target):
-            raise _culprit(parts, start, stop, acc.dtype)
+            raise _culprit(parts, target, start, stop)
         if then_scale != 1.0:
             np.multiply(target, then_scale, out=target, casting="unsafe")
 
 
-def _culprit(parts: list[Part], start: int, stop: int, dtype: np.dtype[Any]) -> _NotFinite:
-    """Which part made block ``start:stop`` of the sums not finite (read once more)."""
+def _culprit(parts: list[Part], target: np.ndarray, start: int, stop: int) -> _NotFinite:
+    """Which part made block ``start:stop`` of the sums (``target``) not finite (the parts
+    are read once more)."""
     for k, (x, _) in enumerate(parts):
         if isinstance(x, np.ndarray):
             source = x.reshape(-1)[start:stop]
@@ -371,7 +372,9 @@ def _culprit(parts: list[Part], start: int, stop: int, dtype: np.dtype[Any]) -> 
         found = _first_bad(source, start)
         if found is not None:
             return _NotFinite(k, *found)
-    return _NotFinite(None, start, math.inf)  # each part finite: their sum overflowed
+    # Each part is finite here: the sums were not (an earlier, unchecked part), or overflowed.
+    offset, value = _first_bad(target, start) or (start, math.nan)
+    return _NotFinite(None, offset, value)
 
 
 class StreamingMean:
@@ -393,10 +396,11 @@ class StreamingMean:
     integers), its params type and its weight (a finite number > 0). A result that fails
     raises :class:`~fedlift.errors.InvalidResultError` naming its source, and the mean is
     as it was. NaN and Inf are found without a pass of their own: they survive every
-    addition, so the pass that scales the sums into the mean (the last fold, or
-    :meth:`params`) checks each block while it is in the cache; the error then names the
-    source, or the sources folded since the last check when the value came from one of them
-    (their data is gone by then), and the mean is spoilt. ``prescan=True`` instead reads
+    addition, so folds check each block of the sums while it is in the cache only where
+    needed to tell whose it was -- the pass that scales the sums into the mean (the last
+    fold, or :meth:`params`) and any fold that finds the previous one unchecked (for two
+    clients: once a round). The error names the source and the key, and the mean is
+    spoilt (the job fails; the global model is untouched). ``prescan=True`` instead reads
     each result once more before folding it, so a result with NaN or Inf is refused like
     any other bad one and leaves the mean exactly as it was (the ``exclude`` policy).
     """
@@ -484,13 +488,17 @@ class StreamingMean:
         final = self.count == self._expected
         if final:  # the last one: the pass ends with the mean
             factor, self._base = self._base / self._weight, self._weight
+        # Checked in the last pass, and in any pass that would otherwise leave the sums
+        # holding two unchecked results (a value found there could not be traced to one).
+        check = final or bool(self._unchecked) or len(sources) > 1
         try:
-            accumulate(self._sums, parts, assign_first=assign_first, then_scale=factor, check=final)
+            accumulate(self._sums, parts, assign_first=assign_first, then_scale=factor, check=check)
         except _NotFinite as exc:
             raise self._not_finite(exc, sources) from None
-        self._unchecked.extend(sources)
-        if final:
+        if check:
             self._unchecked.clear()
+        else:
+            self._unchecked.extend(sources)
 
     def _adopted(self, arrays: list[Any]) -> list[np.ndarray] | None:
         """The first result's own buffers as the sums when they may be (no copy at all)."""
@@ -580,18 +588,18 @@ class StreamingMean:
                 "divergence (e.g. a lower learning rate). "
                 f"Received: {key}[{exc.offset}]={exc.value}."
             )
-        earlier = self._unchecked
-        if len(earlier) == 1:
+        earlier = self._unchecked  # at most one: see add_many
+        if earlier:
             return InvalidResultError(
                 f"{earlier[0]} sent {where} with a value that is not finite; the round's "
                 "aggregate cannot be used. Check the script's training for divergence "
                 f"(e.g. a lower learning rate). Received: {key}[{exc.offset}]={exc.value}."
             )
         return InvalidResultError(
-            f"the round's weighted sum of {where} is not finite: one of "
-            f"{', '.join(earlier) or ', '.join(sources)} sent NaN or Inf there (their data "
-            "is no longer readable to say which), or the weighted values overflowed. "
-            "Use on_client_error='exclude' to have each result checked before it is folded."
+            f"the weighted sum of {where} overflowed {np.dtype(self._shapes[exc.index][1])} "
+            f"folding the results of {', '.join(sources) or 'this round'}: every value they "
+            "sent is finite, but too large to average. Check those scripts' training for "
+            "divergence."
         )
 
     def _add_metrics(self, metrics: Mapping[str, Any] | None, weight: float) -> None:

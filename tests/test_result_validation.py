@@ -279,7 +279,7 @@ HOSTILE = {
     "inf": "--inf-round 1 --only-site 1",
     "int8": "--dtype int8 --only-site 1",
     "extra-key": "--extra-key --only-site 1",
-    "negative-weight": "--weight -2 --only-site 1",
+    "negative-weight": "--weight -2 --hostile --only-site 1",
 }
 
 

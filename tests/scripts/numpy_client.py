@@ -8,7 +8,8 @@ Options: --weight W (NUM_STEPS_CURRENT_ROUND of the targeted sites, default site
 (the failure options apply to that site index only; default: all sites).
 
 Hostile results: --nan-round R / --inf-round R (element 0 of the first leaf is NaN / Inf in
-round R), --dtype D (send every leaf as dtype D, e.g. int8), --extra-key (send one key more).
+round R), --dtype D (send every leaf as dtype D, e.g. int8), --extra-key (send one key more),
+--hostile (skip the Client API's checks of what it sends, e.g. a weight <= 0).
 Faults: --kill-before-init (SIGKILL before flare.init(), first start of the site only: a
 marker file in its folder), --kill-after-send-round R (SIGKILL once send() of round R
 returned, i.e. between rounds), --record-site (append "ROUND" to rounds.txt in its folder).
@@ -40,6 +41,9 @@ parser.add_argument("--nan-round", type=int, default=-1)
 parser.add_argument("--inf-round", type=int, default=-1)
 parser.add_argument("--dtype", default=None)
 parser.add_argument("--extra-key", action="store_true")
+parser.add_argument(
+    "--hostile", action="store_true", help="skip the Client API's own checks of what it sends"
+)
 parser.add_argument("--kill-before-init", action="store_true")
 parser.add_argument("--kill-after-send-round", type=int, default=-1)
 parser.add_argument("--linger", action="store_true")
@@ -72,6 +76,10 @@ if args.signal_handler:
 flare.init()
 index = flare.system_info()["site_index"]
 targeted = args.only_site in (-1, index)
+if args.hostile and targeted:  # a hostile peer does not run fedlift's client-side checks
+    import fedlift.client._api
+
+    fedlift.client._api._validate_outgoing = lambda model: None
 
 
 def shifted(tree, delta):

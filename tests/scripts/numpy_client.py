@@ -9,7 +9,8 @@ Options: --weight W (NUM_STEPS_CURRENT_ROUND of the targeted sites, default site
 
 Hostile results: --nan-round R / --inf-round R (element 0 of the first leaf is NaN / Inf in
 round R), --dtype D (send every leaf as dtype D, e.g. int8), --extra-key (send one key more),
---hostile (skip the Client API's checks of what it sends, e.g. a weight <= 0).
+--hostile (skip the Client API's checks of what it sends, e.g. a weight <= 0),
+--die-every-round (SIGKILL on receiving any task: restarts run out).
 Faults: --kill-before-init (SIGKILL before flare.init(), first start of the site only: a
 marker file in its folder), --kill-after-send-round R (SIGKILL once send() of round R
 returned, i.e. between rounds), --record-site (append "ROUND" to rounds.txt in its folder).
@@ -46,6 +47,7 @@ parser.add_argument(
 )
 parser.add_argument("--kill-before-init", action="store_true")
 parser.add_argument("--kill-after-send-round", type=int, default=-1)
+parser.add_argument("--die-every-round", action="store_true")
 parser.add_argument("--linger", action="store_true")
 parser.add_argument("--record", action="store_true", help="append pid/rank/round to rounds.txt")
 parser.add_argument(
@@ -95,7 +97,7 @@ while flare.is_running():
     rnd = model.current_round
     if targeted and rnd == args.fail_round:
         raise ValueError(f"deliberate failure in round {rnd}")
-    if targeted and rnd == args.kill_round:
+    if targeted and (rnd == args.kill_round or args.die_every_round):
         os.kill(os.getpid(), signal.SIGKILL)
     if targeted and rnd == args.hang_round:
         time.sleep(3600)

@@ -425,6 +425,11 @@ class ServerRuntime:
             """Go on without ``site``, or fail at once if min_responses is out of reach."""
             active.discard(site)
             left_out[site] = why
+            with self._cond:  # a new process of the site must not be handed this task again
+                if (held := self._handed_out.get(site)) is not None and held.task_id == task_id:
+                    del self._handed_out[site]
+                if (queued := self._pending.get(site)) is not None and queued.task_id == task_id:
+                    del self._pending[site]
             possible = len(answered) + len(active) + len(waiting)
             if possible < min_responses:
                 raise ClientFailedError(

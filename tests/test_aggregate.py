@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fedlift.errors import ConfigError
+from fedlift.errors import ConfigError, InvalidResultError
 from fedlift.model import FLModel, MetaKey, ParamsType
 from fedlift.server import StreamingMean, apply_update, weighted_mean, weighted_mean_metrics
 
@@ -169,7 +169,7 @@ def test_apply_update_diff_on_integer_weights() -> None:
 def test_mixing_full_and_diff_in_a_round_is_refused() -> None:
     acc = StreamingMean(None)
     acc.add(result({"w": np.ones(2)}, 1, kind=ParamsType.FULL), "site-1")
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(InvalidResultError) as info:
         acc.add(result({"w": np.ones(2)}, 1, kind=ParamsType.DIFF), "site-2")
     message = str(info.value)
     assert "site-2 sent params_type=DIFF" in message
@@ -177,7 +177,7 @@ def test_mixing_full_and_diff_in_a_round_is_refused() -> None:
 
     acc = StreamingMean(None)
     acc.add(result({"w": np.ones(2)}, 1, kind="diff"), "site-1")
-    with pytest.raises(ConfigError, match="site-2 sent params_type=FULL"):
+    with pytest.raises(InvalidResultError, match="site-2 sent params_type=FULL"):
         acc.add(result({"w": np.ones(2)}, 1), "site-2")
 
 
@@ -188,7 +188,7 @@ def test_structure_mismatch_names_missing_and_unexpected_keys() -> None:
     reference = client_params(0)
     acc = StreamingMean(reference)
     wrong = {"conv": reference["conv"], "pool": [], "head": [np.ones((4, 2), np.float32)]}
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(InvalidResultError) as info:
         acc.add(result(wrong, 1), "site-3")
     message = str(info.value)
     assert "site-3 sent params whose layout differs" in message
@@ -198,7 +198,7 @@ def test_structure_mismatch_names_missing_and_unexpected_keys() -> None:
 
 def test_extra_key_only() -> None:
     acc = StreamingMean({"a": np.ones(1)})
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(InvalidResultError) as info:
         acc.add(result({"a": np.ones(1), "b": np.ones(1)}, 1), "site-1")
     assert "missing: none" in str(info.value)
     assert "unexpected: ['b']" in str(info.value)
@@ -209,7 +209,7 @@ def test_shape_mismatch_names_key_and_both_shapes() -> None:
     acc = StreamingMean(reference)
     wrong = client_params(1)
     wrong["dense"][0] = np.ones((5, 2), np.float32)
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(InvalidResultError) as info:
         acc.add(result(wrong, 1), "site-2")
     message = str(info.value)
     assert "site-2 sent 'dense/0' with shape (5, 2)" in message
@@ -218,14 +218,14 @@ def test_shape_mismatch_names_key_and_both_shapes() -> None:
 
 def test_non_numeric_dtype_is_refused() -> None:
     acc = StreamingMean({"w": np.ones(2)})
-    with pytest.raises(ConfigError, match="'w' with non-numeric dtype"):
+    with pytest.raises(InvalidResultError, match="'w' with non-numeric dtype"):
         acc.add(result({"w": np.array(["a", "b"])}, 1), "site-1")
 
 
 def test_rejected_result_leaves_the_mean_unchanged() -> None:
     acc = StreamingMean({"w": np.zeros(2)})
     acc.add(result({"w": np.array([2.0, 4.0])}, 1, {"accuracy": 0.5}), "site-1")
-    with pytest.raises(ConfigError):
+    with pytest.raises(InvalidResultError):
         acc.add(result({"w": np.ones(3)}, 100, {"accuracy": 0.0}), "site-2")
     assert acc.count == 1
     assert acc.total_weight == 1.0
@@ -235,7 +235,7 @@ def test_rejected_result_leaves_the_mean_unchanged() -> None:
 
 def test_rejected_first_result_does_not_fix_layout_or_kind() -> None:
     acc = StreamingMean(None)
-    with pytest.raises(ConfigError, match="non-numeric dtype"):
+    with pytest.raises(InvalidResultError, match="non-numeric dtype"):
         acc.add(result({"w": np.array(["x"])}, 1, kind="diff"), "site-1")
     assert acc.structure is None and acc.params_type is None and acc.count == 0
     acc.add(result({"v": np.array([1.0, 3.0])}, 1), "site-2")
@@ -248,8 +248,8 @@ def test_weighted_mean_of_nothing() -> None:
         weighted_mean([])
 
 
-def test_bad_weight_is_a_config_error() -> None:
-    with pytest.raises(ConfigError, match="NUM_STEPS_CURRENT_ROUND"):
+def test_bad_weight_is_an_invalid_result() -> None:
+    with pytest.raises(InvalidResultError, match="NUM_STEPS_CURRENT_ROUND"):
         weighted_mean([result({"w": np.ones(1)}, 0)])
 
 
@@ -338,7 +338,7 @@ def test_a_bad_result_in_a_batch_leaves_the_mean_as_it_was() -> None:
     bad = FLModel(params={"w": np.ones(4)}, meta={"NUM_STEPS_CURRENT_ROUND": 1})
     mean = StreamingMean(good.params)
     mean.add(good)
-    with pytest.raises(ConfigError, match="shape"):
+    with pytest.raises(InvalidResultError, match="shape"):
         mean.add_many([("ok", good), ("bad", bad)])
     assert mean.count == 1 and mean.total_weight == 1
 

@@ -93,6 +93,7 @@ EXPECTED: dict[str, list[str]] = {
     "fedlift.server": [
         "ArraysFormat",
         "Controller",
+        "ErrorPolicy",
         "FedAvg",
         "FedAvgResult",
         "KerasWeightsFormat",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -13,7 +13,14 @@ from ..errors import ConfigError
 from ..model import flatten
 from ..model._keras import is_keras_model, plain_keras_copy
 from ..model._safetensors import save_safetensors
-from ._config import _SKIP_DIRS, JobConfig, RunnerConfig, WorkflowConfig, is_seconds
+from ._config import (
+    _SKIP_DIRS,
+    ON_CLIENT_ERROR,
+    JobConfig,
+    RunnerConfig,
+    WorkflowConfig,
+    is_seconds,
+)
 
 if TYPE_CHECKING:
     from ..simulator import SimulationResult
@@ -101,6 +108,10 @@ class FedAvgJob:
     ``save_interval``: the simulator writes the global model at most this often (seconds;
     0: after every round) and always after the last round, so sub-second rounds do not
     spend their time on the disk; ``state.json`` names the round the file holds.
+    ``on_client_error``: ``"fail"`` (default) stops the job when a site's script raises or
+    its result cannot be aggregated (NaN or Inf, wrong keys, shapes or dtypes, a bad
+    weight); ``"exclude"`` leaves that site out of the round, logged with the error, while
+    ``min_clients`` still answer. A site whose process dies is left out under either.
     """
 
     def __init__(
@@ -117,6 +128,7 @@ class FedAvgJob:
         register_timeout: float = 600.0,
         final_evaluation: bool = True,
         save_interval: float = 1.0,
+        on_client_error: Literal["fail", "exclude"] = "fail",
     ) -> None:
         if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
             raise ConfigError(
@@ -141,6 +153,12 @@ class FedAvgJob:
                 "FedAvgJob(save_interval=...) is the most often, in seconds, that the global "
                 f"model is written (0: every round); received: {save_interval!r}."
             )
+        if on_client_error not in ON_CLIENT_ERROR:
+            raise ConfigError(
+                "FedAvgJob(on_client_error=...) must be 'fail' (a site's error stops the job) "
+                "or 'exclude' (that site is left out of the round); "
+                f"received: on_client_error={on_client_error!r}."
+            )
         if is_keras_model(initial_model):
             self._model_kind = "keras"
         else:
@@ -164,6 +182,7 @@ class FedAvgJob:
             register_timeout=float(register_timeout),
             final_evaluation=final_evaluation,
             save_interval=float(save_interval),
+            on_client_error=on_client_error,
         )
         self.runner: ScriptRunner | None = None
 

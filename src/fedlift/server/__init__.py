@@ -1,6 +1,12 @@
 """Server runtime and workflows: the client protocol, FedAvg, aggregation maths, storage."""
 
-from ._aggregate import StreamingMean, apply_update, weighted_mean, weighted_mean_metrics
+from ._aggregate import (
+    ErrorPolicy,
+    StreamingMean,
+    apply_update,
+    weighted_mean,
+    weighted_mean_metrics,
+)
 from ._fedavg import Controller, FedAvg, FedAvgResult, all_clients
 from ._runtime import LogRecord, ServerRuntime
 from ._store import ArraysFormat, KerasWeightsFormat, ModelFormat, RoundRecord, RunRecorder
@@ -8,6 +14,7 @@ from ._store import ArraysFormat, KerasWeightsFormat, ModelFormat, RoundRecord, 
 __all__ = [
     "ArraysFormat",
     "Controller",
+    "ErrorPolicy",
     "FedAvg",
     "FedAvgResult",
     "KerasWeightsFormat",

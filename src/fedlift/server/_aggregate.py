@@ -13,26 +13,70 @@ same however the work is split, and so is the result.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 
-from ..errors import ConfigError
-from ..model import FLModel, ParamsType, ParamTree, Structure, flat_keys, flatten, unflatten
+from ..errors import ClientFailedError, ConfigError, InvalidResultError
+from ..model import (
+    FLModel,
+    MetaKey,
+    ParamsType,
+    ParamTree,
+    Structure,
+    flat_keys,
+    flatten,
+    unflatten,
+)
 
 __all__ = [
     "Allocator",
+    "ErrorPolicy",
     "StreamingMean",
     "accumulate",
     "apply_update",
+    "check_error_policy",
     "scale",
+    "scan_finite",
     "weighted_mean",
     "weighted_mean_metrics",
 ]
+
+
+ErrorPolicy = Literal["fail", "exclude"]
+"""What a site's error does to the job: ``"fail"`` it (the traceback is the job's error), or
+``"exclude"`` that site from the round, which goes on while ``min_clients`` still holds
+(NVFlare's ``ignore_result_error``). Errors are a script's exception and a result that
+cannot be aggregated (:class:`~fedlift.errors.InvalidResultError`); a site whose process is
+gone is left out under either policy."""
+
+ERROR_POLICIES: tuple[str, ...] = get_args(ErrorPolicy)
+
+
+def check_error_policy(value: object, where: str) -> ErrorPolicy:
+    """``value`` if it is an :data:`ErrorPolicy`, else a ConfigError that says so."""
+    if not isinstance(value, str) or value not in ERROR_POLICIES:
+        raise ConfigError(
+            f"{where} must be one of {', '.join(map(repr, ERROR_POLICIES))}: 'fail' stops the "
+            "job at a site's error, 'exclude' leaves that site out of the round. "
+            f"Received: on_client_error={value!r}."
+        )
+    return value  # type: ignore[return-value]
+
+
+class _ResultLost(ClientFailedError):
+    """Raised by a controller's ``run_task`` when results were lost part-way through being
+    folded (their process died while they were read): the round's aggregate is spoilt,
+    and the workflow runs the round again without ``sites``."""
+
+    def __init__(self, sites: list[str], message: str) -> None:
+        super().__init__(message)
+        self.sites = sites
 
 
 Allocator = Callable[[list[tuple[tuple[int, ...], np.dtype[Any]]]], list[np.ndarray]]
@@ -76,12 +120,46 @@ Part = tuple[Any, float]
 :class:`~fedlift.codec._remote.RemoteArray`) and its coefficient."""
 
 
+class _NotFinite(InvalidResultError):
+    """A fold or scan met NaN or Inf: in part ``part`` (None: no part holds one, the
+    weighted sum itself overflowed) of array ``index``, at element ``offset``."""
+
+    def __init__(self, part: int | None, offset: int, value: float) -> None:
+        super().__init__(
+            f"part {part} holds a value that is not finite at element {offset}: {value!r}"
+        )
+        self.part, self.offset, self.value = part, offset, value
+        self.index = -1
+
+
+def _finite(block: np.ndarray) -> bool:
+    """Whether every value of a (cache-resident) block is finite.
+
+    ``dot(x, x)`` is NaN or Inf when any value is (both propagate) and costs well under an
+    addition over the block; only when it is not finite (or the squares overflow, |x| >
+    ~1.8e19 in float32) is the block checked element by element."""
+    if block.dtype.kind != "f":
+        return True
+    if math.isfinite(np.dot(block, block)):
+        return True
+    return bool(np.isfinite(block).all())
+
+
+def _first_bad(block: np.ndarray, start: int) -> tuple[int, float] | None:
+    """The offset and value of the first element of ``block`` that is not finite."""
+    if block.dtype.kind != "f":
+        return None
+    bad = np.flatnonzero(~np.isfinite(block))
+    return (start + int(bad[0]), float(block[bad[0]])) if bad.size else None
+
+
 def accumulate(
     sums: list[np.ndarray],
     parts: list[tuple[list[Any], float]],
     *,
     assign_first: bool = False,
     then_scale: float = 1.0,
+    check: bool = True,
 ) -> None:
     """``sums[i] += c * x[i]`` for every ``(x, c)`` in ``parts``, in order, in one pass;
     then ``sums[i] *= then_scale``.
@@ -92,34 +170,85 @@ def accumulate(
     added to them. Sources with ``read_into`` (results in another process's memory) are
     read one block at a time. Large calls are split over threads by contiguous element
     ranges; the arithmetic on each element, and so the result, is the same for any split.
+
+    With ``check`` each block of the sums is checked to be finite once its parts are in,
+    while it is still in the cache (no pass of its own): a part holding NaN or Inf raises
+    :class:`~fedlift.errors.InvalidResultError` (attributes ``part``, ``index``,
+    ``offset``), and the sums are then partly folded. Callers that must keep them intact
+    check the parts first with :func:`scan_finite`.
     """
     if assign_first and (not parts or parts[0][1] != 1.0):
         raise ConfigError("accumulate(assign_first=True) needs a first part with coefficient 1.")
 
     def run(i: int, lo: int, hi: int) -> None:
         flat = sums[i].reshape(-1)
-        _accumulate_range(flat, [(x[i], c) for x, c in parts], lo, hi, assign_first, then_scale)
+        try:
+            _accumulate_range(
+                flat, [(x[i], c) for x, c in parts], lo, hi, assign_first, then_scale, check
+            )
+        except _NotFinite as exc:
+            exc.index = i
+            raise
 
     _on_threads(sums, run)
 
 
-def scale(sums: list[np.ndarray], factor: float) -> None:
-    """``sums[i] *= factor`` in place, split over threads like :func:`accumulate`."""
+def scan_finite(arrays: Sequence[Any]) -> None:
+    """Check that every value of ``arrays`` (numpy arrays, or sources with ``read_into``,
+    read once more for it) is finite, block by block on threads like :func:`accumulate`.
+    Raises :class:`~fedlift.errors.InvalidResultError` (attributes ``index``, ``offset``)
+    for a value that is not."""
 
     def run(i: int, lo: int, hi: int) -> None:
-        flat = sums[i].reshape(-1)[lo:hi]
-        np.multiply(flat, factor, out=flat, casting="unsafe")
+        x = arrays[i]
+        if np.dtype(x.dtype).kind != "f":
+            return
+        block = max(1024, _BLOCK_BYTES // x.dtype.itemsize)
+        flat = x.reshape(-1) if isinstance(x, np.ndarray) else None
+        buffer = np.empty(min(block, hi - lo), x.dtype) if flat is None else None
+        for start in range(lo, hi, block):
+            stop = min(start + block, hi)
+            if flat is not None:
+                source = flat[start:stop]
+            else:
+                source = buffer[: stop - start]  # type: ignore[index]
+                x.read_into(source, start)
+            if not _finite(source):
+                offset, value = _first_bad(source, start) or (start, math.nan)
+                exc = _NotFinite(None, offset, value)
+                exc.index = i
+                raise exc
+
+    _on_threads(arrays, run)
+
+
+def scale(sums: list[np.ndarray], factor: float, *, check: bool = False) -> None:
+    """``sums[i] *= factor`` in place, split over threads like :func:`accumulate`; with
+    ``check``, each block is then checked to be finite (as in :func:`accumulate`)."""
+
+    def run(i: int, lo: int, hi: int) -> None:
+        flat = sums[i].reshape(-1)
+        block = max(1024, _BLOCK_BYTES // flat.dtype.itemsize)
+        for start in range(lo, hi, block):
+            target = flat[start : min(start + block, hi)]
+            np.multiply(target, factor, out=target, casting="unsafe")
+            if check and not _finite(target):
+                offset, value = _first_bad(target, start) or (start, math.nan)
+                exc = _NotFinite(None, offset, value)
+                exc.index = i
+                raise exc
 
     _on_threads(sums, run)
 
 
-def _on_threads(arrays: list[np.ndarray], run: Callable[[int, int, int], None]) -> None:
+def _on_threads(arrays: Sequence[Any], run: Callable[[int, int, int], None]) -> None:
     """``run(i, start, stop)`` over every element of ``arrays``, on up to
     :data:`_MAX_THREADS` threads (this one included) when there is enough work.
 
     The elements are cut into a few contiguous shares per thread, which the threads take in
     turn: a thread the OS pauses (a client runs on its core) holds up one small share, not
-    half of the fold.
+    half of the fold. When ``run`` raises, the shares not started are dropped and the
+    first error is raised.
     """
     pieces = [(i, 0, a.size) for i, a in enumerate(arrays) if a.size]
     total = sum(a.size for a in arrays)
@@ -137,15 +266,27 @@ def _on_threads(arrays: list[np.ndarray], run: Callable[[int, int, int], None]) 
                 if not shares:
                     return
                 share = shares.pop()
-            for i, lo, hi in share:
-                run(i, lo, hi)
+            try:
+                for i, lo, hi in share:
+                    run(i, lo, hi)
+            except BaseException:
+                with lock:
+                    shares.clear()  # the others stop after their current share
+                raise
 
     futures = [_pool.submit(work) for _ in range(threads - 1)]
+    error: BaseException | None = None
     try:
         work()
-    finally:
-        for future in futures:
+    except BaseException as exc:
+        error = exc
+    for future in futures:
+        try:
             future.result()
+        except BaseException as exc:
+            error = error or exc
+    if error is not None:
+        raise error
 
 
 def _split(
@@ -168,7 +309,13 @@ def _split(
 
 
 def _accumulate_range(
-    acc: np.ndarray, parts: list[Part], lo: int, hi: int, assign_first: bool, then_scale: float
+    acc: np.ndarray,
+    parts: list[Part],
+    lo: int,
+    hi: int,
+    assign_first: bool,
+    then_scale: float,
+    check: bool = True,
 ) -> None:
     """:func:`accumulate` on elements ``lo:hi`` of one flat array."""
     block = max(1024, _BLOCK_BYTES // acc.dtype.itemsize)
@@ -207,8 +354,27 @@ def _accumulate_range(
             scaled = buffers[np.result_type(x.dtype, acc.dtype)][: stop - start]
             np.multiply(source, c, out=scaled, dtype=scaled.dtype, casting="unsafe")
             np.add(target, scaled, out=target, casting="unsafe")
+        if check and not _finite(target):
+            raise _culprit(parts, target, start, stop)
         if then_scale != 1.0:
             np.multiply(target, then_scale, out=target, casting="unsafe")
+
+
+def _culprit(parts: list[Part], target: np.ndarray, start: int, stop: int) -> _NotFinite:
+    """Which part made block ``start:stop`` of the sums (``target``) not finite (the parts
+    are read once more)."""
+    for k, (x, _) in enumerate(parts):
+        if isinstance(x, np.ndarray):
+            source = x.reshape(-1)[start:stop]
+        else:
+            source = np.empty(stop - start, x.dtype)
+            x.read_into(source, start)
+        found = _first_bad(source, start)
+        if found is not None:
+            return _NotFinite(k, *found)
+    # Each part is finite here: the sums were not (an earlier, unchecked part), or overflowed.
+    offset, value = _first_bad(target, start) or (start, math.nan)
+    return _NotFinite(None, offset, value)
 
 
 class StreamingMean:
@@ -224,6 +390,19 @@ class StreamingMean:
     caller guarantees nobody else holds them (results decoded off the wire). ``expected``:
     how many results the caller will add, if known; the fold of the last one then scales
     the sums into the mean in the same pass.
+
+    Every result is checked before it changes anything: its layout, shapes and dtype kinds
+    against the reference (a float leaf takes floats of any width, an integer leaf
+    integers), its params type and its weight (a finite number > 0). A result that fails
+    raises :class:`~fedlift.errors.InvalidResultError` naming its source, and the mean is
+    as it was. NaN and Inf are found without a pass of their own: they survive every
+    addition, so folds check each block of the sums while it is in the cache only where
+    needed to tell whose it was -- the pass that scales the sums into the mean (the last
+    fold, or :meth:`params`) and any fold that finds the previous one unchecked (for two
+    clients: once a round). The error names the source and the key, and the mean is
+    spoilt (the job fails; the global model is untouched). ``prescan=True`` instead reads
+    each result once more before folding it, so a result with NaN or Inf is refused like
+    any other bad one and leaves the mean exactly as it was (the ``exclude`` policy).
     """
 
     def __init__(
@@ -232,10 +411,13 @@ class StreamingMean:
         allocate: Allocator | None = None,
         adopt: bool = False,
         expected: int | None = None,
+        *,
+        prescan: bool = False,
     ) -> None:
         self._allocate = allocate
         self._adopt = adopt
         self._expected = expected
+        self._prescan = prescan
         if reference is not None:
             self._structure, ref = flatten(reference)
             self._shapes = [(a.shape, a.dtype) for a in ref]
@@ -248,6 +430,7 @@ class StreamingMean:
         self._params_type: ParamsType | None = None
         self._metric_sums: dict[str, float] = {}
         self._metric_weights: dict[str, float] = {}
+        self._unchecked: list[str] = []  # sources in the sums that no check has seen yet
         self.count = 0
 
     @property
@@ -262,14 +445,24 @@ class StreamingMean:
         """Fold several ``(source, model)`` results, exactly as ``add`` one after the other,
         in one pass over the sums (results that queued up while the last was folded)."""
         # Validate before changing any state: a rejected result leaves the mean as it was.
-        validated = [
-            (model, None if model.params is None else self._validated(model, source))
-            for source, model in results
-        ]
+        layout = (self._structure, self._keys, self._shapes, self._params_type)
+        try:
+            validated = [
+                (
+                    source,
+                    model,
+                    _weight(model, source),
+                    None if model.params is None else self._validated(model, source),
+                )
+                for source, model in results
+            ]
+        except BaseException:
+            self._structure, self._keys, self._shapes, self._params_type = layout
+            raise
         parts: list[tuple[list[Any], float]] = []
+        sources: list[str] = []
         assign_first = False
-        for model, arrays in validated:
-            weight = model.weight()
+        for source, model, weight, arrays in validated:
             self._add_metrics(model.metrics, weight)
             self.count += 1
             if arrays is None:
@@ -280,18 +473,32 @@ class StreamingMean:
                 adopted = self._adopted(arrays)
                 if adopted is not None:
                     self._sums = adopted
+                    self._unchecked.append(source)
                     continue
                 self._sums = self._new_sums(arrays)
                 parts.append((arrays, 1.0))  # copied in by the pass below
+                sources.append(source)
                 assign_first = True
                 continue
             parts.append((arrays, weight / self._base))
+            sources.append(source)
         if not parts or self._sums is None:
             return
         factor = 1.0
-        if self.count == self._expected:  # the last one: the pass ends with the mean
+        final = self.count == self._expected
+        if final:  # the last one: the pass ends with the mean
             factor, self._base = self._base / self._weight, self._weight
-        accumulate(self._sums, parts, assign_first=assign_first, then_scale=factor)
+        # Checked in the last pass, and in any pass that would otherwise leave the sums
+        # holding two unchecked results (a value found there could not be traced to one).
+        check = final or bool(self._unchecked) or len(sources) > 1
+        try:
+            accumulate(self._sums, parts, assign_first=assign_first, then_scale=factor, check=check)
+        except _NotFinite as exc:
+            raise self._not_finite(exc, sources) from None
+        if check:
+            self._unchecked.clear()
+        else:
+            self._unchecked.extend(sources)
 
     def _adopted(self, arrays: list[Any]) -> list[np.ndarray] | None:
         """The first result's own buffers as the sums when they may be (no copy at all)."""
@@ -319,7 +526,7 @@ class StreamingMean:
         structure, arrays = flatten(model.params)
         params_type = self._params_type or model.params_type or ParamsType.FULL
         if model.params_type not in (None, params_type):
-            raise ConfigError(
+            raise InvalidResultError(
                 f"{source} sent params_type={model.params_type.value} but earlier results in "
                 f"this round were {params_type.value}; all clients must send the same "
                 "kind of params in a round."
@@ -331,7 +538,7 @@ class StreamingMean:
             theirs = flat_keys(structure)
             missing = [k for k in self._keys if k not in set(theirs)]
             extra = [k for k in theirs if k not in set(self._keys)]
-            raise ConfigError(
+            raise InvalidResultError(
                 f"{source} sent params whose layout differs from the global model "
                 f"(missing: {missing[:5] or 'none'}, unexpected: {extra[:5] or 'none'}). "
                 "Send every layer/key of the model received, e.g. "
@@ -339,17 +546,61 @@ class StreamingMean:
             )
         else:
             keys, shapes = self._keys, self._shapes
-        for key, (shape, _), array in zip(keys, shapes, arrays, strict=True):
+        for key, (shape, dtype), array in zip(keys, shapes, arrays, strict=True):
             if array.shape != shape:
-                raise ConfigError(
+                raise InvalidResultError(
                     f"{source} sent {key!r} with shape {array.shape}; the global model has "
                     f"{shape}. Did the script change the model's architecture?"
                 )
             if not np.issubdtype(array.dtype, np.number) and array.dtype != np.bool_:
-                raise ConfigError(f"{source} sent {key!r} with non-numeric dtype {array.dtype}.")
+                raise InvalidResultError(
+                    f"{source} sent {key!r} with non-numeric dtype {array.dtype}."
+                )
+            if _kind(array.dtype) != _kind(dtype):
+                raise InvalidResultError(
+                    f"{source} sent {key!r} as {np.dtype(array.dtype)}, but the global model's "
+                    f"{key!r} is {np.dtype(dtype)}: a {_kind(dtype)} leaf takes "
+                    f"{_kind(dtype)} values only (they are never cast silently). Send it "
+                    f"back as the model's dtype, e.g. value.astype(np.{np.dtype(dtype)}). "
+                    f"Received: {key}.dtype={np.dtype(array.dtype)}."
+                )
+        if self._prescan:
+            try:
+                scan_finite(arrays)
+            except _NotFinite as exc:
+                raise InvalidResultError(
+                    f"{source} sent {keys[exc.index]!r} with a value that is not finite "
+                    f"(element {exc.offset} is {exc.value}); the result is left out. Check "
+                    "the script's training for divergence (e.g. a lower learning rate). "
+                    f"Received: {keys[exc.index]}[{exc.offset}]={exc.value}."
+                ) from None
         self._params_type = params_type
         self._structure, self._keys, self._shapes = structure, keys, shapes
         return arrays
+
+    def _not_finite(self, exc: _NotFinite, sources: list[str]) -> InvalidResultError:
+        key = self._keys[exc.index] if 0 <= exc.index < len(self._keys) else f"#{exc.index}"
+        where = f"{key!r} (element {exc.offset}: {exc.value})"
+        if exc.part is not None:
+            return InvalidResultError(
+                f"{sources[exc.part]} sent {where} with a value that is not finite; the "
+                "round's aggregate cannot be used. Check the script's training for "
+                "divergence (e.g. a lower learning rate). "
+                f"Received: {key}[{exc.offset}]={exc.value}."
+            )
+        earlier = self._unchecked  # at most one: see add_many
+        if earlier:
+            return InvalidResultError(
+                f"{earlier[0]} sent {where} with a value that is not finite; the round's "
+                "aggregate cannot be used. Check the script's training for divergence "
+                f"(e.g. a lower learning rate). Received: {key}[{exc.offset}]={exc.value}."
+            )
+        return InvalidResultError(
+            f"the weighted sum of {where} overflowed {np.dtype(self._shapes[exc.index][1])} "
+            f"folding the results of {', '.join(sources) or 'this round'}: every value they "
+            "sent is finite, but too large to average. Check those scripts' training for "
+            "divergence."
+        )
 
     def _add_metrics(self, metrics: Mapping[str, Any] | None, weight: float) -> None:
         for key, value in (metrics or {}).items():
@@ -361,12 +612,20 @@ class StreamingMean:
     def params(self) -> ParamTree | None:
         """The weighted mean tree (None if no result carried params).
 
-        Scales the sums into the mean in place (once; later results still fold correctly)."""
+        Scales the sums into the mean in place (once; later results still fold correctly).
+        Raises :class:`~fedlift.errors.InvalidResultError` when a folded result held NaN or
+        Inf (see the class docstring)."""
         if self._sums is None:
             return None
-        if self._base != self._weight:
-            scale(self._sums, self._base / self._weight)
-            self._base = self._weight
+        try:
+            if self._base != self._weight:
+                scale(self._sums, self._base / self._weight, check=True)
+                self._base = self._weight
+            elif self._unchecked:
+                scan_finite(self._sums)  # one result folded in place: no pass yet
+        except _NotFinite as exc:
+            raise self._not_finite(exc, []) from None
+        self._unchecked.clear()
         out = [
             acc if acc.dtype == dtype else _cast_back(acc, dtype)
             for acc, (_, dtype) in zip(self._sums, self._shapes, strict=True)
@@ -383,6 +642,28 @@ class StreamingMean:
 
     def metrics(self) -> dict[str, float]:
         return {k: self._metric_sums[k] / self._metric_weights[k] for k in self._metric_sums}
+
+
+def _kind(dtype: np.dtype[Any]) -> str:
+    """What values a leaf holds: float, integer, bool or complex (widths may differ)."""
+    kind = np.dtype(dtype).kind
+    return {"f": "float", "i": "integer", "u": "integer", "b": "bool", "c": "complex"}.get(
+        kind, kind
+    )
+
+
+def _weight(model: FLModel, source: str) -> float:
+    """The result's aggregation weight, or InvalidResultError naming ``source``."""
+    try:
+        return model.weight()
+    except ConfigError:
+        raw = model.meta.get(MetaKey.NUM_STEPS_CURRENT_ROUND)
+        raise InvalidResultError(
+            f"{source} sent an aggregation weight that is not a finite number > 0; "
+            f"meta[{MetaKey.NUM_STEPS_CURRENT_ROUND!r}] must be e.g. the number of training "
+            f"steps or samples of the round. Received: "
+            f"{MetaKey.NUM_STEPS_CURRENT_ROUND}={raw!r}."
+        ) from None
 
 
 def _acc_dtype(dtype: np.dtype[Any]) -> np.dtype[Any]:

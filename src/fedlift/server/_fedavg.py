@@ -10,9 +10,16 @@ from typing import Protocol
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import ClientFailedError, ConfigError
 from ..model import FLModel, MetaKey, ParamTree, flatten, unflatten
-from ._aggregate import Allocator, StreamingMean, apply_update
+from ._aggregate import (
+    Allocator,
+    ErrorPolicy,
+    StreamingMean,
+    _ResultLost,
+    apply_update,
+    check_error_policy,
+)
 from ._store import RoundRecord, RunRecorder
 
 __all__ = ["Controller", "FedAvg", "FedAvgResult", "all_clients"]
@@ -49,11 +56,14 @@ class Controller(Protocol):
         min_responses: int,
         lazy_results: bool = False,
         on_results: Callable[[list[tuple[str, FLModel]]], None] | None = None,
+        on_client_error: ErrorPolicy = "fail",
     ) -> list[str]:
         """Send ``model`` to ``sites``; call ``on_result`` for each result as it arrives;
         return the sites that answered (see :meth:`ServerRuntime.run_task`).
         ``lazy_results``: ``on_result`` accepts params it must read during the call;
-        ``on_results``: takes the results that arrived together, instead of ``on_result``."""
+        ``on_results``: takes the results that arrived together, instead of ``on_result``;
+        ``on_client_error``: the :data:`ErrorPolicy` for sites that fail or whose result
+        ``on_result`` refuses with :class:`~fedlift.errors.InvalidResultError`."""
         ...
 
 
@@ -83,6 +93,15 @@ class FedAvg:
     ``final_evaluation`` a last ``validate`` task asks every client to evaluate the final
     global model, so the job reports the metrics of the model it produced.
 
+    Every result is checked before it counts (layout, shapes, dtype kinds, a finite weight
+    > 0, no NaN or Inf; see :class:`~fedlift.server.StreamingMean`). ``on_client_error``
+    (an :data:`ErrorPolicy`) says what a failing site or a refused result does: ``"fail"``
+    the job (default), or ``"exclude"`` the site from the round, which goes on while
+    ``min_clients`` answered (each result is then read once more, to be checked before it
+    is folded, so the aggregate is exactly that of the others). A site whose process died
+    is left out under either policy; if its result was being read when it died, the round
+    runs again without it.
+
     Hooks are plain functions: ``sample_clients(sites, round) -> sites``.
     """
 
@@ -95,6 +114,7 @@ class FedAvg:
     on_round: RoundCallback | None = field(default=None, repr=False)
     allocate: Allocator | None = field(default=None, repr=False)
     """Where aggregates live (the simulator: shared memory, sent on without a copy)."""
+    on_client_error: ErrorPolicy = "fail"
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_rounds, int) or self.num_rounds < 1:
@@ -103,6 +123,7 @@ class FedAvg:
             raise ConfigError(f"min_clients must be an int >= 1; received: {self.min_clients!r}.")
         if self.round_timeout <= 0:
             raise ConfigError(f"round_timeout must be > 0 s; received: {self.round_timeout!r}.")
+        check_error_policy(self.on_client_error, "FedAvg(on_client_error=...)")
 
     def run(
         self,
@@ -118,22 +139,7 @@ class FedAvg:
             started = time.monotonic()
             sites = self.sample_clients(runtime.registered_sites(), round_number)
             task = self._task_model(params, round_number, start_round)
-            mean = StreamingMean(
-                params,
-                allocate=self.allocate,
-                adopt=bool(getattr(runtime, "results_are_private", False)),
-                expected=len(sites),
-            )
-            answered = runtime.run_task(
-                "train",
-                task,
-                sites,
-                on_result=lambda site, result, m=mean: m.add(result, site),  # type: ignore[misc]
-                timeout=self.round_timeout,
-                min_responses=self.min_clients,
-                lazy_results=True,  # StreamingMean reads each result as it folds it
-                on_results=mean.add_many,  # queued results: one pass over the sums
-            )
+            mean, answered = self._train(runtime, task, params, sites, round_number)
             new_params = self._update(params, mean)
             record = recorder.record(
                 RoundRecord(
@@ -155,6 +161,55 @@ class FedAvg:
         return FedAvgResult(
             params, recorder.records, final_metrics, recorder.best_round, recorder.best_value
         )
+
+    def _train(
+        self,
+        runtime: Controller,
+        task: FLModel,
+        params: ParamTree,
+        sites: list[str],
+        round_number: int,
+    ) -> tuple[StreamingMean, list[str]]:
+        """One round's ``train`` task folded into a mean; run again without the sites whose
+        results were lost part-way through their fold (the sites left: fewer each time)."""
+        while True:
+            mean = StreamingMean(
+                params,
+                allocate=self.allocate,
+                adopt=bool(getattr(runtime, "results_are_private", False)),
+                expected=len(sites),
+                prescan=self.on_client_error == "exclude",
+            )
+            try:
+                answered = runtime.run_task(
+                    "train",
+                    task,
+                    sites,
+                    on_result=lambda site, result, m=mean: m.add(result, site),  # type: ignore[misc]
+                    timeout=self.round_timeout,
+                    min_responses=self.min_clients,
+                    lazy_results=True,  # StreamingMean reads each result as it folds it
+                    on_results=mean.add_many,  # queued results: one pass over the sums
+                    on_client_error=self.on_client_error,
+                )
+            except _ResultLost as exc:
+                left = [s for s in sites if s not in exc.sites]
+                if len(left) < self.min_clients:
+                    raise ClientFailedError(
+                        f"{exc}\nRound {round_number + 1} cannot go on without "
+                        f"{', '.join(exc.sites)}: {len(left)} clients left, fewer than "
+                        f"min_clients={self.min_clients}."
+                    ) from None
+                log.warning(
+                    "round %d: %s; it runs again without %s",
+                    round_number + 1,
+                    exc,
+                    ", ".join(exc.sites),
+                )
+                del mean
+                sites = left
+                continue
+            return mean, answered
 
     def _publish(self, params: ParamTree) -> ParamTree:
         """Copy the initial params to where ``allocate`` puts aggregates (shared memory), so
@@ -199,6 +254,7 @@ class FedAvg:
             ),
             timeout=self.round_timeout,
             min_responses=self.min_clients,
+            on_client_error=self.on_client_error,
         )
         record = recorder.record(
             RoundRecord(

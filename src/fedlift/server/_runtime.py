@@ -6,7 +6,8 @@ and speak five operations over any :mod:`fedlift.transport`:
 ``register``     -> ``welcome`` (job id, site index, client config, the job's app archive)
 ``get_task``     -> ``task`` (a model to work on), ``wait`` (nothing yet, ask again) or ``stop``
 ``submit``       -> ``ok`` (the result of a task)
-``client_error`` -> ``ok`` (the site's script failed: traceback attached; the job stops)
+``client_error`` -> ``ok`` (the site's script failed: traceback attached; by the task's error
+                 policy the job stops, or the site is left out of the round)
 ``log``          -> ``ok`` (a metric the script logged with ``flare.log``)
 
 A site that is not registered yet (a worker that outlived a server restart) is registered
@@ -14,8 +15,11 @@ implicitly by its first ``get_task``/``submit``/``client_error``/``log``; a site
 registers again while it holds an unanswered task (its client restarted) gets that task again.
 
 Workflows drive it with :meth:`ServerRuntime.run_task`, which dispatches a task to sites (at
-most ``max_concurrent`` at once), feeds each result to a callback as it arrives and raises at
-once when a site fails.
+most ``max_concurrent`` at once), feeds each result to a callback as it arrives and, by the
+task's error policy, raises at once when a site fails or leaves that site out of the round.
+A site whose process is gone (:meth:`ServerRuntime.report_lost`, e.g. the simulator saw its
+worker die) is left out of the round under either policy while ``min_responses`` can still be
+met; the task fails at once when it cannot.
 """
 
 from __future__ import annotations
@@ -36,11 +40,13 @@ from ..codec._remote import RemoteArray
 from ..errors import (
     ClientFailedError,
     ConfigError,
+    InvalidResultError,
     JobAbortedError,
     ProtocolError,
     RoundTimeoutError,
 )
 from ..model import FLModel
+from ._aggregate import ErrorPolicy, _ResultLost, check_error_policy
 
 __all__ = ["LogRecord", "ServerRuntime"]
 
@@ -73,7 +79,7 @@ class _Task:
 
 @dataclass
 class _Event:
-    kind: str  # "result" | "failure" | "stop"
+    kind: str  # "result" | "failure" | "lost" | "stop"
     site: str
     task_id: str = ""
     model: FLModel | None = None
@@ -97,6 +103,8 @@ class _Site:
     epoch: int = 0
     """Registrations so far: a poll made before the latest one is from a gone worker."""
     last_seen: float = 0.0
+    gone: str | None = None
+    """Why the site's process is gone for good (it will not register again), if it is."""
 
 
 def _str_field(fields: dict[str, Any], name: str) -> str:
@@ -141,6 +149,7 @@ class ServerRuntime:
         self._stop_failed = False
         self._failure: _Event | None = None
         self._active_task: str | None = None
+        self._active_policy: ErrorPolicy = "fail"
 
     # ------------------------------------------------------------------ transport handler
     def handle(self, request: Message) -> Message:
@@ -209,6 +218,7 @@ class ServerRuntime:
         remote_reads = "remote_probe" in fields and _remote.check_probe(fields["remote_probe"])
         with self._cond:
             site.registered = True
+            site.gone = None
             site.epoch += 1
             site.info = {k: fields.get(k) for k in ("pid", "host") if k in fields}
             lost = self._handed_out.pop(site.name, None)
@@ -285,20 +295,28 @@ class ServerRuntime:
 
     def wait_for_clients(self, count: int, timeout: float, grace: float = 10.0) -> list[str]:
         """Block until every site registered, or at least ``count`` did and ``grace`` seconds
-        passed; raise on timeout or a site's failure."""
+        passed; raise on timeout, on a site's failure, or at once when sites gone for good
+        leave fewer than ``count`` that can register."""
         start = time.monotonic()
         deadline = start + timeout
         with self._cond:
             while True:
                 self._raise_if_failed()
                 ready = [s.name for s in self._sites.values() if s.registered]
+                alive = [s for s in self._sites.values() if s.gone is None]
+                gone = [s for s in self._sites.values() if s.gone is not None]
+                if len(alive) < count:
+                    raise ClientFailedError(
+                        f"only {len(alive)} of the {count} clients needed can still register: "
+                        + "; ".join(f"{s.name}: {s.gone}" for s in gone)
+                    )
                 now = time.monotonic()
-                if len(ready) == len(self._sites) or (len(ready) >= count and now - start >= grace):
+                if len(ready) == len(alive) or (len(ready) >= count and now - start >= grace):
                     return ready
                 if now >= deadline:
                     if len(ready) >= count:
                         return ready
-                    missing = [s.name for s in self._sites.values() if not s.registered]
+                    missing = [s.name for s in alive if not s.registered]
                     raise RoundTimeoutError(
                         f"only {len(ready)} of the {count} clients needed registered within "
                         f"{timeout:.0f} s (missing: {', '.join(missing)}). Check the clients' "
@@ -307,13 +325,48 @@ class ServerRuntime:
                 self._cond.wait(min(deadline - now, 0.5))
 
     def report_failure(self, site: str, text: str) -> None:
-        """A site failed (script error, process died): the running task raises at once."""
+        """A site's script failed (``text``: its traceback). Under the running task's
+        ``fail`` policy (and outside a task) the job fails at once; under ``exclude`` the
+        site is left out of the round."""
         log.error("%s failed:\n%s", site, text)
         with self._cond:
-            if self._failure is None:
+            task_id = self._active_task or ""
+            if self._failure is None and not (task_id and self._active_policy == "exclude"):
                 self._failure = _Event("failure", site, text=text)
             self._cond.notify_all()
-        self._events.put(_Event("failure", site, text=text))
+        self._events.put(_Event("failure", site, task_id, text=text))
+
+    def report_lost(self, site: str, text: str, *, returning: bool) -> None:
+        """``site``'s process is gone (``text`` says how). A task it had taken is lost: the
+        running task goes on without it while ``min_responses`` can still be met (under
+        either policy), else fails at once. ``returning``: a new process will register for
+        it (a task it had not taken yet waits for that one); otherwise the site is gone
+        for good and later tasks are not sent to it."""
+        with self._cond:
+            entry = self._site(site)
+            task_id = self._active_task
+            held = self._handed_out.get(site)
+            waiting = self._pending.get(site)
+            holds = held is not None and held.task_id == task_id
+            queued = waiting is not None and waiting.task_id == task_id
+            lose = task_id is not None and (holds or (queued and not returning))
+            if lose:
+                self._handed_out.pop(site, None)
+                self._pending.pop(site, None)
+            if not returning:
+                entry.registered = False
+                entry.gone = text.splitlines()[0] if text else "its process is gone"
+            self._cond.notify_all()
+        log.warning(
+            "%s: %s%s", site, text, "; a new process is started for it" if returning else ""
+        )
+        if lose and task_id is not None:
+            self._events.put(_Event("lost", site, task_id, text=text))
+
+    @property
+    def failed(self) -> bool:
+        """Whether the job has failed (a site's failure under ``fail``, or a failed stop)."""
+        return self._failure is not None or (self._stop_reason is not None and self._stop_failed)
 
     def _raise_if_failed(self) -> None:
         if self._failure is not None:
@@ -332,39 +385,91 @@ class ServerRuntime:
         min_responses: int,
         lazy_results: bool = False,
         on_results: Callable[[list[tuple[str, FLModel]]], None] | None = None,
+        on_client_error: ErrorPolicy = "fail",
     ) -> list[str]:
         """Send ``model`` as task ``task_name`` to ``sites`` and hand each result to ``on_result``.
 
-        Returns the sites that answered. Raises :class:`ClientFailedError` as soon as a site
-        fails, and :class:`RoundTimeoutError` when fewer than ``min_responses`` answered
-        within ``timeout`` seconds. With ``lazy_results`` a result's params may hold
+        Returns the sites that answered. With ``lazy_results`` a result's params may hold
         :class:`~fedlift.codec._remote.RemoteArray` leaves, valid only during ``on_result``
         (an aggregator reads them block by block); otherwise they are numpy arrays. With
         ``on_results`` the results that have queued up meanwhile arrive together, as
         ``[(site, model), ...]`` (so an aggregator can fold them in one pass).
+
+        A site's failure (its script's error, or an
+        :class:`~fedlift.errors.InvalidResultError` that ``on_result`` raises for its
+        result) raises :class:`~fedlift.errors.ClientFailedError` at once under
+        ``on_client_error="fail"``; under ``"exclude"`` the site is left out of the round,
+        logged with the error, results are handed over one at a time (``on_result`` must
+        then leave its aggregate as it was when it raises), and the round goes on. A site
+        whose process is gone (:meth:`report_lost`) is left out under either policy.
+        Raises :class:`ClientFailedError` at once when too few sites are left to reach
+        ``min_responses``, and :class:`RoundTimeoutError` when fewer than that answered
+        within ``timeout`` seconds.
         """
+        check_error_policy(on_client_error, "run_task(on_client_error=...)")
+        exclude = on_client_error == "exclude"
+        if exclude and on_results is not None:
+            batch_fn = on_results
+            on_results = None
+            on_result = lambda site, result: batch_fn([(site, result)])  # noqa: E731
         task_id = uuid.uuid4().hex
         fields, arrays = model_to_wire(model)
         message_fields = {"task_id": task_id, "task_name": task_name, "model": fields}
         waiting = list(sites)
         active: set[str] = set()
         answered: list[str] = []
+        left_out: dict[str, str] = {}
         deadline = time.monotonic() + timeout
 
+        def leave_out(site: str, why: str) -> None:
+            """Go on without ``site``, or fail at once if min_responses is out of reach."""
+            active.discard(site)
+            left_out[site] = why
+            with self._cond:  # a new process of the site must not be handed this task again
+                if (held := self._handed_out.get(site)) is not None and held.task_id == task_id:
+                    del self._handed_out[site]
+                if (queued := self._pending.get(site)) is not None and queued.task_id == task_id:
+                    del self._pending[site]
+            possible = len(answered) + len(active) + len(waiting)
+            if possible < min_responses:
+                raise ClientFailedError(
+                    f"{site} failed: {why}\nTask {task_name!r} cannot reach "
+                    f"min_clients={min_responses} any more: {len(answered)} answered and "
+                    f"{possible - len(answered)} still may, of {len(sites)} (left out: "
+                    f"{', '.join(sorted(left_out))})."
+                )
+            log.warning(
+                "task %r goes on without %s (%d answered, %d still may; min_clients=%d)",
+                task_name,
+                site,
+                len(answered),
+                possible - len(answered),
+                min_responses,
+            )
+
         def dispatch() -> None:
+            gone: list[str] = []
             with self._cond:
                 while waiting and len(active) < self._slots:
                     site = waiting.pop(0)
-                    self._pending[site] = _Task(task_id, task_name, message_fields, arrays)
                     active.add(site)
+                    reason = self._sites[site].gone if site in self._sites else None
+                    if reason is not None:
+                        gone.append(site)
+                        left_out[site] = reason
+                        continue
+                    self._pending[site] = _Task(task_id, task_name, message_fields, arrays)
                 self._cond.notify_all()
+            for site in gone:
+                leave_out(site, left_out[site])
 
         with self._cond:
             self._raise_if_failed()
             self._active_task = task_id
-        dispatch()
+            self._active_policy = on_client_error
         held: _Event | None = None  # taken off the queue while gathering a batch; next
         try:
+            dispatch()
             while active:
                 if held is not None:
                     event, held = held, None
@@ -376,10 +481,17 @@ class ServerRuntime:
                         event = self._events.get(timeout=remaining)
                     except queue.Empty:
                         break
-                if event.kind == "failure":
-                    raise ClientFailedError(f"{event.site} failed:\n{event.text}")
                 if event.kind == "stop":
                     raise JobAbortedError(f"the job was stopped: {event.text}")
+                if event.kind == "failure" and not exclude:
+                    raise ClientFailedError(f"{event.site} failed:\n{event.text}")
+                if event.kind in ("failure", "lost"):
+                    if event.task_id == task_id and event.site in active:
+                        log.error("%s is left out of task %r:\n%s", event.site, task_name,
+                                  event.text)  # fmt: skip
+                        leave_out(event.site, event.text)
+                        dispatch()
+                    continue
                 if event.task_id != task_id or event.site not in active:
                     event.release()
                     log.warning("ignoring a late or unexpected result from %s", event.site)
@@ -404,12 +516,23 @@ class ServerRuntime:
                         break
                     active.discard(queued.site)
                     batch.append(queued)
-                self._consume(batch, on_result, on_results, lazy_results)
-                answered.extend(e.site for e in batch)
+                try:
+                    self._consume(batch, on_result, on_results, lazy_results)
+                except InvalidResultError as exc:
+                    if not exclude:
+                        raise
+                    log.error("%s: its result is left out of task %r: %s",
+                              event.site, task_name, exc)  # fmt: skip
+                    leave_out(event.site, str(exc))
+                else:
+                    answered.extend(e.site for e in batch)
                 dispatch()
         finally:
+            if held is not None:
+                held.release()
             with self._cond:
                 self._active_task = None
+                self._active_policy = "fail"
                 for site in list(active) + waiting:
                     self._pending.pop(site, None)
                 for site in sites:
@@ -417,12 +540,14 @@ class ServerRuntime:
                     if handed is not None and handed.task_id == task_id:
                         del self._handed_out[site]
         if len(answered) < min_responses:
-            missing = sorted(set(sites) - set(answered))
+            missing = sorted(set(sites) - set(answered) - set(left_out))
             raise RoundTimeoutError(
                 f"task {task_name!r}: {len(answered)} of {len(sites)} clients answered within "
                 f"{timeout:g} s, fewer than min_clients={min_responses} (no answer from: "
-                f"{', '.join(missing)}). Raise round_timeout if training takes longer, or "
-                "check those clients' logs."
+                f"{', '.join(missing)}"
+                + (f"; left out: {', '.join(sorted(left_out))}" if left_out else "")
+                + "). Raise round_timeout if training takes longer, or check those clients' "
+                "logs."
             )
         if len(answered) < len(sites):
             log.warning(
@@ -461,9 +586,11 @@ class ServerRuntime:
             if not remote:
                 raise
             # A process went away while its result was being read (killed): the aggregate
-            # may hold part of it, so the round cannot go on.
-            raise ClientFailedError(
-                f"{', '.join(remote)} failed: its result could not be read from its process ({exc})"
+            # may hold part of it, so the round starts again without that site.
+            lost = _dead(batch)
+            raise _ResultLost(
+                lost,
+                f"{', '.join(lost)} failed: its result could not be read from its process ({exc})",
             ) from None
         finally:
             for event in batch:
@@ -484,3 +611,20 @@ class ServerRuntime:
     @property
     def stopped(self) -> bool:
         return self._stop_reason is not None
+
+
+def _dead(batch: list[_Event]) -> list[str]:
+    """The sites of ``batch`` whose results can no longer be read (their process is gone);
+    all of those read from another process when none can be told apart."""
+    remote = [e for e in batch if e.read is not None]
+    dead = []
+    for event in remote:
+        leaves: list[Any] = list(event.arrays)
+        probe = next((a for a in leaves if isinstance(a, RemoteArray) and a.size), None)
+        if probe is None:
+            continue
+        try:
+            probe.read_into(np.empty(1, probe.dtype), 0)
+        except ProtocolError:
+            dead.append(event.site)
+    return dead or [e.site for e in remote]

@@ -29,14 +29,14 @@ import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, get_args
 
 import numpy as np
 from rich.console import Console
 
-from ..errors import ClientFailedError, ConfigError, RoundTimeoutError
+from ..errors import ClientFailedError, ConfigError, InvalidResultError, RoundTimeoutError
 from ..model import FLModel, MetaKey, ParamTree, Structure, flatten, unflatten
-from ..server import ArraysFormat, FedAvg, RoundRecord, RunRecorder
+from ..server import ArraysFormat, ErrorPolicy, FedAvg, RoundRecord, RunRecorder
 from ._simulator import _round_line
 
 __all__ = ["ClientFn", "LocalController", "LocalResult", "run_local"]
@@ -220,10 +220,14 @@ class LocalController:
     """The :class:`~fedlift.server.Controller` of clients that are function calls.
 
     ``run_task`` keeps at most ``2 * pool.workers`` batches of clients in flight, hands
-    each result to ``on_result`` as it completes (in the calling thread) and forgets it, raises
-    :class:`~fedlift.errors.ClientFailedError` with the client's traceback when one fails,
-    and :class:`~fedlift.errors.RoundTimeoutError` when fewer than ``min_responses``
-    answered within ``timeout`` seconds -- the semantics of
+    each result to ``on_result`` as it completes (in the calling thread) and forgets it; a
+    client that raises (or whose result ``on_result`` refuses with
+    :class:`~fedlift.errors.InvalidResultError`) fails the task with
+    :class:`~fedlift.errors.ClientFailedError` and its traceback under
+    ``on_client_error="fail"``, and is left out of the round under ``"exclude"`` (failing
+    at once when ``min_responses`` is out of reach); it raises
+    :class:`~fedlift.errors.RoundTimeoutError` when fewer than ``min_responses`` answered
+    within ``timeout`` seconds -- the semantics of
     :meth:`fedlift.server.ServerRuntime.run_task`.
     """
 
@@ -257,7 +261,14 @@ class LocalController:
         min_responses: int,
         lazy_results: bool = False,  # results here are always plain arrays
         on_results: Callable[[list[tuple[str, FLModel]]], None] | None = None,
+        on_client_error: ErrorPolicy = "fail",
     ) -> list[str]:
+        if on_client_error not in get_args(ErrorPolicy):
+            raise ConfigError(
+                "run_task(on_client_error=...) must be 'fail' or 'exclude'; "
+                f"received: {on_client_error!r}."
+            )
+        exclude = on_client_error == "exclude"
         if on_results is not None:
             on_result = lambda site, model: on_results([(site, model)])  # noqa: E731
         deadline = time.monotonic() + timeout
@@ -267,6 +278,19 @@ class LocalController:
         shared = self._pool.start_task(task)
         in_flight: dict[Any, list[str]] = {}
         answered: list[str] = []
+        left_out: list[str] = []
+
+        def leave_out(site: str, error: str) -> None:
+            left_out.append(site)
+            possible = len(sites) - len(left_out)
+            if possible < min_responses:
+                raise ClientFailedError(
+                    f"{site} failed:\n{error}\nTask {task_name!r} cannot reach "
+                    f"min_clients={min_responses} any more ({len(left_out)} of {len(sites)} "
+                    f"clients left out: {_names(left_out)})."
+                )
+            log.error("%s is left out of task %r:\n%s", site, task_name, error)
+
         try:
             while True:
                 while len(in_flight) < self.window:
@@ -283,11 +307,28 @@ class LocalController:
                     for site, outcome in zip(batch, outcomes, strict=False):
                         if outcome.error is not None:
                             who = outcome.site or _names(batch)
-                            raise ClientFailedError(f"{who} failed:\n{outcome.error}")
+                            if not exclude:
+                                raise ClientFailedError(f"{who} failed:\n{outcome.error}")
+                            done = {*answered, *left_out}
+                            for gone in [outcome.site] if outcome.site else batch:
+                                if gone not in done:
+                                    leave_out(gone, outcome.error)
+                            continue
                         if outcome.model is not None:
-                            on_result(site, outcome.model)
+                            try:
+                                on_result(site, outcome.model)
+                            except InvalidResultError as exc:
+                                if not exclude:
+                                    raise
+                                leave_out(site, str(exc))
+                                continue
                             answered.append(site)
                             self.client_updates += 1
+                    if exclude:  # a failure ends its batch: the rest of it did not run
+                        done = {*answered, *left_out}
+                        for site in batch[len(outcomes) :]:
+                            if site not in done:
+                                leave_out(site, "its batch stopped at an earlier failure")
                     del outcomes  # folded: let the results go now
         finally:
             self._pool.cancel(list(in_flight))
@@ -361,6 +402,7 @@ def run_local(
     backend: str = "threads",
     address: str | None = None,
     quiet: bool = False,
+    on_client_error: ErrorPolicy = "fail",
 ) -> LocalResult:
     """Run FedAvg with ``n_clients`` clients that are calls of ``client_fn(site, model)``.
 
@@ -374,6 +416,11 @@ def run_local(
     With ``workspace``, outputs go to ``WORKSPACE/server`` as in the simulator (global and
     best models in the array format, ``metrics.jsonl``, TensorBoard events); without, they
     go to a temporary directory that is removed, and only the returned result remains.
+
+    ``on_client_error``: a client that raises, or whose result cannot be aggregated (NaN
+    or Inf, wrong keys, shapes or dtypes, a weight that is not a finite number > 0), fails
+    the job (``"fail"``, default) or is left out of the round, logged with its traceback,
+    while ``min_clients`` still answer (``"exclude"``).
     """
     started = time.monotonic()
     if not callable(client_fn):
@@ -398,6 +445,7 @@ def run_local(
         register_timeout=0.0,
         final_evaluation=final_evaluation,
         on_round=lambda r: console.print(_round_line(r, num_rounds)),
+        on_client_error=on_client_error,
     )
     pool: Pool
     if backend == "ray":

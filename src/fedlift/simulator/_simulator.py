@@ -12,6 +12,7 @@ import logging
 import os
 import secrets
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -36,6 +37,9 @@ from ._processes import WorkerProcess, start_worker
 __all__ = ["SimulationResult", "run_simulator", "site_environment"]
 
 log = logging.getLogger("fedlift.simulator")
+
+MAX_RESTARTS = 3
+"""How often a site's client process that died is started again, per job."""
 
 
 @dataclass
@@ -157,6 +161,7 @@ def run_simulator(
         register_timeout=config.workflow.register_timeout,
         final_evaluation=config.workflow.final_evaluation,
         on_round=lambda r: console.print(_round_line(r, config.workflow.num_rounds)),
+        on_client_error=config.workflow.on_client_error,  # type: ignore[arg-type]
     )
     shared = shared_memory and _shm.available()
     if shared:
@@ -172,17 +177,52 @@ def run_simulator(
     listener = GrpcListener(
         runtime.handle, "127.0.0.1:0", max_workers=2 * n + 8, shared_memory=shared, token=token
     )
-    workers: list[WorkerProcess] = []
+    workers: dict[str, WorkerProcess] = {}
+    restarts = dict.fromkeys(sites, 0)
+    lock = threading.Lock()
+    closing = threading.Event()  # set before the workers are stopped: no restart after it
+
+    def launch(site: str) -> WorkerProcess:
+        env = {
+            **site_environment(placement.get(site)),
+            SHARED_MEMORY_ENV: str(int(shared)),
+            SERVER_TOKEN_ENV: token,
+        }
+        return start_worker(site, listener.address, ws / site, env, out, on_exit)
 
     def on_exit(worker: WorkerProcess, code: int) -> None:
-        if runtime.stopped:
+        """A worker ended before the job did: its site is lost (the round goes on without
+        it while min_clients holds) and, up to MAX_RESTARTS times a job, started again."""
+        if runtime.stopped or closing.is_set():
             return
         reason = f"exited with status {code}" if code >= 0 else f"was killed by signal {-code}"
-        runtime.report_failure(
-            worker.site,
-            f"the client process {reason} before the job ended "
-            f"(log: {worker.log_path}).\nLast lines of its stderr:\n{worker.tail()}",
+        with lock:
+            returning = restarts[worker.site] < MAX_RESTARTS and not runtime.failed
+            if returning:
+                restarts[worker.site] += 1
+        text = (
+            f"the client process {reason} before the job ended (log: {worker.log_path})"
+            + ("" if returning else f"; no restart left ({MAX_RESTARTS} a site and job)")
+            + f".\nLast lines of its stderr:\n{worker.tail()}"
         )
+        runtime.report_lost(worker.site, text, returning=returning)
+        if returning:
+            with lock:
+                if not closing.is_set() and not runtime.stopped:
+                    log.warning(
+                        "%s: restarting its client process (%d of %d)",
+                        worker.site,
+                        restarts[worker.site],
+                        MAX_RESTARTS,
+                    )
+                    workers[worker.site] = launch(worker.site)
+
+    def stop_workers(grace: float) -> None:
+        closing.set()
+        with lock:
+            current = list(workers.values())
+        for worker in current:
+            worker.stop(grace=grace)
 
     console.print(
         f"[bold]fedlift simulator[/]: job {job_id}, {n} clients"
@@ -196,28 +236,14 @@ def run_simulator(
     )
     try:
         for site in sites:
-            workers.append(
-                start_worker(
-                    site,
-                    listener.address,
-                    ws / site,
-                    {
-                        **site_environment(placement.get(site)),
-                        SHARED_MEMORY_ENV: str(int(shared)),
-                        SERVER_TOKEN_ENV: token,
-                    },
-                    out,
-                    on_exit,
-                )
-            )
+            with lock:
+                workers[site] = launch(site)
         result = workflow.run(runtime, initial_params.pop(), recorder)
         runtime.stop("the job finished")
-        for worker in workers:
-            worker.stop(grace=30)
+        stop_workers(grace=30)
     except BaseException as exc:
         runtime.stop(f"the job failed: {exc}", failed=True)
-        for worker in workers:
-            worker.stop(grace=10)
+        stop_workers(grace=10)
         if isinstance(exc, ClientFailedError):
             log.error("job %s failed: %s", job_id, exc)
         raise

@@ -13,7 +13,7 @@ from ..errors import ConfigError
 from ..model import flatten
 from ..model._keras import is_keras_model, plain_keras_copy
 from ..model._safetensors import save_safetensors
-from ._config import _SKIP_DIRS, JobConfig, RunnerConfig, WorkflowConfig, is_seconds
+from ._config import JobConfig, RunnerConfig, WorkflowConfig, folder_files, is_seconds
 
 if TYPE_CHECKING:
     from ..simulator import SimulationResult
@@ -249,13 +249,12 @@ def _as_arrays(tree: Any) -> Any:
 
 
 def _copy_app(source: Path, target: Path, exclude: set[Path]) -> None:
-    def ignore(directory: str, names: list[str]) -> list[str]:
-        here = Path(directory)
-        skipped = []
-        for name in names:
-            path = here / name
-            if name in _SKIP_DIRS or name.startswith(".") or path.resolve() in exclude:
-                skipped.append(name)
-        return skipped
-
-    shutil.copytree(source, target, ignore=ignore, symlinks=False)
+    """Copy the app's files (see :func:`~fedlift.job._config.folder_files`): hidden names,
+    caches and ``exclude`` are left out; a symlink inside the app is copied as what it
+    points to, and one that leads out of the app is refused with a ConfigError."""
+    files = folder_files(source, skip_hidden=True, exclude=frozenset(exclude))
+    target.mkdir(parents=True, exist_ok=True)
+    for path, rel in files:
+        destination = target / rel
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, destination)

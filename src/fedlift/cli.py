@@ -243,17 +243,30 @@ _OS_ERRORS: dict[int, tuple[str, str]] = {
 }
 
 
-def _error_line(exc: BaseException) -> str:
-    """An error as the one line ``fedlift`` prints for it (after ``fedlift: error: ``)."""
+def _error_line(exc: BaseException, folder: Path | None = None) -> str:
+    """An error as the one line ``fedlift`` prints for it (after ``fedlift: error: ``).
+
+    An OSError names its path, or else ``folder`` (where the command was writing)."""
     if isinstance(exc, OSError) and not isinstance(exc, FedliftError):
         what, fix = _OS_ERRORS.get(exc.errno or -1, (exc.strerror or type(exc).__name__, ""))
         name = errno.errorcode.get(exc.errno or -1)
         where = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
+        if not where and folder is not None:
+            where = f"writing to {folder}"
         text = f"{where}: {what}" if where else what
         text += f" ({name})." if name else "."
         return f"{text} {fix}".strip()
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return " ".join(lines) or type(exc).__name__
+
+
+def _folder_of(args: argparse.Namespace) -> Path | None:
+    """The folder a command writes to (named when an OSError carries no path)."""
+    for name in ("out", "workspace"):
+        value = vars(args).get(name)
+        if isinstance(value, Path):
+            return value
+    return None
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -293,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
             # the failed client's traceback is what the user needs: printed in full
             print(f"\nfedlift: the job failed because a client failed.\n{exc}", file=sys.stderr)
         else:
-            print(f"fedlift: error: {_error_line(exc)}", file=sys.stderr)
+            print(f"fedlift: error: {_error_line(exc, _folder_of(args))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("fedlift: interrupted", file=sys.stderr)

@@ -159,6 +159,7 @@ def test_fedlift_errors_are_one_line(reliability: Any, tmp_path: Path) -> None:
     assert "needs the server kit" in line
 
 
+@pytest.mark.reliability
 def test_os_error_lines_name_the_path_and_the_fix() -> None:
     from fedlift.cli import _error_line
 

@@ -200,6 +200,24 @@ def test_symlinks_out_of_a_job_are_refused_and_links_inside_are_packed(
     assert leaked == 0
 
 
+@pytest.mark.reliability
+def test_export_never_replaces_a_folder_it_did_not_export(reliability: Any, tmp_path: Path) -> None:
+    script = tmp_path / "project" / "train.py"
+    script.parent.mkdir()
+    script.write_text("pass\n")
+    job = FedAvgJob("thesis", 2, 1, {"w": np.zeros(2, np.float32)})
+    job.to_clients(ScriptRunner(script, framework="numpy"))
+    mine = tmp_path / "exports" / "thesis"
+    mine.mkdir(parents=True)
+    (mine / "chapter1.tex").write_text("my work\n")
+    with pytest.raises(ConfigError, match="is not a fedlift job folder"):
+        job.export_job(tmp_path / "exports")
+    reliability.hostile("export over a user's folder of the job's name", tried=1)
+    assert (mine / "chapter1.tex").read_text() == "my work\n"
+    (mine / "chapter1.tex").unlink()  # empty now: it may be used
+    assert (job.export_job(tmp_path / "exports") / CONFIG_NAME).is_file()
+
+
 # ------------------------------------------------------------------ archives a site unpacks
 
 

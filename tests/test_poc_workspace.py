@@ -121,6 +121,7 @@ def test_poc_start_again_replaces_only_what_it_created(reliability: Any, tmp_pat
     assert stopped.returncode == 0, stopped.stderr
 
 
+@pytest.mark.reliability
 def test_poc_start_uses_an_empty_folder(tmp_path: Path) -> None:
 
     ws = tmp_path / "empty"

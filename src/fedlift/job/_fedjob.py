@@ -13,7 +13,14 @@ from ..errors import ConfigError
 from ..model import flatten
 from ..model._keras import is_keras_model, plain_keras_copy
 from ..model._safetensors import save_safetensors
-from ._config import JobConfig, RunnerConfig, WorkflowConfig, folder_files, is_seconds
+from ._config import (
+    CONFIG_NAME,
+    JobConfig,
+    RunnerConfig,
+    WorkflowConfig,
+    folder_files,
+    is_seconds,
+)
 
 if TYPE_CHECKING:
     from ..simulator import SimulationResult
@@ -179,7 +186,10 @@ class FedAvgJob:
     def export_job(self, root: str | Path, exclude: tuple[str | Path, ...] = ()) -> Path:
         """Write the job folder ``root/NAME`` (config, app, initial model); returns it.
 
-        Folders in ``exclude`` (and ``root`` itself) are left out of the copied app.
+        Folders in ``exclude`` (and ``root`` itself) are left out of the copied app. A
+        symlink in the app that stays inside it is copied as what it points to; one that
+        leads out of the app is refused (ConfigError). An existing ``root/NAME`` is
+        replaced only when it is a job folder (holds ``job.json``) or empty.
         """
         if self.runner is None:
             raise ConfigError(
@@ -187,6 +197,16 @@ class FedAvgJob:
             )
         app, script = self.runner.resolve()
         folder = Path(root).resolve() / self.name
+        if folder.is_symlink() or (
+            folder.exists()
+            and not (folder / CONFIG_NAME).is_file()
+            and (not folder.is_dir() or any(folder.iterdir()))
+        ):
+            raise ConfigError(
+                f"export_job: {folder} exists and is not a fedlift job folder (no "
+                f"{CONFIG_NAME} in it); fedlift only replaces job folders it exported. Move "
+                "it away or export under another root."
+            )
         staging = folder.with_name(f".{self.name}.export-tmp")
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)

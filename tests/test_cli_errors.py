@@ -171,3 +171,29 @@ def test_os_error_lines_name_the_path_and_the_fix() -> None:
     line = _error_line(OSError(errno.ENOSPC, "No space left on device", "/data/ws"))
     assert line.startswith("/data/ws: the disk is full (ENOSPC). Free some space")
     assert _error_line(OSError(errno.EIO, "Input/output error")) == "Input/output error (EIO)."
+
+
+@pytest.mark.reliability
+def test_a_full_server_disk_refuses_a_submit_in_one_line_and_stores_nothing(
+    reliability: Any, tmp_path: Path, free_port: int
+) -> None:
+    from fedlift.deploy import DeployServer
+
+    kits = provision("full", f"127.0.0.1:{free_port}", ["site-1"], [ADMIN], tmp_path / "kits")
+    job = make_job(tmp_path / "job")
+    (job / "app" / "data.bin").write_bytes(os.urandom(64 << 10))  # needs room on the server
+    with tmpfs(tmp_path / "server-disk", size="512k") as mount:
+        with DeployServer(kits["server"], mount / "ws", address=f"127.0.0.1:{free_port}") as server:
+            filler = mount / "filler"
+            with open(filler, "wb", buffering=0) as sink, contextlib.suppress(OSError):
+                while True:
+                    sink.write(b"\0" * 4096)
+            reliability.fault("server disk full during job_submit")
+            line = one_line_error(fedlift("job", "submit", str(job), "--kit", str(kits[ADMIN])))
+            assert "could not store the job" in line and "No space left" in line, line
+            assert str(mount) not in line, line  # no server path reaches the admin
+            assert list(server.jobs_dir.iterdir()) == []  # nothing half-stored
+            filler.unlink()  # space again: the same server takes the same job
+            done = fedlift("job", "submit", str(job), "--kit", str(kits[ADMIN]))
+            assert done.returncode == 0, done.stderr
+            assert len(list(server.jobs_dir.iterdir())) == 1

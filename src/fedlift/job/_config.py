@@ -165,6 +165,10 @@ def load_job(folder: str | Path, *, label: str | None = None) -> tuple[JobConfig
             f"{where}: the app folder {app!r} is not a folder in {shown}. Export the job "
             "again with job.export_job()."
         )
+    try:  # what ships to the sites: no symlink in it may lead out of the app
+        folder_files(app_dir)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: the app folder {app!r} cannot be shipped: {exc}") from None
     script = resolve_inside(
         app_dir, runner.script, f"{where}: 'runner.script'", f"the app folder ({app!r})"
     )

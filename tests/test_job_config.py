@@ -456,10 +456,14 @@ def test_unpack_app_of_nothing_makes_an_empty_folder(tmp_path: Path) -> None:
     assert target.is_dir() and list(target.iterdir()) == []
 
 
-def test_zip_dir_skips_caches_vcs_and_symlinks(tmp_path: Path) -> None:
+def test_zip_dir_skips_caches_and_vcs_and_packs_inner_symlinks_as_files(tmp_path: Path) -> None:
     app = make_app(tmp_path)
     (app / "link.py").symlink_to(app / "helper.py")
     with zipfile.ZipFile(io.BytesIO(zip_dir(app))) as bundle:
         names = sorted(bundle.namelist())
-    assert names == [".env", "data/labels.txt", "helper.py", "train.py"]
+        packed = bundle.read("link.py")
+        info = bundle.getinfo("link.py")
+    assert names == [".env", "data/labels.txt", "helper.py", "link.py", "train.py"]
     assert not any("__pycache__" in n for n in names)
+    assert packed == (app / "helper.py").read_bytes()  # the file's bytes, not a link
+    assert (info.external_attr >> 16) & 0o170000 != 0o120000

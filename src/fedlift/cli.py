@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import os
+import socket
 import sys
 from pathlib import Path
 
@@ -100,19 +103,15 @@ def _provision(args: argparse.Namespace) -> int:
     from .deploy import provision
 
     sites, admins = _names(args.sites), _names(args.admin)
-    try:
-        kits = provision(
-            args.project,
-            args.server,
-            sites,
-            admins,
-            args.out,
-            valid_days=args.valid_days,
-            force=args.force,
-        )
-    except FedliftError as exc:
-        print(f"fedlift: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+    kits = provision(
+        args.project,
+        args.server,
+        sites,
+        admins,
+        args.out,
+        valid_days=args.valid_days,
+        force=args.force,
+    )
     rows = [(kits["server"], f"the server ({args.server})")]
     rows += [(kits[s], f"site {s}") for s in sites] + [(kits[a], f"admin {a}") for a in admins]
     rows.append((kits["ca"], "no one: the project CA's key; keep it offline"))
@@ -155,13 +154,42 @@ def _add_server(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     )
 
 
+def _check_port_free(address: str) -> None:
+    """Raise OSError(EADDRINUSE) when something already listens on ``address``.
+
+    gRPC reports a taken port only as a RuntimeError; this probe (a plain bind, which
+    succeeds where only TIME_WAIT sockets remain) turns it into one clear line.
+    """
+    host, _, port_text = address.rpartition(":")
+    host = host.strip("[]") or "0.0.0.0"
+    try:
+        port = int(port_text)
+    except ValueError:
+        return  # not host:port: the server reports it
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE), address) from None
+            # another problem (an unknown host, an address not on this machine): the
+            # server's own listener reports it
+
+
 def _server(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from .deploy import DeployServer
+    from .deploy import DeployServer, load_kit
 
+    kit = load_kit(args.kit)
     workspace = args.workspace or args.kit.resolve().parent / "server-workspace"
+    if kit.role == "server":
+        _check_port_free(args.address or f"0.0.0.0:{kit.server_port}")
     workspace.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(workspace / "server.log", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -173,11 +201,7 @@ def _server(args: argparse.Namespace) -> int:
         done.set()
 
     try:
-        try:
-            server = DeployServer(args.kit, workspace, address=args.address)
-        except FedliftError as exc:
-            print(f"fedlift: {type(exc).__name__}: {exc}", file=sys.stderr)
-            return 1
+        server = DeployServer(kit, workspace, address=args.address)
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         print(f"fedlift server: listening on {server.address}, workspace {workspace}", flush=True)
@@ -190,12 +214,62 @@ def _server(args: argparse.Namespace) -> int:
         handler.close()
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.command is None:
-        _parser().print_help()
-        return 2
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+_OS_ERRORS: dict[int, tuple[str, str]] = {
+    errno.ENOSPC: ("the disk is full", "Free some space there or choose another folder."),
+    errno.EDQUOT: ("the disk quota is used up", "Free some space or choose another folder."),
+    errno.EROFS: (
+        "the file system is read-only",
+        "Choose a writable folder (e.g. --workspace DIR) or remount it read-write.",
+    ),
+    errno.EACCES: (
+        "permission denied",
+        "Choose a folder you may write to (e.g. --workspace DIR) or fix its permissions.",
+    ),
+    errno.EPERM: (
+        "the operation is not permitted",
+        "Choose a folder you may write to or fix its permissions.",
+    ),
+    errno.EADDRINUSE: (
+        "the address is already in use",
+        "Stop the process that listens there, or pass another --address HOST:PORT.",
+    ),
+    errno.EADDRNOTAVAIL: (
+        "the address is not on this machine",
+        "Pass --address with one of this machine's addresses, e.g. 0.0.0.0:PORT.",
+    ),
+    errno.ENOENT: ("no such file or folder", "Check the path."),
+    errno.ENOTDIR: ("a part of the path is not a folder", "Check the path."),
+    errno.EISDIR: ("it is a folder, not a file", "Check the path."),
+}
+
+
+def _error_line(exc: BaseException, folder: Path | None = None) -> str:
+    """An error as the one line ``fedlift`` prints for it (after ``fedlift: error: ``).
+
+    An OSError names its path, or else ``folder`` (where the command was writing)."""
+    if isinstance(exc, OSError) and not isinstance(exc, FedliftError):
+        what, fix = _OS_ERRORS.get(exc.errno or -1, (exc.strerror or type(exc).__name__, ""))
+        name = errno.errorcode.get(exc.errno or -1)
+        where = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
+        if not where and folder is not None:
+            where = f"writing to {folder}"
+        text = f"{where}: {what}" if where else what
+        text += f" ({name})." if name else "."
+        return f"{text} {fix}".strip()
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return " ".join(lines) or type(exc).__name__
+
+
+def _folder_of(args: argparse.Namespace) -> Path | None:
+    """The folder a command writes to (named when an OSError carries no path)."""
+    for name in ("out", "workspace"):
+        value = vars(args).get(name)
+        if isinstance(value, Path):
+            return value
+    return None
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "provision":
         return _provision(args)
     if args.command == "server":
@@ -205,26 +279,38 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "simulator":
         from .simulator import run_simulator
 
-        try:
-            run_simulator(
-                args.job,
-                args.workspace,
-                args.n_clients,
-                args.threads,
-                args.gpu,
-                quiet=args.quiet,
-                shared_memory=not args.no_shared_memory,
-            )
-        except ClientFailedError as exc:
-            print(f"\nfedlift: the job failed because a client failed.\n{exc}", file=sys.stderr)
-            return 1
-        except FedliftError as exc:
-            print(f"fedlift: {type(exc).__name__}: {exc}", file=sys.stderr)
-            return 1
-        except KeyboardInterrupt:
-            print("fedlift: interrupted", file=sys.stderr)
-            return 130
+        run_simulator(
+            args.job,
+            args.workspace,
+            args.n_clients,
+            args.threads,
+            args.gpu,
+            quiet=args.quiet,
+            shared_memory=not args.no_shared_memory,
+        )
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``fedlift ...``: 0 on success, 1 for an error (one line on stderr; a failed client's
+    traceback is printed in full), 2 for usage errors, 130 when interrupted."""
+    args = _parser().parse_args(argv)
+    if args.command is None:
+        _parser().print_help()
+        return 2
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return _run(args)
+    except (FedliftError, OSError) as exc:  # operational: one line, no traceback
+        if isinstance(exc, ClientFailedError) and args.command == "simulator":
+            # the failed client's traceback is what the user needs: printed in full
+            print(f"\nfedlift: the job failed because a client failed.\n{exc}", file=sys.stderr)
+        else:
+            print(f"fedlift: error: {_error_line(exc, _folder_of(args))}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("fedlift: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

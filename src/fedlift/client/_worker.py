@@ -21,15 +21,23 @@ import threading
 import time
 import traceback
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 
 from .._malloc import tune_allocator
+from .._paths import resolve_inside
 from ..codec import Message, _remote, _shm, model_from_wire, model_to_wire
 from ..codec._wire import REMOTE_MIN_BYTES
-from ..errors import ConnectionLostError, FedliftError, ProtocolError, TransportError
+from ..errors import (
+    ConfigError,
+    ConnectionLostError,
+    FedliftError,
+    ProtocolError,
+    TransportError,
+)
 from ..transport import DEFAULT_SHM_MIN_BYTES, GrpcTransport, Transport
 from ._link import ClientContext, LocalLink, Task, set_current_link
 from ._service import ScriptProcess
@@ -50,42 +58,118 @@ from the worker's memory (``codec._remote``)."""
 
 _POLL_SECONDS = 5.0
 _MAX_APP_BYTES = 2 << 30
+_MAX_APP_FILES = 100_000
 
 
-def unpack_app(archive: np.ndarray | bytes, target: Path) -> Path:
-    """Extract the job's app (a zip) into ``target``; refuses paths that escape it."""
+def _unsafe(name: str) -> bool:
+    parts = PurePosixPath(name).parts
+    return (
+        not name
+        or name.startswith(("/", "\\"))
+        or "\\" in name
+        or "\x00" in name
+        or PurePosixPath(name).is_absolute()
+        or ".." in parts
+        or (len(name) > 1 and name[0].isalpha() and name[1] == ":")  # C:\\...
+    )
+
+
+def unpack_app(
+    archive: np.ndarray | bytes,
+    target: Path,
+    *,
+    max_bytes: int = _MAX_APP_BYTES,
+    max_files: int = _MAX_APP_FILES,
+) -> Path:
+    """Extract the job's app (a zip) into ``target``; refuses archives that escape it.
+
+    Every member is checked before anything is written: a name that is absolute, holds
+    ``..`` or a backslash, a symlink, a file that is also a folder, more than
+    ``max_files`` members or sizes that claim more than ``max_bytes`` in all refuse the
+    whole archive (:class:`~fedlift.errors.ProtocolError`). The claimed sizes are not
+    trusted either: bytes are counted as they are written, and a member whose data does
+    not match its header (size or CRC) is refused. Messages name members, never
+    ``target``, so they may be sent to a peer.
+    """
     data = archive.tobytes() if isinstance(archive, np.ndarray) else archive
     target.mkdir(parents=True, exist_ok=True)
     if not data:
         return target
     try:
         bundle = zipfile.ZipFile(io.BytesIO(data))
-    except zipfile.BadZipFile as exc:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError) as exc:
         raise ProtocolError(f"the job's app archive is not a valid zip file: {exc}") from None
-    total = 0
     root = target.resolve()
     with bundle:
-        for info in bundle.infolist():
-            name = PurePosixPath(info.filename)
-            if name.is_absolute() or ".." in name.parts or info.filename.startswith(("/", "\\")):
-                raise ProtocolError(
-                    f"the job's app archive holds an unsafe path: {info.filename!r}"
-                )
+        members = bundle.infolist()
+        if len(members) > max_files:
+            raise ProtocolError(
+                f"the job's app archive holds {len(members):,} members; at most "
+                f"{max_files:,} are allowed."
+            )
+        claimed = 0
+        files: set[str] = set()
+        folders: set[str] = set()
+        plan: list[tuple[zipfile.ZipInfo, Path]] = []
+        for info in members:
+            name = info.filename
+            if _unsafe(name):
+                raise ProtocolError(f"the job's app archive holds an unsafe path: {name!r:.200}")
             if (info.external_attr >> 16) & 0o170000 == 0o120000:
-                raise ProtocolError(f"the job's app archive holds a symlink: {info.filename!r}")
-            total += info.file_size
-            if total > _MAX_APP_BYTES:
-                raise ProtocolError("the job's app archive unpacks to more than 2 GiB.")
-            destination = (root / Path(*name.parts)).resolve()
+                raise ProtocolError(f"the job's app archive holds a symlink: {name!r:.200}")
+            claimed += info.file_size
+            if claimed > max_bytes:
+                raise ProtocolError(
+                    f"the job's app archive unpacks to more than {max_bytes:,} bytes "
+                    f"(by the sizes it claims, at member {name!r:.200})."
+                )
+            destination = (root / Path(*PurePosixPath(name).parts)).resolve()
             if root not in destination.parents and destination != root:
-                raise ProtocolError(f"the job's app archive path escapes: {info.filename!r}")
+                raise ProtocolError(f"the job's app archive path escapes: {name!r:.200}")
+            key = PurePosixPath(name).as_posix().rstrip("/")
+            parents = {p.as_posix() for p in PurePosixPath(key).parents if p.as_posix() != "."}
+            if info.is_dir():
+                folders.add(key)
+            else:
+                if destination == root or key in files:
+                    raise ProtocolError(f"the job's app archive holds {name!r:.200} twice.")
+                files.add(key)
+            folders |= parents
+            if files & folders:
+                clash = sorted(files & folders)[0]
+                raise ProtocolError(
+                    f"the job's app archive holds {clash!r:.200} as a file and as a folder."
+                )
+            plan.append((info, destination))
+        written = 0
+        for info, destination in plan:
             if info.is_dir():
                 destination.mkdir(parents=True, exist_ok=True)
                 continue
             destination.parent.mkdir(parents=True, exist_ok=True)
-            with bundle.open(info) as src, open(destination, "wb") as dst:
-                while chunk := src.read(1 << 20):
-                    dst.write(chunk)
+            if destination.is_dir():
+                raise ProtocolError(
+                    f"the job's app archive member {info.filename!r:.200} would replace a folder."
+                )
+            try:
+                with bundle.open(info) as src, open(destination, "wb") as dst:
+                    while chunk := src.read(1 << 20):
+                        written += len(chunk)
+                        if written > max_bytes:
+                            raise ProtocolError(
+                                f"the job's app archive unpacks to more than {max_bytes:,} bytes."
+                            )
+                        dst.write(chunk)
+            except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError,
+                    RuntimeError) as exc:  # fmt: skip
+                destination.unlink(missing_ok=True)  # no partial member stays behind
+                raise ProtocolError(
+                    f"the job's app archive member {info.filename!r:.200} is corrupt or not "
+                    f"readable: {exc}"
+                ) from None
+            except BaseException:
+                destination.unlink(missing_ok=True)
+                raise
     return target
 
 
@@ -228,9 +312,16 @@ class Worker:
         ctx, welcome = self.register(register_timeout)
         runner = ctx.config.get("runner") or {}
         app_dir = unpack_app(welcome.arrays[0] if welcome.arrays else b"", self.workspace / "app")
-        script = (app_dir / str(runner.get("script", ""))).resolve()
+        try:  # the server checked it too; a site trusts no peer with what it runs
+            script = resolve_inside(
+                app_dir, runner.get("script"), "the job's runner.script", "the job's app"
+            )
+        except ConfigError as exc:
+            log.error("%s: %s", self.site, exc)
+            self.report_error(f"{self.site} refused the job: {exc}")
+            return 2
         if not script.is_file():
-            text = f"the job's script {runner.get('script')!r} is not in the job's app ({app_dir})."
+            text = f"the job's script {runner.get('script')!r:.200} is not in the job's app."
             self.report_error(text)
             return 2
         link = LocalLink(ctx, on_log=self._send_log, wait_delivery=True)

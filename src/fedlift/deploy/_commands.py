@@ -7,7 +7,6 @@ import logging
 import sys
 from pathlib import Path
 
-from ..errors import FedliftError
 from ._poc import ADMIN, DEFAULT_POC_WORKSPACE
 
 __all__ = ["add_site_commands", "run_site_command"]
@@ -91,32 +90,30 @@ def _run_job_command(args: argparse.Namespace) -> int:
 
 
 def run_site_command(args: argparse.Namespace) -> int:
-    try:
-        if args.command == "job":
-            return _run_job_command(args)
-        if args.command == "client":
-            from ._client import serve_forever
+    """Run ``client``, ``poc`` or ``job``; errors propagate to :func:`fedlift.cli.main`,
+    which prints FedliftError and OSError (disk full, read-only, port taken) as one line."""
+    if args.command == "job":
+        return _run_job_command(args)
+    if args.command == "client":
+        from ._client import serve_forever
 
-            logging.getLogger("fedlift").setLevel(logging.INFO)
-            allow = None
-            if args.allow_jobs:
-                allow = [n.strip() for v in args.allow_jobs for n in v.split(",") if n.strip()]
-            return serve_forever(args.kit, args.workspace, allow)
-        from ._poc import poc_start, poc_stop
+        logging.getLogger("fedlift").setLevel(logging.INFO)
+        allow = None
+        if args.allow_jobs:
+            allow = [n.strip() for v in args.allow_jobs for n in v.split(",") if n.strip()]
+        return serve_forever(args.kit, args.workspace, allow)
+    from ._poc import poc_start, poc_stop
 
-        if args.poc_command == "start":
-            state = poc_start(args.n_sites, args.workspace)
-            pids = state["pids"]
-            sites = [k for k in pids if k != "server"] if isinstance(pids, dict) else []
-            print(f"POC running: server {state['server']}, sites {', '.join(sites)} "
-                  f"(logs in {args.workspace}/logs).")  # fmt: skip
-            print(f"Submit a job:  fedlift job submit --kit {state['admin_kit']} JOB_FOLDER")
-            print(f"Stop it:       fedlift poc stop --workspace {args.workspace}")
-            print(f"(admin: {ADMIN})")
-            return 0
-        stopped = poc_stop(args.workspace)
-        print(f"stopped: {', '.join(stopped)}")
+    if args.poc_command == "start":
+        state = poc_start(args.n_sites, args.workspace)
+        pids = state["pids"]
+        sites = [k for k in pids if k != "server"] if isinstance(pids, dict) else []
+        print(f"POC running: server {state['server']}, sites {', '.join(sites)} "
+              f"(logs in {args.workspace}/logs).")  # fmt: skip
+        print(f"Submit a job:  fedlift job submit --kit {state['admin_kit']} JOB_FOLDER")
+        print(f"Stop it:       fedlift poc stop --workspace {args.workspace}")
+        print(f"(admin: {ADMIN})")
         return 0
-    except FedliftError as exc:
-        print(f"fedlift: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+    stopped = poc_stop(args.workspace)
+    print(f"stopped: {', '.join(stopped)}")
+    return 0

@@ -4,6 +4,12 @@ Provisions a project into ``WORKSPACE/kits`` (server on 127.0.0.1 and a free por
 ``site-1..N``, admin ``admin@poc``), starts ``fedlift server start`` and one
 ``fedlift client start`` per site as background processes over mutual TLS on loopback, and
 records them in ``WORKSPACE/poc.json`` so ``fedlift poc stop`` ends them all.
+
+The user's files are never deleted. ``poc start`` uses a workspace that does not exist yet
+or is empty, or one a previous ``poc start`` made: such a folder holds the marker
+``.fedlift-poc.json``, which lists every entry fedlift created in it (written before the
+entry is made). A new start replaces only the entries the marker lists; anything else in
+the folder stays. A non-empty folder without the marker is refused.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ __all__ = ["DEFAULT_POC_WORKSPACE", "poc_start", "poc_stop"]
 
 DEFAULT_POC_WORKSPACE = Path("/tmp/fedlift/poc")
 ADMIN = "admin@poc"
+MARKER = ".fedlift-poc.json"
+_MARKER_FORMAT = "fedlift-poc/1"
 
 
 def _free_port() -> int:
@@ -64,16 +72,20 @@ def poc_start(n_sites: int, workspace: Path = DEFAULT_POC_WORKSPACE) -> dict[str
         raise ConfigError(f"poc start -n takes 1 to 64 sites; received: {n_sites!r}.")
     state_path = workspace / "poc.json"
     if state_path.is_file():
-        state = json.loads(state_path.read_text())
-        if any(_alive(int(p)) for p in state.get("pids", {}).values()):
+        try:
+            state = json.loads(state_path.read_text())
+            recorded = [int(p) for p in dict(state.get("pids", {})).values()]
+        except (ValueError, TypeError, AttributeError):
+            recorded = []  # an unreadable record: nothing of it can be running
+        if any(_alive(p) for p in recorded):
             raise ConfigError(
                 f"a POC is already running from {workspace} ({state_path}); stop it first "
                 "with `fedlift poc stop`."
             )
-    shutil.rmtree(workspace, ignore_errors=True)
-    workspace.mkdir(parents=True)
+    _claim_workspace(workspace)
     port = _free_port()
     sites = [f"site-{i + 1}" for i in range(n_sites)]
+    _record(workspace, ["kits", "logs", "server", *sites, "poc.json"])
     kits = provision("poc", f"127.0.0.1:{port}", sites, [ADMIN], workspace / "kits")
     pids = {"server": _launch(
         ["server", "start", str(kits["server"]), "--workspace", str(workspace / "server")],
@@ -93,6 +105,70 @@ def poc_start(n_sites: int, workspace: Path = DEFAULT_POC_WORKSPACE) -> dict[str
     }
     atomic_write_text(state_path, json.dumps(state, indent=2) + "\n")
     return state
+
+
+def _read_marker(workspace: Path) -> list[str] | None:
+    """The entries the marker vouches for, or None when there is no (valid) marker."""
+    try:
+        data = json.loads((workspace / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("format") != _MARKER_FORMAT:
+        return None
+    entries = data.get("created")
+    if not isinstance(entries, list):
+        return None
+    # Only plain names of entries directly in the workspace: never a path elsewhere.
+    return [
+        e for e in entries if isinstance(e, str) and e not in ("", ".", "..", MARKER)
+        and "/" not in e and "\\" not in e and "\x00" not in e
+    ]  # fmt: skip
+
+
+def _record(workspace: Path, entries: list[str]) -> None:
+    """Add ``entries`` to the marker (before they are created, so a crash leaves none
+    behind that the next start would not dare to replace)."""
+    known = _read_marker(workspace) or []
+    created = known + [e for e in entries if e not in known]
+    marker = {"format": _MARKER_FORMAT, "created": created}
+    atomic_write_text(workspace / MARKER, json.dumps(marker, indent=2) + "\n")
+
+
+def _claim_workspace(workspace: Path) -> None:
+    """Make ``workspace`` ready for a new POC without deleting anything fedlift did not
+    create; raises ConfigError for a folder that holds other things and no marker."""
+    if workspace.is_symlink() or (workspace.exists() and not workspace.is_dir()):
+        raise ConfigError(
+            f"the POC workspace {workspace} is not a folder (a file or a symlink); pass a "
+            "new or empty folder with --workspace."
+        )
+    if not workspace.exists():
+        workspace.mkdir(parents=True)
+        _record(workspace, [])
+        return
+    entries = _read_marker(workspace)
+    if entries is None:
+        present = sorted(p.name for p in workspace.iterdir())
+        if present:
+            shown = ", ".join(present[:5]) + (", ..." if len(present) > 5 else "")
+            raise ConfigError(
+                f"the POC workspace {workspace} is not empty and was not made by `fedlift poc "
+                f"start` (no {MARKER} in it); it holds: {shown}. fedlift does not delete "
+                "files it did not create: pass a new or empty folder with --workspace, or "
+                "empty this one yourself."
+            )
+        _record(workspace, [])
+        return
+    for name in entries:  # only what an earlier start created; other files stay
+        path = workspace / name
+        if path.is_symlink() or path.is_file():
+            path.unlink()  # a symlink itself, never what it points to
+        elif path.is_dir():
+            shutil.rmtree(path)
+    atomic_write_text(
+        workspace / MARKER,
+        json.dumps({"format": _MARKER_FORMAT, "created": []}, indent=2) + "\n",
+    )
 
 
 def poc_stop(workspace: Path = DEFAULT_POC_WORKSPACE, grace: float = 10.0) -> list[str]:

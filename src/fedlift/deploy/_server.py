@@ -53,6 +53,7 @@ from ..errors import (
     PermissionDeniedError,
     ProtocolError,
     ResourceLimitError,
+    StorageError,
 )
 from ..job import JobConfig, load_job, zip_dir
 from ..server import FedAvg, RoundRecord, RunRecorder, ServerRuntime
@@ -366,11 +367,20 @@ class DeployServer:
         folder = self.jobs_dir / job_id
         try:
             unpack_app(request.arrays[0], folder / "job")
-            config, _ = load_job(folder / "job")
+            config, _ = load_job(folder / "job", label="<job>")
             self._check_config(config)
         except FedliftError as exc:
             shutil.rmtree(folder, ignore_errors=True)
-            raise ConfigError(f"the job was refused: {exc}") from None
+            log.warning("job_submit by %s refused: %s", request.peer, exc)
+            raise ConfigError(f"the job was refused: {self._client_text(exc)}") from None
+        except OSError as exc:
+            shutil.rmtree(folder, ignore_errors=True)
+            log.error("job_submit by %s: storing the job failed: %s", request.peer, exc)
+            reason = os.strerror(exc.errno) if exc.errno else type(exc).__name__
+            raise StorageError(
+                f"the server could not store the job ({reason}); nothing was stored. Retry "
+                "later or ask the server's operator to check its workspace."
+            ) from None
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
@@ -396,6 +406,19 @@ class DeployServer:
             self._cond.notify_all()
         log.info("job %s (%s) submitted by %s", job_id, config.name, request.peer)
         return Message("job", {"job_id": job_id})
+
+    def _client_text(self, exc: BaseException) -> str:
+        """An error's text as a client may see it: paths on this server's disk become
+        ``<workspace>`` (job-relative names stay), so a refusal tells nothing of the disk."""
+        text = str(exc)
+        forms = {
+            form: shown
+            for path, shown in ((self.workspace, "<workspace>"), (self.kit.folder, "<server kit>"))
+            for form in (str(path), str(Path(path).resolve()))
+        }
+        for form in sorted(forms, key=len, reverse=True):  # the longest (innermost) first
+            text = text.replace(form, forms[form])
+        return text
 
     @staticmethod
     def _check_config(config: JobConfig) -> None:

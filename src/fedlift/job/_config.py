@@ -11,6 +11,7 @@ Layout::
 from __future__ import annotations
 
 import json
+import os
 import zipfile
 from dataclasses import asdict, dataclass, field
 from io import BytesIO
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .._atomic import atomic_write_text
+from .._paths import resolve_inside
 from ..errors import ConfigError
 
 __all__ = ["CONFIG_NAME", "JobConfig", "RunnerConfig", "WorkflowConfig", "load_job", "zip_dir"]
@@ -102,9 +104,18 @@ def _require(data: dict[str, Any], key: str, kind: type | tuple[type, ...], wher
     return value
 
 
-def load_job(folder: str | Path) -> tuple[JobConfig, Path]:
-    """Read and validate ``folder/job.json``; returns the config and the folder."""
+def load_job(folder: str | Path, *, label: str | None = None) -> tuple[JobConfig, Path]:
+    """Read and validate ``folder/job.json``; returns the config and the folder.
+
+    Every path the config names stays in the job folder: ``app`` is a folder inside it,
+    ``runner.script`` a file inside ``app`` and ``initial_model`` a file inside the job
+    (no absolute paths, no ``..``, no symlink that leads out; see
+    :func:`fedlift._paths.resolve_inside`). ``label`` is how messages name the folder
+    (default: the path as given); a server passes a name of its own so that no path of
+    its disk reaches a client.
+    """
     root = Path(folder)
+    shown = str(root) if label is None else label
     path = root / CONFIG_NAME
     if not path.is_file():
         hint = ""
@@ -113,16 +124,16 @@ def load_job(folder: str | Path) -> tuple[JobConfig, Path]:
             if found:
                 hint = f" It contains job folders: {', '.join(found)}; pass one of them."
         raise ConfigError(
-            f"{root} is not a fedlift job folder: {CONFIG_NAME} is missing.{hint} Create one "
+            f"{shown} is not a fedlift job folder: {CONFIG_NAME} is missing.{hint} Create one "
             "with `python3 job.py --export_config` (job.export_job(ROOT))."
         )
+    where = f"{shown}/{CONFIG_NAME}"
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{path} is not valid JSON: {exc}") from None
+        raise ConfigError(f"{where} is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a JSON object.")
-    where = str(path)
+        raise ConfigError(f"{where} must hold a JSON object.")
     if data.get("format") != FORMAT:
         raise ConfigError(f"{where}: format {data.get('format')!r} is not {FORMAT!r}.")
     wf = _require(data, "workflow", dict, where)
@@ -146,32 +157,119 @@ def load_job(folder: str | Path) -> tuple[JobConfig, Path]:
             f"{where}: workflow.save_interval must be a number of seconds >= 0; "
             f"received: {workflow.save_interval!r}."
         )
+    app = data.get("app", "app")
+    notes = data.get("notes", {})
+    if not isinstance(notes, dict):
+        raise ConfigError(f"{where}: 'notes' must be a JSON object; received: {notes!r:.60}.")
     config = JobConfig(
         name=_require(data, "name", str, where),
         n_clients=_require(data, "n_clients", int, where),
         workflow=workflow,
         runner=runner,
         initial_model=_require(data, "initial_model", str, where),
-        app=data.get("app", "app"),
-        notes=data.get("notes", {}),
+        app=app,
+        notes=notes,
     )
-    if not (root / config.app / config.runner.script).is_file():
+    app_dir = resolve_inside(root, app, f"{where}: 'app'", "the job folder")
+    if not app_dir.is_dir():
         raise ConfigError(
-            f"{where}: the script {config.runner.script!r} is not in {root / config.app}."
+            f"{where}: the app folder {app!r} is not a folder in {shown}. Export the job "
+            "again with job.export_job()."
         )
-    if not (root / config.initial_model).is_file():
+    try:  # what ships to the sites: no symlink in it may lead out of the app
+        folder_files(app_dir)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: the app folder {app!r} cannot be shipped: {exc}") from None
+    script = resolve_inside(
+        app_dir, runner.script, f"{where}: 'runner.script'", f"the app folder ({app!r})"
+    )
+    if not script.is_file():
+        raise ConfigError(f"{where}: the script {config.runner.script!r} is not in {shown}/{app}.")
+    model = resolve_inside(root, config.initial_model, f"{where}: 'initial_model'")
+    if not model.is_file():
         raise ConfigError(f"{where}: the initial model {config.initial_model!r} is missing.")
     return config, root
 
 
+_MAX_FILES = 100_000
+"""The most files a job folder (or an app archive) may hold."""
+
+
+def folder_files(
+    folder: Path, *, skip_hidden: bool = False, exclude: frozenset[Path] = frozenset()
+) -> list[tuple[Path, str]]:
+    """The files under ``folder`` as ``(path to read, name relative to folder)``, sorted.
+
+    Caches and VCS folders (``__pycache__``, ``.git``, ...) are left out, and with
+    ``skip_hidden`` every name that starts with a dot; folders whose resolved path is in
+    ``exclude`` too. Symlinks are never dropped without a word: one whose target lies
+    inside ``folder`` stands for what it points to (a file is packed as that file's bytes,
+    a folder as its files); one that leads out of the folder, points to nothing, or loops
+    back to a folder that holds it is refused with a :class:`ConfigError` naming it, as is
+    anything that is not a file or a folder (a FIFO, a socket, a device).
+    """
+    base = folder.resolve()
+    found: list[tuple[Path, str]] = []
+
+    def refuse(rel: str, why: str, fix: str) -> ConfigError:
+        return ConfigError(f"{folder}/{rel} {why}. {fix}")
+
+    def walk(directory: Path, prefix: str, ancestors: frozenset[Path]) -> None:
+        with os.scandir(directory) as entries:
+            names = sorted(entry.name for entry in entries)
+        for name in names:
+            if name in _SKIP_DIRS or (skip_hidden and name.startswith(".")):
+                continue
+            rel = f"{prefix}{name}"
+            path = directory / name
+            if path.is_symlink():
+                try:
+                    target = path.resolve()
+                except (OSError, RuntimeError):
+                    raise refuse(rel, "is a symlink loop", "Remove it.") from None
+                if target != base and base not in target.parents:
+                    raise refuse(
+                        rel,
+                        f"is a symlink to {os.readlink(path)!r}, outside {folder}",
+                        "Copy what it points to into the folder instead, or remove it; "
+                        "fedlift never ships files from outside the job.",
+                    )
+                if not target.exists():
+                    raise refuse(rel, f"is a symlink to {os.readlink(path)!r}, which does "
+                                 "not exist", "Remove it or make it point to a file.")  # fmt: skip
+            else:
+                target = path
+            if target in exclude:
+                continue
+            if target.is_dir():
+                if target in ancestors:
+                    raise refuse(rel, "is a symlink to a folder that holds it (a loop)",
+                                 "Remove it.")  # fmt: skip
+                walk(target, f"{rel}/", ancestors | {target})
+            elif target.is_file():
+                found.append((target, rel))
+                if len(found) > _MAX_FILES:
+                    raise ConfigError(
+                        f"{folder} holds more than {_MAX_FILES:,} files (symlinks to folders "
+                        "count each time). Keep data sets out of the app folder."
+                    )
+            else:
+                raise refuse(rel, "is neither a file nor a folder (a FIFO, socket or device)",
+                             "Remove it from the folder.")  # fmt: skip
+
+    walk(base, "", frozenset({base}))
+    return found
+
+
 def zip_dir(folder: Path) -> bytes:
-    """The folder as zip bytes (what the server ships to clients as the job's app)."""
+    """The folder as zip bytes (what the server ships to clients as the job's app).
+
+    What goes in is :func:`folder_files`: a symlink that stays inside the folder is packed
+    as what it points to; one that leads out is refused (:class:`ConfigError`).
+    """
+    files = folder_files(folder)
     buffer = BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as bundle:
-        for path in sorted(folder.rglob("*")):
-            rel = path.relative_to(folder)
-            if any(part in _SKIP_DIRS for part in rel.parts) or path.is_symlink():
-                continue
-            if path.is_file():
-                bundle.write(path, rel.as_posix())
+        for path, rel in files:
+            bundle.write(path, rel)
     return buffer.getvalue()

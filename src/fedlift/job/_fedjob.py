@@ -15,10 +15,12 @@ from ..model._keras import is_keras_model, plain_keras_copy
 from ..model._safetensors import save_safetensors
 from ._config import (
     _SKIP_DIRS,
+    CONFIG_NAME,
     ON_CLIENT_ERROR,
     JobConfig,
     RunnerConfig,
     WorkflowConfig,
+    folder_files,
     is_seconds,
 )
 
@@ -198,7 +200,10 @@ class FedAvgJob:
     def export_job(self, root: str | Path, exclude: tuple[str | Path, ...] = ()) -> Path:
         """Write the job folder ``root/NAME`` (config, app, initial model); returns it.
 
-        Folders in ``exclude`` (and ``root`` itself) are left out of the copied app.
+        Folders in ``exclude`` (and ``root`` itself) are left out of the copied app. A
+        symlink in the app that stays inside it is copied as what it points to; one that
+        leads out of the app is refused (ConfigError). An existing ``root/NAME`` is
+        replaced only when it is a job folder (holds ``job.json``) or empty.
         """
         if self.runner is None:
             raise ConfigError(
@@ -206,6 +211,16 @@ class FedAvgJob:
             )
         app, script = self.runner.resolve()
         folder = Path(root).resolve() / self.name
+        if folder.is_symlink() or (
+            folder.exists()
+            and not (folder / CONFIG_NAME).is_file()
+            and (not folder.is_dir() or any(folder.iterdir()))
+        ):
+            raise ConfigError(
+                f"export_job: {folder} exists and is not a fedlift job folder (no "
+                f"{CONFIG_NAME} in it); fedlift only replaces job folders it exported. Move "
+                "it away or export under another root."
+            )
         staging = folder.with_name(f".{self.name}.export-tmp")
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
@@ -268,13 +283,12 @@ def _as_arrays(tree: Any) -> Any:
 
 
 def _copy_app(source: Path, target: Path, exclude: set[Path]) -> None:
-    def ignore(directory: str, names: list[str]) -> list[str]:
-        here = Path(directory)
-        skipped = []
-        for name in names:
-            path = here / name
-            if name in _SKIP_DIRS or name.startswith(".") or path.resolve() in exclude:
-                skipped.append(name)
-        return skipped
-
-    shutil.copytree(source, target, ignore=ignore, symlinks=False)
+    """Copy the app's files (see :func:`~fedlift.job._config.folder_files`): hidden names,
+    caches and ``exclude`` are left out; a symlink inside the app is copied as what it
+    points to, and one that leads out of the app is refused with a ConfigError."""
+    files = folder_files(source, skip_hidden=True, exclude=frozenset(exclude))
+    target.mkdir(parents=True, exist_ok=True)
+    for path, rel in files:
+        destination = target / rel
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, destination)

@@ -28,11 +28,17 @@ from typing import Any
 
 import numpy as np
 
+from fedlift import FedAvgJob, ScriptRunner
 from fedlift.codec import Message
 from fedlift.deploy import channel_credentials, provision
 from fedlift.errors import ConnectionLostError, TransportTimeoutError
 from fedlift.job import zip_dir
+from fedlift.server._store import load_params
 from fedlift.transport import GrpcTransport
+
+SCRIPTS = Path(__file__).resolve().parent / "scripts"
+sys.path.insert(0, str(SCRIPTS))
+from exact_client import expected_model  # noqa: E402  (a script: beside the tests)
 
 UP, DOWN = "up", "down"  # client -> target, target -> client
 
@@ -64,6 +70,7 @@ class _Trigger:
     direction: str
     at: int  # cut when this direction's byte count passes this
     refuse_for: float  # then refuse new connections this long (0: not at all)
+    action: Callable[[], object] | None = None  # run instead of the cut
     fired: threading.Event = field(default_factory=threading.Event)
     dropped: int = 0
     """Bytes already read from the sender and never forwarded: > 0 means the cut landed
@@ -123,13 +130,21 @@ class FaultProxy:
         with self._lock:
             self._refusing = False
 
-    def cut_after(self, nbytes: int, direction: str = DOWN, refuse_for: float = 0.0) -> _Trigger:
+    def cut_after(
+        self,
+        nbytes: int,
+        direction: str = DOWN,
+        refuse_for: float = 0.0,
+        action: Callable[[], object] | None = None,
+    ) -> _Trigger:
         """Cut every live connection once ``direction`` has carried ``nbytes`` more bytes
-        (mid-transfer of a large message), then refuse new ones for ``refuse_for`` s."""
+        (mid-transfer of a large message), then refuse new ones for ``refuse_for`` s; with
+        ``action``, call it there instead of cutting (e.g. kill the server mid-transfer)."""
         if direction not in (UP, DOWN):
             raise ValueError(f"direction must be {UP!r} or {DOWN!r}; received: {direction!r}")
         with self._lock:
-            trigger = _Trigger(direction, self.bytes[direction] + nbytes, refuse_for)
+            at = self.bytes[direction] + nbytes
+            trigger = _Trigger(direction, at, refuse_for, action)
             self._triggers.append(trigger)
         return trigger
 
@@ -216,6 +231,10 @@ class FaultProxy:
         return None
 
     def _fire(self, trigger: _Trigger) -> None:
+        if trigger.action is not None:
+            trigger.action()
+            trigger.fired.set()
+            return
         if trigger.refuse_for > 0:
             self.refuse()
             timer = threading.Timer(trigger.refuse_for, self.restore)
@@ -271,7 +290,9 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None
 class Deployment:
     """A server process and site daemons on loopback; ``proxy`` sits between sites and server."""
 
-    def __init__(self, root: Path, sites: list[str], *, proxy: bool = True) -> None:
+    def __init__(
+        self, root: Path, sites: list[str], *, proxy: bool = True, start_sites: bool = True
+    ) -> None:
         self.root = root
         self.session = secrets.token_hex(6)
         """Shared-memory session of every process started here (``shm_segments``)."""
@@ -285,8 +306,10 @@ class Deployment:
         self._credentials = channel_credentials(self.kits[ADMIN])
         self._admin = self._transport()
         self.server = self.start_server()
-        self.sites = {site: self.start_site(site) for site in sites}
-        self.started: list[subprocess.Popen[bytes]] = [self.server, *self.sites.values()]
+        self.started: list[subprocess.Popen[bytes]] = [self.server]
+        self.sites: dict[str, subprocess.Popen[bytes]] = {}
+        if start_sites:
+            self.start_sites(sites)
         self.call("job_list", retry_for=60.0)
 
     def _transport(self) -> GrpcTransport:
@@ -300,10 +323,17 @@ class Deployment:
             self.started.append(process)
         return process
 
-    def start_site(self, site: str) -> subprocess.Popen[bytes]:
-        workspace = self.root / f"{site}-ws"
-        args = ["client", "start", str(self.kits[site]), "--workspace", str(workspace)]
-        return _start(args, self.logs / f"{site}.log", self.session)
+    def start_sites(self, sites: list[str]) -> None:
+        for site in sites:
+            workspace = self.root / f"{site}-ws"
+            args = ["client", "start", str(self.kits[site]), "--workspace", str(workspace)]
+            self.sites[site] = _start(args, self.logs / f"{site}.log", self.session)
+            self.started.append(self.sites[site])
+
+    def kill_server(self) -> None:
+        """SIGKILL the server process (no chance to save anything)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.server.pid, signal.SIGKILL)
 
     def restart_server(self, sig: int = signal.SIGKILL) -> None:
         stop_process(self.server, sig)
@@ -404,3 +434,44 @@ def shm_segments(session: str) -> list[str]:
 def temp_files(root: Path) -> list[Path]:
     """Temporary files of atomic writes left anywhere under ``root``."""
     return [p for p in root.rglob("*") if p.is_file() and ".tmp" in p.name]
+
+
+# ---------------------------------------------------------------------------------------
+# The exact job: FedAvg whose result is known bit for bit.
+
+SITES = ["site-1", "site-2"]
+SIZE = 1 << 20  # float32: 4 MiB a model, four 1 MiB gRPC chunks each way
+SEED = 7
+
+
+def exact_job(root: Path, rounds: int, *, size: int = SIZE, sleep: float = 0.2) -> Path:
+    initial = np.random.default_rng(SEED).integers(0, 100, size=size).astype(np.float32)
+    job = FedAvgJob("exact", len(SITES), rounds, {"w": initial}, final_evaluation=False,
+                    round_timeout=90.0)  # fmt: skip
+    job.to_clients(ScriptRunner(SCRIPTS / "exact_client.py", framework="numpy",
+                                script_args=f"--seed {SEED} --sleep {sleep}"))  # fmt: skip
+    return job.export_job(root / "jobs")
+
+
+def expected_final(job: Path, rounds: int) -> np.ndarray:
+    """The job's final global model by hand (FedAvg of ``exact_client``)."""
+    initial = load_params(job / "initial_model.safetensors")["w"]
+    return expected_model(initial, len(SITES), rounds, SEED)
+
+
+def final_model(deployment: Deployment, job_id: str) -> np.ndarray:
+    path = deployment.job_dir(job_id) / "server" / "models" / "global_model.safetensors"
+    return load_params(path)["w"]
+
+
+def differing_bytes(a: np.ndarray, b: np.ndarray) -> int:
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return max(a.nbytes, b.nbytes)
+    return int(np.count_nonzero(a.view(np.uint8) != b.view(np.uint8)))
+
+
+def rounds_lost(metrics: list[dict[str, object]], rounds: int) -> int:
+    """Rounds missing from metrics.jsonl, or recorded without every site's result once."""
+    train = [m for m in metrics if m["task"] == "train"]
+    complete = {m["round"] for m in train if sorted(m["clients"]) == SITES}  # type: ignore[arg-type]
+    return rounds - len(complete & set(range(rounds)))

@@ -6,55 +6,23 @@ hand (``exact_client.expected_model``)."""
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from conftest import SCRIPTS
 from faultproxy import (
+    SITES,
     Deployment,
+    differing_bytes,
+    exact_job,
+    expected_final,
+    final_model,
     leaked_processes,
+    rounds_lost,
     shm_segments,
     temp_files,
 )
-from fedlift import FedAvgJob, ScriptRunner
-from fedlift.server._store import load_params
-
-sys.path.insert(0, str(SCRIPTS))
-from exact_client import expected_model
-
-SITES = ["site-1", "site-2"]
-SIZE = 1 << 20  # float32: 4 MiB a model, four 1 MiB gRPC chunks each way
-SEED = 7
-
-
-def exact_job(root: Path, rounds: int, *, size: int = SIZE, sleep: float = 0.2) -> Path:
-    initial = np.random.default_rng(SEED).integers(0, 100, size=size).astype(np.float32)
-    job = FedAvgJob("exact", len(SITES), rounds, {"w": initial}, final_evaluation=False,
-                    round_timeout=90.0)  # fmt: skip
-    job.to_clients(ScriptRunner(SCRIPTS / "exact_client.py", framework="numpy",
-                                script_args=f"--seed {SEED} --sleep {sleep}"))  # fmt: skip
-    return job.export_job(root / "jobs")
-
-
-def initial_of(job: Path) -> np.ndarray:
-    return load_params(job / "initial_model.safetensors")["w"]
-
-
-def differing_bytes(a: np.ndarray, b: np.ndarray) -> int:
-    if a.shape != b.shape or a.dtype != b.dtype:
-        return max(a.nbytes, b.nbytes)
-    return int(np.count_nonzero(a.view(np.uint8) != b.view(np.uint8)))
-
-
-def rounds_lost(metrics: list[dict[str, object]], rounds: int) -> int:
-    """Rounds missing from metrics.jsonl, or recorded without every site's result once."""
-    train = [m for m in metrics if m["task"] == "train"]
-    complete = {m["round"] for m in train if sorted(m["clients"]) == SITES}  # type: ignore[arg-type]
-    return rounds - len(complete & set(range(rounds)))
 
 
 @pytest.mark.reliability
@@ -90,8 +58,7 @@ def test_cuts_and_flaps_mid_transfer_lose_nothing_and_the_model_is_bit_identical
         reliability.fault(f"link flapped {flaps} times (cut, refused 0.3 s, restored)")
         status = deployment.wait(job_id, timeout=180)
         metrics = deployment.metrics(job_id)
-        model = load_params(deployment.job_dir(job_id) / "server" / "models"
-                            / "global_model.safetensors")["w"]  # fmt: skip
+        model = final_model(deployment, job_id)
         cuts = proxy.cuts
     finally:
         deployment.close()
@@ -99,7 +66,7 @@ def test_cuts_and_flaps_mid_transfer_lose_nothing_and_the_model_is_bit_identical
     lost = rounds_lost(metrics, rounds)
     train_rounds = [m["round"] for m in metrics if m["task"] == "train"]
     duplicated = len(train_rounds) - len(set(train_rounds))
-    corrupted = differing_bytes(model, expected_model(initial_of(job), len(SITES), rounds, SEED))
+    corrupted = differing_bytes(model, expected_final(job, rounds))
     leaks = len(leaked_processes(deployment.started, tmp_path))
     leaks += len(shm_segments(deployment.session)) + len(temp_files(deployment.workspace))
     reliability.measure(rounds_lost=lost, bytes_corrupted=corrupted, leaks=leaks)

@@ -30,6 +30,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "atomic_writer",
+    "remove_temp_files",
     "spare_path",
     "storage_error",
     "storage_errors",
@@ -116,6 +117,21 @@ def _exchange(a: Path, b: Path) -> bool:
     if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOENT):
         return False
     raise OSError(code, os.strerror(code), str(b))
+
+
+def remove_temp_files(directory: str | os.PathLike[str]) -> list[Path]:
+    """Remove the temporary files that writes killed midway left in ``directory`` (not its
+    subfolders): ``.NAME.*.tmp*``. Only for a folder no write is under way in (a restart);
+    returns what was removed."""
+    removed = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(directory):
+            name = entry.name
+            if name.startswith(".") and ".tmp" in name and entry.is_file(follow_symlinks=False):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+                    removed.append(Path(entry.path))
+    return removed
 
 
 def spare_path(path: str | os.PathLike[str]) -> Path:

@@ -50,7 +50,7 @@ from typing import Any
 
 import numpy as np
 
-from .._atomic import atomic_write_text, storage_errors
+from .._atomic import atomic_write_text, remove_temp_files, storage_errors
 from ..codec import Message
 from ..errors import (
     ConfigError,
@@ -257,6 +257,7 @@ class DeployServer:
         resumed: list[_Job] = []
         queued: list[_Job] = []
         for meta_path in sorted(self.jobs_dir.glob("*/meta.json")):
+            remove_temp_files(meta_path.parent)  # a meta.json write cut short by a crash
             try:
                 meta = json.loads(meta_path.read_text(encoding="utf-8"))
                 if not isinstance(meta, dict) or meta.get("state") not in JOB_STATES:

@@ -28,6 +28,7 @@ from .._atomic import (
     atomic_path,
     atomic_write_text,
     atomic_writer,
+    remove_temp_files,
     spare_path,
     storage_errors,
 )
@@ -411,6 +412,8 @@ class RunRecorder:
         self.records: list[RoundRecord] = []
         self.checkpoint: Checkpoint | None = None
         if resume:
+            for folder in (directory, self.models_dir, directory / CHECKPOINT_DIR):
+                remove_temp_files(folder)  # of writes the crash cut short
             self.checkpoint = read_checkpoint(directory)
             self._resume(-1 if self.checkpoint is None else self.checkpoint.round_done)
         else:

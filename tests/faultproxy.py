@@ -291,7 +291,13 @@ class Deployment:
     """A server process and site daemons on loopback; ``proxy`` sits between sites and server."""
 
     def __init__(
-        self, root: Path, sites: list[str], *, proxy: bool = True, start_sites: bool = True
+        self,
+        root: Path,
+        sites: list[str],
+        *,
+        proxy: bool = True,
+        start_sites: bool = True,
+        workspace: Path | None = None,
     ) -> None:
         self.root = root
         self.session = secrets.token_hex(6)
@@ -300,7 +306,7 @@ class Deployment:
         self.proxy = FaultProxy(("127.0.0.1", self.server_port)) if proxy else None
         port = self.proxy.port if self.proxy is not None else self.server_port
         self.kits = provision("faults", f"127.0.0.1:{port}", sites, [ADMIN], root / "kits")
-        self.workspace = root / "server-ws"
+        self.workspace = workspace or root / "server-ws"
         self.logs = root / "logs"
         self.logs.mkdir(exist_ok=True)
         self._credentials = channel_credentials(self.kits[ADMIN])

@@ -58,9 +58,7 @@ def storage_error(exc: OSError, path: str | os.PathLike[str]) -> StorageError:
         f"cannot write {os.fspath(path)}: {cause}. The previous file there is intact; "
         f"{fix}, then retry. Received: {name} (errno {code})."
     )
-    error.errno = code
-    error.strerror = cause
-    error.filename = os.fspath(path)
+    error.errno = code  # (strerror and filename stay unset: str() is the message above)
     return error
 
 

@@ -464,14 +464,17 @@ class RunRecorder:
     def record(self, record: RoundRecord, evaluated_params: ParamTree | None) -> RoundRecord:
         """Store a round's metrics; if they are the best so far, save ``evaluated_params``
         (the model the clients evaluated) as the best model."""
-        if evaluated_params is not None and self._improves(record.metrics):
-            self.best_value = record.metrics[self.key_metric]
-            self.best_round = record.round
+        improves = evaluated_params is not None and self._improves(record.metrics)
+        if improves:
             record.is_best = True
-            best, path = evaluated_params, self.best_model_path
-            self._writer.submit("best", lambda: self._format.save(best, path))
+        # The line first: when it cannot be written, nothing of this round is remembered.
         self._append_metrics(json.dumps(asdict(record), allow_nan=True) + "\n")
         self.records.append(record)
+        if improves and evaluated_params is not None:
+            self.best_value = record.metrics[self.key_metric]
+            self.best_round = record.round
+            best, path = evaluated_params, self.best_model_path
+            self._writer.submit("best", lambda: self._format.save(best, path))
         for key, value in record.metrics.items():
             self._tb.scalar(f"global/{key}", float(value), record.round)
         self._tb.flush()

@@ -9,6 +9,7 @@ starts one per site in ``WORKSPACE/site-N``). In-process mode the script runs as
 from __future__ import annotations
 
 import argparse
+import collections
 import io
 import logging
 import os
@@ -22,6 +23,7 @@ import time
 import traceback
 import zipfile
 import zlib
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -290,26 +292,69 @@ class Worker:
         )
         return ctx, reply
 
-    def _poll(self) -> Message:
-        """``get_task``, retried with backoff while the server is unreachable (a restart)."""
+    def _retrying(self, op: str, call: Callable[[], Message]) -> Message:
+        """``call()``, retried with backoff while the server cannot be reached (a dropped
+        link, a flapping one, a restart), for up to ``reconnect_seconds``."""
         delay, deadline = 0.2, time.monotonic() + self._reconnect
         while True:
             try:
-                return self._call("get_task", {"wait": _POLL_SECONDS}, timeout=_POLL_SECONDS + 30)
-            except (ConnectionLostError, TransportError) as exc:
+                return call()
+            except TransportError as exc:
                 if time.monotonic() > deadline:
                     raise ConnectionLostError(
-                        f"{self.site} lost the server and could not reconnect for "
-                        f"{self._reconnect:g} s: {exc}"
+                        f"{self.site} lost the server during {op!r} and could not reconnect "
+                        f"for {self._reconnect:g} s (raise --reconnect-seconds for longer "
+                        f"outages). Received: {exc}"
                     ) from None
                 log.warning(
-                    "%s: server unreachable (%s); retrying in %.1f s", self.site, exc, delay
-                )
+                    "%s: %r failed (%s); retrying in %.1f s", self.site, op, exc, delay
+                )  # fmt: skip
                 time.sleep(delay)  # backoff while disconnected; not on any hot path
                 delay = min(delay * 2, 5.0)
 
+    def _register_first(self, timeout: float) -> tuple[ClientContext, Message]:
+        """:meth:`register`, retried while the link drops (for up to ``reconnect_seconds``)."""
+        outcome: list[tuple[ClientContext, Message]] = []
+
+        def attempt() -> Message:
+            outcome[:] = [self.register(timeout)]
+            return outcome[0][1]
+
+        self._retrying("register", attempt)
+        return outcome[0]
+
+    def _poll(self) -> Message:
+        """``get_task``, retried with backoff while the server is unreachable.
+
+        A poll that failed may have carried a task that never arrived (the link dropped
+        while the reply was on its way): the server counts it as handed out. So after a
+        failure the site registers again first, which makes the server hand out again the
+        task this site holds no result for (:meth:`_serve` skips one it already has).
+        """
+        lost = False
+
+        def attempt() -> Message:
+            nonlocal lost
+            if lost:
+                self._register_again()
+            try:
+                return self._call("get_task", {"wait": _POLL_SECONDS}, timeout=_POLL_SECONDS + 30)
+            except TransportError:
+                lost = True
+                raise
+
+        return self._retrying("get_task", attempt)
+
+    def _register_again(self) -> None:
+        try:
+            self.register(timeout=_POLL_SECONDS + 30)
+        except TransportError:
+            raise
+        except FedliftError as exc:  # a server that is just starting: it has nothing to resend
+            log.info("%s: registering again after a lost poll was refused: %s", self.site, exc)
+
     def run(self, register_timeout: float = 120.0) -> int:
-        ctx, welcome = self.register(register_timeout)
+        ctx, welcome = self._register_first(register_timeout)
         runner = ctx.config.get("runner") or {}
         app_dir = unpack_app(welcome.arrays[0] if welcome.arrays else b"", self.workspace / "app")
         try:  # the server checked it too; a site trusts no peer with what it runs
@@ -403,6 +448,7 @@ class Worker:
     def _serve(self, link: LocalLink) -> int:
         events: queue.Queue[tuple[str, Any]] = queue.Queue()
         done = threading.Event()
+        taken: collections.deque[str] = collections.deque(maxlen=64)  # recent task ids
         link.on_script_end = lambda: events.put(("script_ended", None))
         poller = threading.Thread(
             target=self._poll_forever, args=(events, done), name="fedlift-poll", daemon=True
@@ -427,6 +473,11 @@ class Worker:
                     return self._stop(link, bool(reply.fields.get("failed")))
                 if reply.op != "task":
                     raise ProtocolError(f"get_task: unexpected reply {reply.op!r}")
+                task_id = str(reply.fields.get("task_id"))
+                if task_id in taken:  # sent again after a lost poll; this site has it
+                    log.info("%s: task %s arrived again; it is already taken", self.site, task_id)
+                    continue
+                taken.append(task_id)
                 threading.Thread(
                     target=self._run_task, args=(link, reply), name="fedlift-task", daemon=True
                 ).start()
@@ -463,7 +514,13 @@ class Worker:
             model_fields, arrays = model_to_wire(result)
             del result
             arrays = self._in_outbox(arrays)
-            self._call("submit", {"task_id": task_id, "model": model_fields}, arrays, timeout=3600)
+            # A result is sent until it is acknowledged: a link that drops mid-transfer costs
+            # a resend, not the job. The server ignores a copy it already has (the site is
+            # no longer active in that round, or the round is over).
+            result_fields = {"task_id": task_id, "model": model_fields}
+            self._retrying(
+                "submit", lambda: self._call("submit", result_fields, arrays, timeout=3600)
+            )
         except FedliftError as exc:
             log.error("%s: task %s failed: %s", self.site, name, exc)
             self.report_error(f"{type(exc).__name__} while answering task {name!r}: {exc}")

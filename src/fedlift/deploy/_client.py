@@ -179,7 +179,11 @@ class DeployClient:
         relay.join(10)
         self._worker = None
         log.info("%s: job %s ended (worker exit status %d)", self.kit.name, job_id, code)
-        self._mark_done(job_id)
+        if code == 0:
+            self._mark_done(job_id)
+        # A worker that failed or was stopped may be asked to rejoin: a job whose server
+        # could not record its end (its store says running) resumes after a restart, and
+        # the site must then come back; a job that really ended is not offered again.
 
     def _relay(self, stream: IO[bytes] | None, path: Path, job_id: str) -> None:
         """Copy the worker's output to the job's log, the terminal and the server."""

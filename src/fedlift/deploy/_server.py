@@ -24,6 +24,11 @@ Site operations (role ``site``; the site is the certificate's name)::
 Store layout (``WORKSPACE/jobs/<job_id>/``): ``job/`` (the unpacked job), ``meta.json``
 (state, sites, times; written atomically), ``server/`` (models, metrics.jsonl, state.json,
 tensorboard/, log.txt, checkpoint/ + checkpoint.json) and ``sites/<site>/log.txt``.
+
+What admins are told is what is on disk: a job's meta is written first and only then changed
+in memory. When a job ends and its new state cannot be written (disk full, read-only
+workspace), the state stays what ``meta.json`` says (``running``: the job resumes from its
+last checkpoint at the next start) and the summary's ``notice`` says so.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import threading
 import time
 import uuid
@@ -44,7 +50,7 @@ from typing import Any
 
 import numpy as np
 
-from .._atomic import atomic_write_text
+from .._atomic import atomic_write_text, remove_temp_files, storage_errors
 from ..codec import Message
 from ..errors import (
     ConfigError,
@@ -92,7 +98,10 @@ class _Job:
     runtime: ServerRuntime | None = None
     finished_sites: set[str] = field(default_factory=set)
     abort_requested: bool = False
+    abort_reason: str | None = None
     resume: bool = False
+    notice: str | None = None
+    """Why the state in ``meta.json`` is not the job's end (its end could not be saved)."""
 
     @property
     def state(self) -> str:
@@ -115,7 +124,10 @@ class _Job:
             "sites",
             "error",
         )
-        return {key: self.meta.get(key) for key in keys}
+        summary = {key: self.meta.get(key) for key in keys}
+        if self.notice is not None:
+            summary["notice"] = self.notice
+        return summary
 
 
 def _str(fields: dict[str, Any], name: str) -> str:
@@ -149,9 +161,22 @@ def _zip_results(folder: Path) -> bytes:
     return buffer.getvalue()
 
 
+class _JobLogHandler(logging.FileHandler):
+    """A job's ``log.txt``: a write that fails (disk full) is reported once, in one line."""
+
+    failed = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            self.failed = True
+            error = sys.exc_info()[1]
+            sys.stderr.write(f"fedlift: cannot write {self.baseFilename}: {error}\n")
+
+
 def _file_logging(path: Path) -> logging.Handler:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path, encoding="utf-8")
+    with storage_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handler = _JobLogHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.setLevel(logging.INFO)
     root = logging.getLogger("fedlift")
@@ -244,6 +269,7 @@ class DeployServer:
         resumed: list[_Job] = []
         queued: list[_Job] = []
         for meta_path in sorted(self.jobs_dir.glob("*/meta.json")):
+            remove_temp_files(meta_path.parent)  # a meta.json write cut short by a crash
             try:
                 meta = json.loads(meta_path.read_text(encoding="utf-8"))
                 if not isinstance(meta, dict) or meta.get("state") not in JOB_STATES:
@@ -265,9 +291,29 @@ class DeployServer:
             log.info("resuming %s", ", ".join(j.job_id for j in resumed))
 
     def _save_meta(self, job: _Job, **changes: Any) -> None:
-        """Update and persist a job's meta (callers hold ``self._cond``)."""
-        job.meta.update(changes)
-        atomic_write_text(job.folder / "meta.json", json.dumps(job.meta, indent=2) + "\n")
+        """Persist, then apply, changes to a job's meta (callers hold ``self._cond``).
+
+        Raises :class:`~fedlift.errors.StorageError` when ``meta.json`` cannot be written;
+        the job's meta then stays as it was, in memory as on disk.
+        """
+        meta = {**job.meta, **changes}
+        atomic_write_text(job.folder / "meta.json", json.dumps(meta, indent=2) + "\n")
+        job.meta = meta
+
+    def _save_end(self, job: _Job, cause: str, **changes: Any) -> bool:
+        """Record how a job ended; when that cannot be written, say so (callers hold
+        ``self._cond``). Returns whether the new state is on disk."""
+        try:
+            self._save_meta(job, **changes)
+        except StorageError as exc:
+            job.notice = (
+                f"the job stopped ({cause}) but its new state {changes.get('state')!r} could "
+                f"not be saved, so meta.json still says {job.state!r}: {exc}"
+            )
+            log.error("job %s: %s", job.job_id, job.notice)
+            return False
+        job.notice = None
+        return True
 
     def _job(self, fields: dict[str, Any]) -> _Job:
         job_id = _str(fields, "job_id")
@@ -386,21 +432,25 @@ class DeployServer:
             raise
         job = _Job(job_id, folder, {})
         with self._cond:
-            self._save_meta(
-                job,
-                job_id=job_id,
-                name=config.name,
-                state="submitted",
-                submitted_by=request.peer,
-                submitted_at=time.time(),
-                started_at=None,
-                finished_at=None,
-                round_done=None,
-                num_rounds=config.workflow.num_rounds,
-                n_clients=config.n_clients,
-                sites=[],
-                error=None,
-            )
+            try:
+                self._save_meta(
+                    job,
+                    job_id=job_id,
+                    name=config.name,
+                    state="submitted",
+                    submitted_by=request.peer,
+                    submitted_at=time.time(),
+                    started_at=None,
+                    finished_at=None,
+                    round_done=None,
+                    num_rounds=config.workflow.num_rounds,
+                    n_clients=config.n_clients,
+                    sites=[],
+                    error=None,
+                )
+            except StorageError:
+                shutil.rmtree(folder, ignore_errors=True)  # no job without its meta
+                raise
             self._jobs[job_id] = job
             self._queue.append(job_id)
             self._cond.notify_all()
@@ -445,7 +495,7 @@ class DeployServer:
                 )
             elif job.state == "running":
                 job.abort_requested = True
-                job.meta["error"] = f"aborted by {who}"
+                job.abort_reason = f"aborted by {who}"  # saved with the state, once it ends
                 runtime = job.runtime
                 self._cond.notify_all()
             else:
@@ -585,7 +635,8 @@ class DeployServer:
             config, root = load_job(job.folder / "job")
         except FedliftError as exc:
             with self._cond:
-                self._save_meta(job, state="failed", finished_at=time.time(), error=str(exc))
+                self._save_end(job, str(exc), state="failed", finished_at=time.time(),
+                               error=str(exc))  # fmt: skip
             return
         if job.resume and job.sites:
             sites = job.sites
@@ -594,12 +645,13 @@ class DeployServer:
             if assigned is None:
                 with self._cond:
                     if job.abort_requested:
-                        self._save_meta(job, state="aborted", finished_at=time.time())
+                        self._save_end(job, "aborted", state="aborted", finished_at=time.time())
                 return
             sites = assigned
-        handler = _file_logging(server_dir / "log.txt")
+        handler: logging.Handler | None = None
         recorder: RunRecorder | None = None
         try:
+            handler = _file_logging(server_dir / "log.txt")
             # The runtime first: sites that reconnect after a restart are served at once
             # ("wait") while the model and checkpoint load.
             runtime = ServerRuntime(
@@ -661,8 +713,9 @@ class DeployServer:
                     recorder.close()
                 except Exception as exc:  # a model write that failed in the background
                     log.error("job %s: writing its results failed: %s", job.job_id, exc)
-            logging.getLogger("fedlift").removeHandler(handler)
-            handler.close()
+            if handler is not None:
+                logging.getLogger("fedlift").removeHandler(handler)
+                handler.close()
             with self._cond:
                 self._cond.notify_all()
 
@@ -675,14 +728,17 @@ class DeployServer:
                     "job %s interrupted by the server's shutdown; it resumes later", job.job_id
                 )
                 if job.state != "running":  # it had not started: queue it again next time
-                    self._save_meta(job, state="submitted")
+                    self._save_end(job, "the server's shutdown", state="submitted")
                 return
             if job.abort_requested:
-                self._save_meta(job, state="aborted", finished_at=time.time())
-                log.info("job %s aborted", job.job_id)
+                reason = job.abort_reason or job.meta.get("error") or "aborted"
+                if self._save_end(
+                    job, reason, state="aborted", finished_at=time.time(), error=reason
+                ):
+                    log.info("job %s aborted", job.job_id)
                 return
             text = str(exc) if isinstance(exc, FedliftError) else f"{type(exc).__name__}: {exc}"
-            self._save_meta(job, state="failed", finished_at=time.time(), error=text)
+            self._save_end(job, text, state="failed", finished_at=time.time(), error=text)
         if isinstance(exc, FedliftError):
             log.error("job %s failed: %s", job.job_id, exc)
         else:

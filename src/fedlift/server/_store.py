@@ -1,11 +1,14 @@
 """What a job leaves on disk: global and best models, per-round metrics, TensorBoard events.
 
 Every file is written atomically (temporary file, fsync, rename), so a crash never leaves a
-half-written model or state file behind.
+half-written model or state file behind. A write that fails (disk full, read-only file
+system) raises :class:`~fedlift.errors.StorageError` with one line; the files written before
+it (the previous model, checkpoint and state) stay intact and loadable.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -20,7 +23,15 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .._atomic import StagedFile, atomic_path, atomic_write_text, atomic_writer, spare_path
+from .._atomic import (
+    StagedFile,
+    atomic_path,
+    atomic_write_text,
+    atomic_writer,
+    remove_temp_files,
+    spare_path,
+    storage_errors,
+)
 from ..errors import ConfigError, ProtocolError
 from ..model import ParamTree, flat_keys, flatten, unflatten
 from ..model._keras import keras_params, load_keras_model, set_keras_params
@@ -110,11 +121,13 @@ class ArraysFormat:
         self.recycle = recycle
 
     def save(self, params: ParamTree, path: Path) -> None:
-        save_safetensors(params, path, recycle=self.recycle)
+        with storage_errors(path):
+            save_safetensors(params, path, recycle=self.recycle)
 
     def stage(self, params: ParamTree, path: Path) -> StagedFile:
         """The bytes of :meth:`save`, not yet published (see ``StagedFile``)."""
-        return stage_safetensors(params, path, recycle=self.recycle)
+        with storage_errors(path):
+            return stage_safetensors(params, path, recycle=self.recycle)
 
     def load(self, path: Path) -> ParamTree:
         return load_params(path)
@@ -178,15 +191,18 @@ class _TensorBoard:
         except ImportError:  # optional at run time; the dependency is declared
             log.warning("tensorboard is not installed: no TensorBoard event files are written")
             return
-        directory.mkdir(parents=True, exist_ok=True)
         name = f"events.out.tfevents.{time.time():.0f}.{socket.gethostname()}.{os.getpid()}"
-        self._file = open(directory / name, "wb")
+        self._path = directory / name
+        with storage_errors(self._path):
+            directory.mkdir(parents=True, exist_ok=True)
+            self._file = open(self._path, "wb")
         self._records = RecordWriter(self._file)
         self._event, self._summary = event_pb2.Event, summary_pb2.Summary
         self._write(self._event(wall_time=time.time(), file_version="brain.Event:2"))
 
     def _write(self, event: Any) -> None:
-        self._records.write(event.SerializeToString())
+        with storage_errors(self._path):
+            self._records.write(event.SerializeToString())
 
     def scalar(self, tag: str, value: float, step: int) -> None:
         if self._file is None or not math.isfinite(value):
@@ -196,12 +212,14 @@ class _TensorBoard:
 
     def flush(self) -> None:
         if self._file is not None:
-            self._file.flush()
+            with storage_errors(self._path):
+                self._file.flush()
 
     def close(self) -> None:
         if self._file is not None:
-            self._file.close()
-            self._file = None
+            file, self._file = self._file, None
+            with storage_errors(self._path):
+                file.close()
 
 
 class _BackgroundWriter:
@@ -382,7 +400,8 @@ class RunRecorder:
         self._last_save = -math.inf
         self.directory = directory
         self.models_dir = directory / "models"
-        self.models_dir.mkdir(parents=True, exist_ok=True)
+        with storage_errors(self.models_dir):
+            self.models_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = directory / "metrics.jsonl"
         self._format = model_format
         self._checkpoints = checkpoints
@@ -393,6 +412,8 @@ class RunRecorder:
         self.records: list[RoundRecord] = []
         self.checkpoint: Checkpoint | None = None
         if resume:
+            for folder in (directory, self.models_dir, directory / CHECKPOINT_DIR):
+                remove_temp_files(folder)  # of writes the crash cut short
             self.checkpoint = read_checkpoint(directory)
             self._resume(-1 if self.checkpoint is None else self.checkpoint.round_done)
         else:
@@ -443,19 +464,39 @@ class RunRecorder:
     def record(self, record: RoundRecord, evaluated_params: ParamTree | None) -> RoundRecord:
         """Store a round's metrics; if they are the best so far, save ``evaluated_params``
         (the model the clients evaluated) as the best model."""
-        if evaluated_params is not None and self._improves(record.metrics):
+        improves = evaluated_params is not None and self._improves(record.metrics)
+        if improves:
+            record.is_best = True
+        # The line first: when it cannot be written, nothing of this round is remembered.
+        self._append_metrics(json.dumps(asdict(record), allow_nan=True) + "\n")
+        self.records.append(record)
+        if improves and evaluated_params is not None:
             self.best_value = record.metrics[self.key_metric]
             self.best_round = record.round
-            record.is_best = True
             best, path = evaluated_params, self.best_model_path
             self._writer.submit("best", lambda: self._format.save(best, path))
-        self.records.append(record)
-        with open(self.metrics_path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(asdict(record), allow_nan=True) + "\n")
         for key, value in record.metrics.items():
             self._tb.scalar(f"global/{key}", float(value), record.round)
         self._tb.flush()
         return record
+
+    def _append_metrics(self, line: str) -> None:
+        """One line onto ``metrics.jsonl``; a failed append is cut off again (no half line)."""
+        with storage_errors(self.metrics_path):
+            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+            fd = os.open(self.metrics_path, flags, 0o644)
+            try:
+                size = os.lseek(fd, 0, os.SEEK_END)
+                view = memoryview(line.encode("utf-8"))
+                try:
+                    while view:
+                        view = view[os.write(fd, view) :]
+                except OSError:
+                    with contextlib.suppress(OSError):
+                        os.ftruncate(fd, size)  # frees what the half line took
+                    raise
+            finally:
+                os.close(fd)
 
     def save_global(self, params: ParamTree, round_done: int, *, final: bool = False) -> None:
         """Save the global model after ``round_done``, then the job state (both atomic).

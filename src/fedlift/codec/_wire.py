@@ -70,6 +70,9 @@ class Message:
     receiving listener. Never encoded, so a peer cannot claim it; None without TLS."""
     peer_role: str | None = None
     """The role in that certificate (``site``, ``admin``, ...); see :mod:`fedlift.deploy`."""
+    peer_certificate: bytes | None = None
+    """That certificate itself (PEM), for checks beyond name and role (revocation); set by
+    the receiving listener like ``peer``, never encoded."""
 
 
 @dataclass(frozen=True)

@@ -166,10 +166,19 @@ def _grammar(raw: bytes) -> bytes:
         "fields": {"site": "site-1", "task_id": "t", "model": model},
         "arrays": specs,
     }
-    if fdp.ConsumeProbability() < 0.1:
+    extra = fdp.ConsumeIntInRange(0, 19)
+    if extra == 0:
         header[fdp.PickValueInList(["shm", "remote", "accept_shm", "extra"])] = _value(fdp, 3)
+    elif extra == 1:  # a shared-memory reference: names that may exist, sizes that lie
+        name = fdp.PickValueInList(["fedlift-a-1-1-0123abcd", "../etc/passwd", "fedlift-x\n"])
+        header["shm"] = {"name": name, "size": _edge_int(fdp), "unlink": fdp.ConsumeBool()}
+    elif extra == 2:  # a remote-memory reference: regions that lie about their size
+        regions = [[_edge_int(fdp), _edge_int(fdp)] for _ in specs]
+        header["remote"] = {"pid": fdp.PickValueInList([1, 0, -1, 2**31]), "regions": regions}
     text = json.dumps(header, separators=(",", ":")).encode()
     payload_len = max(0, offset + fdp.PickValueInList([0, 0, 0, 1, -1, 64, -64, 8]))
+    if "shm" in header or "remote" in header:
+        payload_len = 0 if fdp.ConsumeProbability() < 0.9 else 64
     data_start = (_PREFIX.size + len(text) + 63) // 64 * 64
     total = data_start + payload_len
     out = bytearray(total)
@@ -193,18 +202,22 @@ def frame_of(data: bytes) -> bytes:
     return _grammar(raw)
 
 
-def check_one(frame: bytes) -> bool:
+def check_one(frame: bytes, allow_shm: bool = False) -> bool:
     """Decode ``frame`` as a hostile peer's message: True if decoded, False if refused.
+    ``allow_shm`` decodes as a same-host listener does (shared-memory and remote-memory
+    references allowed; nothing is read from another process here).
 
     Raises anything else (a finding)."""
     try:
-        message = decode(frame, _MAX)
+        message = decode(frame, _MAX, allow_shm=allow_shm)
         model = message.fields.get("model")
         model_from_wire(model if isinstance(model, dict) else {}, list(message.arrays))
     except ProtocolError:
         return False
     view = memoryview(frame)
     for array in message.arrays:
+        if allow_shm and not isinstance(array, np.ndarray):
+            continue  # a RemoteArray: a reference, read (and checked) only when used
         if not isinstance(array, np.ndarray) or array.dtype.str not in ALLOWED_DTYPES:
             raise AssertionError(f"decoded a non-allowed array: {type(array)} {array.dtype}")
         if array.nbytes > len(view):
@@ -214,7 +227,7 @@ def check_one(frame: bytes) -> bool:
 
 def test_one_input(data: bytes) -> None:
     _COUNTS["inputs"] += 1
-    if check_one(frame_of(data)):
+    if check_one(frame_of(data), allow_shm=bool(data and data[0] & 4)):
         _COUNTS["decoded"] += 1
     else:
         _COUNTS["refused"] += 1

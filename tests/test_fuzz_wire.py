@@ -120,6 +120,7 @@ def decode_or_refuse(data: bytes | bytearray, allow_shm: bool = False) -> bool:
 # ------------------------------------------------------------ 57+ kinds of malformed frame
 
 D = 64  # one aligned payload block
+UNPADDED = PREFIX_BYTES + len(json.dumps(head([])))  # a frame that stops right after its header
 MALFORMED: list[tuple[str, Callable[[], bytes | bytearray], str]] = [
     ("wrong-magic", lambda: b"HTTP" + VALID[4:], "fedlift magic"),
     ("empty", lambda: b"", "shorter than the 16-byte prefix"),
@@ -137,6 +138,11 @@ MALFORMED: list[tuple[str, Callable[[], bytes | bytearray], str]] = [
     ("header-len-past-end", lambda: frame(head([]), header_len=10_000), "out of bounds"),
     ("header-len-2^32-1", lambda: frame(head([]), header_len=2**32 - 1), "out of bounds"),
     ("header-len-short", lambda: frame(head([]), header_len=5), "not valid JSON"),
+    (
+        "header-unpadded",
+        lambda: with_total(frame(head([]))[:UNPADDED], UNPADDED),
+        "ends inside the padding",
+    ),  # fmt: skip
     ("header-syntax", lambda: frame(b"{not json"), "not valid JSON"),
     ("header-bytes", lambda: frame(b"\xff\xfe\x00garbage"), "not valid JSON"),
     ("header-unbalanced", lambda: frame(b'{"op":"x","fields":{},"arrays":[}'), "not valid JSON"),

@@ -309,6 +309,11 @@ def decode_frame(
     accept_shm = header.get("accept_shm", False) is True
     data_start = _aligned(PREFIX_BYTES + header_len)
     data_len = total - data_start
+    if data_len < 0:
+        raise ProtocolError(
+            f"message of {total} bytes ends inside the padding after its {header_len}-byte "
+            f"header; its payload starts at byte {data_start}."
+        )
     if "shm" in header or "remote" in header:
         if data_len != 0 or ("shm" in header and "remote" in header):
             raise ProtocolError("a shared-memory message must carry no inline payload.")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import random
 import struct
 import time
 import uuid
@@ -20,16 +21,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 
 from fedlift.codec import Message, model_from_wire, model_to_wire
-from fedlift.deploy import DeployServer, provision
+from fedlift.deploy import DeployServer, channel_credentials, provision
 from fedlift.deploy._server import ADMIN_OPS, SITE_JOB_OPS
 from fedlift.errors import ConfigError, PermissionDeniedError, ProtocolError
 from fedlift.model import FLModel
 from fedlift.server._store import load_params
 from test_deploy_server import INITIAL, Party, free_port, job_zip, make_job, wait_for
+from test_fuzz_wire import MALFORMED
 
 SITES = ["site-1", "site-2", "site-3"]
 ADMIN = "admin@org"
@@ -302,3 +305,43 @@ def test_hostile_job_archives_are_refused(
         == "submitted"
     )
     reliability.hostile("hostile job archives (zip-slip, symlink, zip bomb)", tried=len(cases))
+
+
+# ---------------------------------------------------- malformed frames over real mTLS
+
+
+@pytest.mark.reliability
+def test_malformed_frames_over_mtls_are_answered_and_the_server_serves_on(
+    reliability: Any, kits: Path, server: DeployServer, parties: dict[str, Party]
+) -> None:
+    """Every kind of malformed frame of the wire suite, sent by a site with a valid
+    certificate straight onto both gRPC methods: each call ends with the server's
+    ProtocolError (INVALID_ARGUMENT), and the server goes on serving everyone."""
+    rng = random.Random(20261201)
+    frames = [(name, bytes(build())) for name, build, _ in MALFORMED]
+    frames += [(f"random-{i}", rng.randbytes(rng.randrange(1, 300))) for i in range(40)]
+    channel = grpc.secure_channel(server.address, channel_credentials(kits / "site-1"))
+    stream = channel.stream_stream("/fedlift.v1.Exchange/Call")
+    small = channel.unary_unary("/fedlift.v1.Exchange/Small")
+    answered: list[str] = []
+    try:
+        for name, data in frames:
+            for method in ("Call", "Small"):
+                with pytest.raises(grpc.RpcError) as info:
+                    if method == "Call":
+                        list(stream(iter([data]), timeout=20))
+                    else:
+                        small(data, timeout=20)
+                error: Any = info.value
+                assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (name, method, error)
+                details = json.loads(error.details())
+                assert details["fedlift_error"] == "ProtocolError", (name, details)
+                answered.append(f"{name}/{method}")
+            if len(answered) % 40 == 0:  # the server still serves its parties meanwhile
+                assert parties[ADMIN].call("job_list").op == "jobs"
+    finally:
+        channel.close()
+    assert len(answered) == 2 * len(frames)
+    assert parties[ADMIN].call("job_list").fields["jobs"] == []
+    assert parties["site-2"].call("next_job", {"wait": 0}).op == "none"
+    reliability.hostile("malformed frames over real mTLS (both methods)", tried=len(answered))

@@ -35,7 +35,7 @@ from fedlift.codec import (
     model_to_wire,
 )
 from fedlift.errors import ProtocolError
-from fedlift.model import FLModel
+from fedlift.model import FLModel, flatten
 
 ROOT = Path(__file__).resolve().parent.parent
 PREFIX = struct.Struct("<4sIQ")
@@ -605,3 +605,52 @@ def test_atheris_harness_runs_clean(reliability: Any, tmp_path: Path) -> None:
     assert inputs == runs and decoded + refused == inputs
     assert refused > 0 and decoded > 0  # it reached both outcomes
     reliability.hostile("atheris coverage-guided inputs (refused)", tried=refused)
+
+
+@pytest.mark.reliability
+def test_hypothesis_model_fields_build_a_model_or_raise_protocol_error(reliability: Any) -> None:
+    """``model_from_wire`` on arbitrary JSON fields (as a decoded header carries them) and
+    0-3 arrays: a valid FLModel whose leaves are exactly the arrays sent, or ProtocolError."""
+    counter = Counter()
+    structures = st.recursive(
+        st.none() | json_scalars,
+        lambda inner: (
+            st.fixed_dictionaries({"l": st.lists(inner, max_size=3)})
+            | st.fixed_dictionaries(
+                {"d": st.lists(st.tuples(st.sampled_from(["a", "b"]), inner).map(list), max_size=3)}
+            )
+            | json_values
+        ),
+        max_leaves=8,
+    )
+    counts = st.integers(min_value=-2, max_value=4) | edge_ints | json_scalars
+    trees = st.fixed_dictionaries({"structure": structures, "count": counts}) | json_values
+    fields = st.fixed_dictionaries(
+        {},
+        optional={
+            "params": trees,
+            "optimizer_params": trees,
+            "params_type": st.sampled_from(["FULL", "DIFF", "full", None]) | json_scalars,
+            "metrics": json_values,
+            "meta": json_values,
+            "current_round": edge_ints | json_scalars,
+        },
+    )
+
+    @settings(max_examples=EXAMPLES, deadline=None, database=None)
+    @given(raw=fields | json_values, n=st.integers(min_value=0, max_value=3))
+    def check(raw: Any, n: int) -> None:
+        counter.tried += 1
+        arrays = [np.full(2, i, np.float32) for i in range(n)]
+        try:
+            model = model_from_wire(raw, arrays)
+        except ProtocolError:
+            return
+        counter.decoded += 1
+        leaves = [leaf for tree in (model.params, model.optimizer_params) if tree is not None
+                  for leaf in flatten(tree)[1]]  # fmt: skip
+        assert len(leaves) == n and all(a is b for a, b in zip(leaves, arrays, strict=True))
+
+    check()
+    assert counter.tried >= EXAMPLES and counter.decoded > 0
+    reliability.hostile("hypothesis: model fields", tried=counter.tried - counter.decoded)

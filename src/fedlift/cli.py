@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .deploy._commands import add_site_commands, run_site_command
+from .deploy._commands import add_revoke_command, add_site_commands, run_revoke, run_site_command
 from .errors import ClientFailedError, FedliftError
 
 __all__ = ["main"]
@@ -26,6 +26,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_provision(commands)
     _add_server(commands)
     add_site_commands(commands)
+    add_revoke_command(commands)
     sim = commands.add_parser(
         "simulator",
         help="run an exported job on this machine (server + one process per client)",
@@ -274,6 +275,8 @@ def _run(args: argparse.Namespace) -> int:
         return _provision(args)
     if args.command == "server":
         return _server(args)
+    if args.command == "revoke":
+        return run_revoke(args)
     if args.command in ("client", "poc", "job"):
         return run_site_command(args)
     if args.command == "simulator":

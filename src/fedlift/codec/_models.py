@@ -60,6 +60,11 @@ def _metrics(raw: Any) -> dict[str, Any] | None:
 
 def model_from_wire(fields: dict[str, Any], arrays: list[np.ndarray] | tuple[Any, ...]) -> FLModel:
     """Rebuild and validate a model sent by :func:`model_to_wire`."""
+    if not isinstance(fields, dict):
+        raise ProtocolError(
+            f"a model must be a JSON object of fields; received: {type(fields).__name__} "
+            f"{fields!r:.40}"
+        )
     params_type_raw = fields.get("params_type")
     if params_type_raw is None:
         params_type = None
@@ -77,9 +82,10 @@ def model_from_wire(fields: dict[str, Any], arrays: list[np.ndarray] | tuple[Any
         if spec is None:
             trees[name] = None
             continue
-        if not isinstance(spec, dict) or not isinstance(spec.get("count"), int):
+        count_raw = spec.get("count") if isinstance(spec, dict) else None
+        if not isinstance(count_raw, int) or isinstance(count_raw, bool):
             raise ProtocolError(f"model {name} must be an object with structure and count.")
-        count = spec["count"]
+        count = count_raw
         if count < 0 or position + count > len(arrays):
             raise ProtocolError(f"model {name} names {count} arrays; only {len(arrays)} sent.")
         trees[name] = unflatten(spec.get("structure"), list(arrays[position : position + count]))

@@ -47,6 +47,7 @@ _ALIGN = 64
 MAX_HEADER_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 40
 _MAX_NDIM = 32
+_MAX_ARRAY_BYTES = 1 << 63  # numpy refuses shapes whose bytes overflow its signed index
 REMOTE_MIN_BYTES = 1 << 20
 """Payloads from this size on are read from the sender's memory where allowed (``remote_pid``);
 smaller ones are copied (a message, or a shared-memory segment)."""
@@ -70,6 +71,9 @@ class Message:
     receiving listener. Never encoded, so a peer cannot claim it; None without TLS."""
     peer_role: str | None = None
     """The role in that certificate (``site``, ``admin``, ...); see :mod:`fedlift.deploy`."""
+    peer_certificate: bytes | None = None
+    """That certificate itself (PEM), for checks beyond name and role (revocation); set by
+    the receiving listener like ``peer``, never encoded."""
 
 
 @dataclass(frozen=True)
@@ -306,6 +310,11 @@ def decode_frame(
     accept_shm = header.get("accept_shm", False) is True
     data_start = _aligned(PREFIX_BYTES + header_len)
     data_len = total - data_start
+    if data_len < 0:
+        raise ProtocolError(
+            f"message of {total} bytes ends inside the padding after its {header_len}-byte "
+            f"header; its payload starts at byte {data_start}."
+        )
     if "shm" in header or "remote" in header:
         if data_len != 0 or ("shm" in header and "remote" in header):
             raise ProtocolError("a shared-memory message must carry no inline payload.")
@@ -401,7 +410,7 @@ def _spec_parts(i: int, spec: Any) -> tuple[np.dtype[Any], list[int], Any, int]:
     if not (isinstance(spec, list) and len(spec) == 3):
         raise ProtocolError(f"array {i}: spec must be [dtype, shape, offset]; got {spec!r:.80}")
     dtype_str, shape, offset = spec
-    if dtype_str not in ALLOWED_DTYPES:
+    if not isinstance(dtype_str, str) or dtype_str not in ALLOWED_DTYPES:  # a list: unhashable
         raise ProtocolError(f"array {i}: dtype {dtype_str!r:.20} is not allowed on the wire.")
     if (
         not isinstance(shape, list)
@@ -409,10 +418,17 @@ def _spec_parts(i: int, spec: Any) -> tuple[np.dtype[Any], list[int], Any, int]:
         or not all(_is_int(d) and d >= 0 for d in shape)
     ):
         raise ProtocolError(f"array {i}: shape {shape!r:.80} is not a list of non-negative ints.")
-    count = 1
+    count = nonzero = 1
     for d in shape:
         count *= d
-    return np.dtype(dtype_str), shape, offset, count
+        nonzero *= d or 1
+    dtype = np.dtype(dtype_str)
+    if nonzero * dtype.itemsize >= _MAX_ARRAY_BYTES:  # numpy's own limit, even with a 0 dim
+        raise ProtocolError(
+            f"array {i}: shape {shape!r:.80} of {dtype} is larger than any array can be "
+            f"({_MAX_ARRAY_BYTES:,} bytes)."
+        )
+    return dtype, shape, offset, count
 
 
 def _array_from_spec(

@@ -1,4 +1,5 @@
-"""Deployment commands of ``fedlift``: ``client start``, ``poc start|stop`` and ``job ...``."""
+"""Deployment commands of ``fedlift``: ``client start``, ``poc start|stop``, ``job ...`` and
+``revoke``."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 from ._poc import ADMIN, DEFAULT_POC_WORKSPACE
 
-__all__ = ["add_site_commands", "run_site_command"]
+__all__ = ["add_revoke_command", "add_site_commands", "run_revoke", "run_site_command"]
 
 Subparsers = argparse._SubParsersAction
 
@@ -116,4 +117,37 @@ def run_site_command(args: argparse.Namespace) -> int:
         return 0
     stopped = poc_stop(args.workspace)
     print(f"stopped: {', '.join(stopped)}")
+    return 0
+
+
+
+def add_revoke_command(commands: Subparsers) -> None:  # type: ignore[type-arg]
+    revoke = commands.add_parser(
+        "revoke",
+        help="revoke site or admin certificates (writes the project's signed CRL)",
+        description="Add certificates to the project's revocation list (CA_FOLDER/crl.pem, "
+        "signed by the CA, copied into the server kit next to it). The server re-reads its "
+        "kit's crl.pem when it changes and refuses every call made with a revoked certificate.",
+    )
+    revoke.add_argument("names", nargs="*", help="sites or admins whose kits lie next to --ca")
+    revoke.add_argument(
+        "--ca", type=Path, required=True, help="the project CA folder (kits/ca: holds the key)"
+    )
+    revoke.add_argument(
+        "--cert", action="append", type=Path, default=[], help="a certificate file to revoke"
+    )
+
+
+def run_revoke(args: argparse.Namespace) -> int:
+    from ._provision import revoke
+
+    done = revoke(args.ca, list(args.names), certs=list(args.cert))  # errors: cli.main
+    for serial, name in done["revoked"].items():
+        state = "revoked" if name in done["added"] else "already revoked"
+        print(f"{state}: {name} (serial {serial})")
+    print(f"revocation list: {done['crl']}")
+    for copy in done["copies"]:
+        print(f"copied to the server kit: {copy} (the running server reads it at once)")
+    if not done["copies"]:
+        print("no server kit next to the CA folder: copy it into the server's kit folder")
     return 0

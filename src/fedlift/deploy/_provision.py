@@ -23,10 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from .._atomic import atomic_write_bytes
 from ..errors import ConfigError
 from ._identity import PROJECT_ATTRIBUTE, ROLE_ATTRIBUTE
 
@@ -35,6 +37,7 @@ __all__ = [
     "CA_FOLDER",
     "CA_KEY",
     "CERT_FILE",
+    "CRL_FILE",
     "KEY_FILE",
     "KIT_CONFIG",
     "MANIFEST",
@@ -42,12 +45,15 @@ __all__ = [
     "issue_certificate",
     "parse_server_address",
     "provision",
+    "revoke",
 ]
 
 KIT_CONFIG = "fedlift.json"
 CA_FILE = "ca.pem"
 CERT_FILE = "cert.pem"
 KEY_FILE = "key.pem"
+CRL_FILE = "crl.pem"
+"""The project's certificate revocation list: in the CA folder, and copied to the server kit."""
 CA_FOLDER = "ca"
 CA_CERT = "ca.pem"
 CA_KEY = "ca-key.pem"
@@ -459,3 +465,144 @@ def provision(
     result = {CA_FOLDER: target / CA_FOLDER}
     result.update({folder: target / folder for folder, _, _ in parties})
     return result
+
+
+# --------------------------------------------------------------------------------- revoke
+
+
+def _load_ca(ca_folder: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    cert_path, key_path = ca_folder / CA_CERT, ca_folder / CA_KEY
+    if not cert_path.is_file() or not key_path.is_file():
+        raise ConfigError(
+            f"{ca_folder} is not a project CA folder: it needs {CA_CERT} and {CA_KEY} (the "
+            f"`ca` folder `fedlift provision` made). Received: ca={str(ca_folder)!r}."
+        )
+    try:
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"the CA files in {ca_folder} cannot be read: {exc}") from None
+    public = serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or (
+        key.public_key().public_bytes(*public) != cert.public_key().public_bytes(*public)
+    ):
+        raise ConfigError(f"{key_path} is not the private key of {cert_path}.")
+    return cert, key
+
+
+def _kit_certificate(ca_folder: Path, name: str, ca: x509.Certificate) -> x509.Certificate:
+    """The certificate of party ``name``: its kit next to the CA folder (provision's output)."""
+    _check_name(name, "site or admin", _ADMIN, "letters, digits, '.', '_', '-', '+' and '@'")
+    if name.casefold() in _RESERVED:
+        raise ConfigError(
+            f"{name!r} is provisioning's own folder, not a site or admin; revoke a site or "
+            "admin by its name (e.g. site-2)."
+        )
+    path = ca_folder.parent / name / CERT_FILE
+    if not path.is_file():
+        raise ConfigError(
+            f"there is no kit {name!r} next to the CA folder ({path} is missing). Give the "
+            f"certificate itself instead: fedlift revoke --ca {ca_folder} --cert PATH/cert.pem"
+        )
+    return _issued_by(path, ca)
+
+
+def _issued_by(path: Path, ca: x509.Certificate) -> x509.Certificate:
+    try:
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"{path} is not a readable PEM certificate ({exc}).") from None
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature) as exc:
+        raise ConfigError(
+            f"{path} was not signed by this project's CA ({exc or 'bad signature'}); it needs "
+            "no revoking here: the server refuses it already."
+        ) from None
+    return cert
+
+
+def read_crl(path: Path, ca: x509.Certificate) -> x509.CertificateRevocationList:
+    """The CRL at ``path``, checked to be signed by ``ca`` (ConfigError otherwise)."""
+    try:
+        crl = x509.load_pem_x509_crl(path.read_bytes())
+    except ValueError as exc:
+        raise ConfigError(f"{path} is not a PEM certificate revocation list ({exc}).") from None
+    public = ca.public_key()
+    if crl.issuer != ca.subject or not (
+        isinstance(public, ec.EllipticCurvePublicKey) and crl.is_signature_valid(public)
+    ):
+        raise ConfigError(
+            f"{path} is not signed by the project CA ({ca.subject.rfc4514_string()}): it may "
+            "have been tampered with or come from another project. Write it again with "
+            "`fedlift revoke --ca CA_FOLDER NAME`."
+        )
+    return crl
+
+
+def revoke(
+    ca: str | os.PathLike[str],
+    names: Sequence[str] = (),
+    *,
+    certs: Sequence[str | os.PathLike[str]] = (),
+) -> dict[str, Any]:
+    """Revoke the certificates of parties ``names`` (their kits next to the CA folder ``ca``)
+    and of the certificate files ``certs``: add their serial numbers to the project's signed
+    CRL, ``ca/crl.pem``, and copy it into the server kit next to ``ca`` when there is one.
+
+    The server checks every call's client certificate against the ``crl.pem`` of its kit
+    folder and re-reads the file when it changes. Returns ``{"crl": path, "copies": [paths],
+    "revoked": {serial_hex: name}, "added": [names]}``; revoking a certificate twice is a
+    no-op. The CA key signs the CRL: run this where the CA folder is kept (offline).
+    """
+    if isinstance(names, str) or isinstance(certs, str):
+        raise ConfigError("names and certs are lists, e.g. names=['site-2'].")
+    if not names and not certs:
+        raise ConfigError("name at least one site or admin to revoke (e.g. site-2).")
+    ca_folder = Path(ca)
+    ca_cert, ca_key = _load_ca(ca_folder)
+    targets = [(name, _kit_certificate(ca_folder, name, ca_cert)) for name in names]
+    for path in certs:
+        cert = _issued_by(Path(path), ca_cert)
+        cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        targets.append((str(cn[0].value) if cn else Path(path).name, cert))
+    crl_path = ca_folder / CRL_FILE
+    now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+    entries: dict[int, dt.datetime] = {}
+    number = 0
+    if crl_path.exists():
+        old = read_crl(crl_path, ca_cert)
+        entries = {e.serial_number: e.revocation_date_utc for e in old}
+        with contextlib.suppress(x509.ExtensionNotFound):
+            number = old.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    added = [name for name, cert in targets if cert.serial_number not in entries]
+    for _, cert in targets:
+        entries.setdefault(cert.serial_number, now)
+    ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(now - _CLOCK_SKEW)
+        .next_update(max(ca_cert.not_valid_after_utc, now + dt.timedelta(days=1)))
+        .add_extension(x509.CRLNumber(number + 1), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False
+        )
+    )
+    for serial, when in sorted(entries.items()):
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when).build()
+        )
+    pem = builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+    atomic_write_bytes(crl_path, pem)
+    copies = []
+    server_kit = ca_folder.parent / SERVER_FOLDER
+    if (server_kit / KIT_CONFIG).is_file():
+        atomic_write_bytes(server_kit / CRL_FILE, pem)
+        copies.append(server_kit / CRL_FILE)
+    return {
+        "crl": crl_path,
+        "copies": copies,
+        "revoked": {f"{cert.serial_number:x}": name for name, cert in targets},
+        "added": added,
+    }

@@ -8,9 +8,12 @@ they must connect to the name in the certificate: the ``server`` address of thei
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
+import logging
 import os
 import stat
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,11 +23,13 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
-from ..errors import ConfigError
+from ..errors import ConfigError, PermissionDeniedError, ProtocolError
 from ._identity import ROLES, identity_of
-from ._provision import CA_KEY, KIT_CONFIG, parse_server_address
+from ._provision import CA_KEY, CRL_FILE, KIT_CONFIG, parse_server_address, read_crl
 
-__all__ = ["Kit", "channel_credentials", "load_kit", "server_credentials"]
+__all__ = ["Kit", "Revocations", "channel_credentials", "load_kit", "server_credentials"]
+
+log = logging.getLogger("fedlift.server")
 
 _CLOCK_SKEW = dt.timedelta(minutes=5)
 _HOW = "Use the kit folder `fedlift provision` made for this party, unchanged."
@@ -223,3 +228,89 @@ def channel_credentials(kit: Kit | str | os.PathLike[str]) -> grpc.ChannelCreden
     return grpc.ssl_channel_credentials(
         root_certificates=ca, private_key=key, certificate_chain=cert
     )
+
+
+# ----------------------------------------------------------------------------- revocation
+
+
+@functools.lru_cache(maxsize=1024)
+def _serial_of(pem: bytes) -> int:
+    try:
+        return x509.load_pem_x509_certificate(pem).serial_number
+    except ValueError as exc:
+        raise ProtocolError(f"the peer's certificate cannot be parsed: {exc}") from None
+
+
+class Revocations:
+    """The project's revoked certificates, as the server kit's ``crl.pem`` lists them.
+
+    ``fedlift revoke --ca CA_FOLDER NAME`` writes the CRL (signed by the project CA) and
+    copies it into the server kit next to the CA folder; a server elsewhere needs the file
+    copied into its kit folder. :meth:`check` runs for every call: it looks at the file's
+    identity (one ``stat``) and re-reads it when it changed, so a revocation takes effect
+    for the next call, without a restart. A CRL that is not signed by the project CA is
+    refused at start (ConfigError); one that turns bad later is logged and the last good
+    list stays in force (a revocation is never undone by a broken or deleted file).
+    """
+
+    def __init__(self, kit: Kit | str | os.PathLike[str]) -> None:
+        self.kit = _kit(kit)
+        self.path = self.kit.folder / CRL_FILE
+        self._ca = _read_cert(self.kit.ca)
+        self._lock = threading.Lock()
+        self._stamp: tuple[int, int, int] | None = None
+        self._revoked: dict[int, dt.datetime] = {}
+        if self.path.exists():
+            self._load(self._stat(), strict=True)
+
+    @property
+    def serials(self) -> frozenset[int]:
+        """The serial numbers revoked now (as last read)."""
+        self._refresh()
+        return frozenset(self._revoked)
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            info = self.path.stat()
+        except FileNotFoundError:
+            return None
+        return info.st_ino, info.st_size, info.st_mtime_ns
+
+    def _load(self, stamp: tuple[int, int, int] | None, strict: bool) -> None:
+        try:
+            crl = read_crl(self.path, self._ca)
+        except (ConfigError, OSError) as exc:
+            if strict:
+                raise ConfigError(f"the server's revocation list cannot be used: {exc}") from None
+            log.error("%s; the revocations read before stay in force", exc)
+        else:
+            self._revoked = {e.serial_number: e.revocation_date_utc for e in crl}
+            log.info("revocation list %s: %d certificates revoked", self.path, len(self._revoked))
+        self._stamp = stamp
+
+    def _refresh(self) -> None:
+        stamp = self._stat()
+        if stamp == self._stamp:
+            return
+        with self._lock:
+            if stamp != self._stamp:
+                if stamp is None:
+                    log.warning("%s was removed; the revocations read before stay", self.path)
+                    self._stamp = None
+                else:
+                    self._load(stamp, strict=False)
+
+    def check(self, certificate: bytes | None, peer: str | None, role: str | None) -> None:
+        """Raise :class:`PermissionDeniedError` naming the peer when ``certificate`` (the
+        PEM of a call's verified client certificate) is revoked."""
+        if certificate is None:
+            return
+        self._refresh()
+        serial = _serial_of(certificate)
+        when = self._revoked.get(serial)
+        if when is not None:
+            raise PermissionDeniedError(
+                f"the certificate of {role or 'party'} {peer!r} (serial {serial:x}) was revoked "
+                f"on {when:%Y-%m-%d %H:%M} UTC; this server refuses it. Ask the project's "
+                "admin for a new kit. Received: a call with the revoked certificate."
+            )

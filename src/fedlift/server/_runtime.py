@@ -24,6 +24,7 @@ met; the task fails at once when it cannot.
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import threading
@@ -150,6 +151,7 @@ class ServerRuntime:
         self._failure: _Event | None = None
         self._active_task: str | None = None
         self._active_policy: ErrorPolicy = "fail"
+        self._answered: dict[str, collections.deque[str]] = {}  # task ids a site answered
 
     # ------------------------------------------------------------------ transport handler
     def handle(self, request: Message) -> Message:
@@ -175,10 +177,8 @@ class ServerRuntime:
         if request.op == "submit":
             task_id = _str_field(fields, "task_id")
             model = model_from_wire(fields.get("model") or {}, list(request.arrays))
-            with self._cond:
-                handed = self._handed_out.get(site.name)
-                if handed is not None and handed.task_id == task_id:
-                    del self._handed_out[site.name]
+            if not self._take_handed(site, task_id):
+                return Message("ok")  # late or repeated: logged, not queued
             remote = any(isinstance(a, RemoteArray) for a in request.arrays)
             event = _Event(
                 "result", site.name, task_id, model, arrays=list(request.arrays),
@@ -194,6 +194,32 @@ class ServerRuntime:
             return Message("ok")
         self._log(site, fields)
         return Message("ok")
+
+    def _take_handed(self, site: _Site, task_id: str) -> bool:
+        """Whether a ``submit`` for ``task_id`` answers the task handed to ``site`` (it is
+        then no longer outstanding). A result for the running task that was never handed to
+        this site (not fetched yet, or the site is not in this round) raises ProtocolError; a
+        repeated result, or one for a task no longer running (a slow site's answer after the
+        round ended, a task from before a server restart), is logged and dropped: the site's
+        job goes on and the aggregate never sees it."""
+        with self._cond:
+            handed = self._handed_out.get(site.name)
+            answered = self._answered.setdefault(site.name, collections.deque(maxlen=16))
+            if handed is not None and handed.task_id == task_id:
+                del self._handed_out[site.name]
+                answered.append(task_id)
+                return True
+            running = self._active_task is not None and self._stop_reason is None
+            if running and task_id == self._active_task and task_id not in answered:
+                raise ProtocolError(
+                    f"{site.name} sent a result for task {task_id[:40]!r}, which was never "
+                    f"handed to it: {site.name} must fetch its task with get_task first, and "
+                    "answer only its own tasks. Received: op='submit', "
+                    f"task_id={task_id[:40]!r}."
+                )
+        why = "a repeated result" if task_id in answered else "a result for a task not running"
+        log.warning("ignoring %s from %s (task %.40s)", why, site.name, task_id)
+        return False
 
     def _wait_read(self, event: _Event) -> None:
         """Hold the client's ``submit`` until its result has been read from its memory."""

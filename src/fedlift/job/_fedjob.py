@@ -14,7 +14,6 @@ from ..model import flatten
 from ..model._keras import is_keras_model, plain_keras_copy
 from ..model._safetensors import save_safetensors
 from ._config import (
-    _SKIP_DIRS,
     CONFIG_NAME,
     ON_CLIENT_ERROR,
     JobConfig,

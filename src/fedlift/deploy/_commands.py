@@ -120,7 +120,6 @@ def run_site_command(args: argparse.Namespace) -> int:
     return 0
 
 
-
 def add_revoke_command(commands: Subparsers) -> None:  # type: ignore[type-arg]
     revoke = commands.add_parser(
         "revoke",

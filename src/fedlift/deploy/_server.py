@@ -632,7 +632,7 @@ class DeployServer:
     def _run(self, job: _Job) -> None:
         server_dir = job.folder / "server"
         try:
-            config, root = load_job(job.folder / "job")
+            config, root = load_job(job.folder / "job", label="<job>")
         except FedliftError as exc:
             with self._cond:
                 self._save_end(job, str(exc), state="failed", finished_at=time.time(),

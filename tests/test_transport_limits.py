@@ -544,3 +544,23 @@ def test_a_slow_sender_is_not_cut_and_a_stalled_one_is(reliability: Any) -> None
         assert listener.idle_cancelled == 1 and cut_wrongly == 0
     finally:
         listener.stop(0)
+
+
+def test_a_caller_that_stops_reading_its_reply_is_cut(reliability: Any) -> None:
+    big = np.ones(16 * MiB, np.float32)  # a 64 MiB reply: far past gRPC's windows
+    listener = GrpcListener(lambda request: Message("big", {}, [big]), idle_timeout=2.0)
+    chan = channel(listener.address)
+    try:
+        call = chan.stream_stream(CALL)(iter(encode(Message("x")).chunks(MiB)), timeout=60)
+        assert len(next(call)) == MiB  # reads one chunk of the reply, then no more
+        wait_for(lambda: listener.idle_cancelled == 1, 30, "the non-reader to be cut")
+        wait_for(lambda: listener.calls_in_progress == 0, 30, "its slot to be freed")
+        reliability.fault("a caller stopped reading a 64 MiB reply (idle_timeout 2 s)")
+        held = listener.calls_in_progress
+        reliability.measure(leaks=held)
+        assert held == 0
+        with pytest.raises(grpc.RpcError):
+            list(call)
+    finally:
+        chan.close()
+        listener.stop(0)

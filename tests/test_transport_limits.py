@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from fedlift import FedAvgJob, ScriptRunner
-from fedlift.codec import PREFIX_BYTES, Message, _shm, decode, encode
+from fedlift.codec import PREFIX_BYTES, Message, _shm, decode, encode, frame_op
 from fedlift.deploy import DeployServer, channel_credentials, provision
 from fedlift.errors import (
     ConnectionLostError,
@@ -141,6 +141,20 @@ def kits(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def server(kits: Path, tmp_path: Path) -> Iterator[DeployServer]:
     with DeployServer(kits / "server", tmp_path / "ws", address="127.0.0.1:0") as running:
         yield running
+
+
+def test_frame_op_reads_the_op_once_the_header_is_in(reliability: Any) -> None:
+    frame = encode(Message("submit", {"note": "x" * 300}, [np.arange(4)])).tobytes()
+    header_end = PREFIX_BYTES + struct.unpack_from("<I", frame, 4)[0]
+    assert [frame_op(frame[:n]) for n in (16, header_end - 1)] == [None, None]
+    assert frame_op(frame[:header_end]) == frame_op(frame) == "submit"
+    bad = [b"XXXX" + frame[4:], frame[:4] + struct.pack("<I", 1 << 30) + frame[8:]]
+    bad.append(_PREFIX.pack(b"FLW1", 5, 21) + b"[1,2]")
+    bad.append(_PREFIX.pack(b"FLW1", 8, 24) + b'{"op":1}')
+    for data in bad:
+        with pytest.raises(ProtocolError):
+            frame_op(data)
+    reliability.hostile("malformed first chunks given to frame_op", tried=len(bad))
 
 
 # ------------------------------------------------------------- (a) claims that allocate
@@ -529,4 +543,24 @@ def test_a_slow_sender_is_not_cut_and_a_stalled_one_is(reliability: Any) -> None
         reliability.measure(bytes_corrupted=int(cut_wrongly))
         assert listener.idle_cancelled == 1 and cut_wrongly == 0
     finally:
+        listener.stop(0)
+
+
+def test_a_caller_that_stops_reading_its_reply_is_cut(reliability: Any) -> None:
+    big = np.ones(16 * MiB, np.float32)  # a 64 MiB reply: far past gRPC's windows
+    listener = GrpcListener(lambda request: Message("big", {}, [big]), idle_timeout=2.0)
+    chan = channel(listener.address)
+    try:
+        call = chan.stream_stream(CALL)(iter(encode(Message("x")).chunks(MiB)), timeout=60)
+        assert len(next(call)) == MiB  # reads one chunk of the reply, then no more
+        wait_for(lambda: listener.idle_cancelled == 1, 30, "the non-reader to be cut")
+        wait_for(lambda: listener.calls_in_progress == 0, 30, "its slot to be freed")
+        reliability.fault("a caller stopped reading a 64 MiB reply (idle_timeout 2 s)")
+        held = listener.calls_in_progress
+        reliability.measure(leaks=held)
+        assert held == 0
+        with pytest.raises(grpc.RpcError):
+            list(call)
+    finally:
+        chan.close()
         listener.stop(0)

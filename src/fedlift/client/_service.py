@@ -207,6 +207,8 @@ class ScriptProcess:
             f"unix:{self._dir / 'client.sock'}",
             shared_memory=_shm.available(),
             token=self._token,
+            # All ranks share one peer name on a Unix socket; the token already proves them.
+            max_calls_per_peer=64,
         )
         self._app_dir = app_dir
         self._script = script

@@ -450,19 +450,21 @@ SIZE = 1 << 20  # float32: 4 MiB a model, four 1 MiB gRPC chunks each way
 SEED = 7
 
 
-def exact_job(root: Path, rounds: int, *, size: int = SIZE, sleep: float = 0.2) -> Path:
+def exact_job(
+    root: Path, rounds: int, *, size: int = SIZE, sleep: float = 0.2, n_clients: int = len(SITES)
+) -> Path:
     initial = np.random.default_rng(SEED).integers(0, 100, size=size).astype(np.float32)
-    job = FedAvgJob("exact", len(SITES), rounds, {"w": initial}, final_evaluation=False,
+    job = FedAvgJob("exact", n_clients, rounds, {"w": initial}, final_evaluation=False,
                     round_timeout=90.0)  # fmt: skip
     job.to_clients(ScriptRunner(SCRIPTS / "exact_client.py", framework="numpy",
                                 script_args=f"--seed {SEED} --sleep {sleep}"))  # fmt: skip
     return job.export_job(root / "jobs")
 
 
-def expected_final(job: Path, rounds: int) -> np.ndarray:
+def expected_final(job: Path, rounds: int, n_sites: int = len(SITES)) -> np.ndarray:
     """The job's final global model by hand (FedAvg of ``exact_client``)."""
     initial = load_params(job / "initial_model.safetensors")["w"]
-    return expected_model(initial, len(SITES), rounds, SEED)
+    return expected_model(initial, n_sites, rounds, SEED)
 
 
 def final_model(deployment: Deployment, job_id: str) -> np.ndarray:
@@ -476,8 +478,11 @@ def differing_bytes(a: np.ndarray, b: np.ndarray) -> int:
     return int(np.count_nonzero(a.view(np.uint8) != b.view(np.uint8)))
 
 
-def rounds_lost(metrics: list[dict[str, object]], rounds: int) -> int:
+def rounds_lost(
+    metrics: list[dict[str, object]], rounds: int, sites: list[str] | None = None
+) -> int:
     """Rounds missing from metrics.jsonl, or recorded without every site's result once."""
     train = [m for m in metrics if m["task"] == "train"]
-    complete = {m["round"] for m in train if sorted(m["clients"]) == SITES}  # type: ignore[arg-type]
+    everyone = sorted(sites or SITES)
+    complete = {m["round"] for m in train if sorted(m["clients"]) == everyone}  # type: ignore[arg-type]
     return rounds - len(complete & set(range(rounds)))

@@ -1,9 +1,11 @@
 """A deterministic NumPy client whose FedAvg is exact in float32, so a disturbed run must
 come out bit-identical to arithmetic done by hand (see ``expected_model``).
 
-Each round, site i sends ``global + delta(round, i)`` with weight 1, where ``delta`` holds
-small integers drawn from a generator seeded by (seed, round, i): sums of such values and
-their halving are exact, whatever order the server folds the results in.
+Each round, site i of n sends ``global + delta(round, i, n)`` with weight 1:
+``base(round) + r_i - r_(i+1 mod n)``, small integers from generators seeded by (seed,
+round, i). The r terms cancel in the sum, so every global model stays integer-valued: the
+sums and their mean are exact in float32, whatever order the server folds the results in,
+for hundreds of rounds. A result lost, or counted twice, changes the mean.
 
 Options: --seed S, --sleep SECONDS (of "training" per round).
 """
@@ -16,17 +18,23 @@ import numpy as np
 import fedlift.client as flare
 
 
-def delta(seed: int, rnd: int, index: int, size: int) -> np.ndarray:
-    rng = np.random.default_rng([seed, rnd, index])
-    return rng.integers(-4, 5, size=size).astype(np.float32)
+def _ints(seed: int, rnd: int, key: int, size: int, bound: int) -> np.ndarray:
+    rng = np.random.default_rng([seed, rnd, key])
+    return rng.integers(-bound, bound + 1, size=size).astype(np.float32)
+
+
+def delta(seed: int, rnd: int, index: int, n_sites: int, size: int) -> np.ndarray:
+    base = _ints(seed, rnd, 1 << 20, size, 4)
+    mine, next_ = _ints(seed, rnd, index, size, 8), _ints(seed, rnd, (index + 1) % n_sites, size, 8)
+    return base + mine - next_
 
 
 def expected_model(initial: np.ndarray, n_sites: int, rounds: int, seed: int) -> np.ndarray:
     """The global model after ``rounds`` rounds of FedAvg over ``n_sites`` (weights equal)."""
     model = initial.astype(np.float64)
     for rnd in range(rounds):
-        total = sum(model + delta(seed, rnd, i, model.size) for i in range(n_sites))
-        model = total / n_sites
+        results = [model + delta(seed, rnd, i, n_sites, model.size) for i in range(n_sites)]
+        model = sum(results) / n_sites
     return model.astype(np.float32)
 
 
@@ -36,7 +44,8 @@ if __name__ == "__main__":
     parser.add_argument("--sleep", type=float, default=0.0)
     args = parser.parse_args()
     flare.init()
-    index = flare.system_info()["site_index"]
+    info = flare.system_info()
+    index, n_sites = info["site_index"], info["num_sites"]
     while flare.is_running():
         model = flare.receive()
         if flare.is_evaluate():
@@ -47,7 +56,7 @@ if __name__ == "__main__":
         w = model.params["w"]
         flare.send(
             flare.FLModel(
-                params={"w": w + delta(args.seed, rnd, index, w.size)},
+                params={"w": w + delta(args.seed, rnd, index, n_sites, w.size)},
                 metrics={"accuracy": float(rnd)},
                 meta={"NUM_STEPS_CURRENT_ROUND": 1.0},
             )

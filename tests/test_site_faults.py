@@ -25,6 +25,8 @@ from fedlift.codec import _remote
 from fedlift.errors import ClientFailedError
 from fedlift.simulator import SimulationResult, _simulator
 
+pytestmark = pytest.mark.reliability
+
 SHM = Path("/dev/shm")
 ALL3 = ["site-1", "site-2", "site-3"]
 

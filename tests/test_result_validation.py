@@ -23,6 +23,8 @@ from fedlift.job import load_job
 from fedlift.server import FedAvg, StreamingMean
 from fedlift.simulator import _simulator, run_local
 
+pytestmark = pytest.mark.reliability
+
 SHM = Path("/dev/shm")
 
 

@@ -49,10 +49,10 @@ __all__ = ["run_worker", "main", "unpack_app"]
 log = logging.getLogger("fedlift.client")
 
 SHARED_MEMORY_ENV = "FEDLIFT_SHARED_MEMORY"
+"""Set to 1 (by the simulator) when the server runs on this host: payloads go by /dev/shm."""
 SERVER_TOKEN_ENV = "FEDLIFT_SERVER_TOKEN"
 """The server's per-run secret (the simulator's); read once and removed from the environment,
 so the site's script and its children never see it."""
-"""Set to 1 (by the simulator) when the server runs on this host: payloads go by /dev/shm."""
 _SCRIPT_EXIT_GRACE = 1.0  # after the job ended, how long the script may take to return
 REMOTE_READS_ENV = "FEDLIFT_REMOTE_READS"
 """Set to 0 to make results go through shared memory even where the server could read them

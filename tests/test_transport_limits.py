@@ -237,10 +237,12 @@ def test_six_stalled_claims_hold_no_memory(reliability: Any) -> None:
         release.wait(60)
 
     try:
-        before = reset_peak()
-        for _ in range(6):
+        for _ in range(6):  # connected first: the peak below is the server's doing
             chans.append(channel(listener.address))
-            calls.append(chans[-1].stream_stream(CALL)(stalled(claim_frame("echo", 256 * MiB))))
+            grpc.channel_ready_future(chans[-1]).result(timeout=30)
+        before = reset_peak()
+        for chan in chans:
+            calls.append(chan.stream_stream(CALL)(stalled(claim_frame("echo", 256 * MiB))))
         wait_for(lambda: len(admitted) == 6, 30, "6 claims admitted")
         time.sleep(0.5)  # a server that allocated on the claim has done so by now
         held = peak() - before

@@ -10,8 +10,9 @@ holds what it sent and nothing more.
 It is still one contiguous, writable buffer: the codec decodes its arrays as views on it,
 with no copy at the end (a 3 GB model needs no second full copy, and nothing is zeroed
 first), and its pages go back to the system as soon as the last array on it is gone.
-Large buffers ask for transparent huge pages, so filling one faults 2 MiB at a time, not
-4 KiB (memory still grows only with what arrived, give or take one huge page).
+Past its first 2 MiB a large buffer asks for transparent huge pages, so filling it faults
+2 MiB at a time, not 4 KiB (memory still grows only with what arrived, give or take one
+huge page; a claim that stalls after its first chunk holds only that chunk's pages).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from ..errors import ResourceLimitError
 __all__ = ["receive_buffer"]
 
 _FLAGS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
+_HUGE_PAGE = 2 << 20
 _HUGE_MIN_BYTES = 4 << 20
 _MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", None)
 
@@ -39,6 +41,8 @@ def receive_buffer(total: int) -> memoryview:
             f"({exc}). Lower the sender's message size or this side's max_message_bytes."
         ) from None
     if total >= _HUGE_MIN_BYTES and _MADV_HUGEPAGE is not None:
-        with contextlib.suppress(OSError):
-            mapping.madvise(_MADV_HUGEPAGE)
+        # Not the first 2 MiB: a claim that stalls after its first chunk then holds the
+        # 4 KiB pages that chunk touched, not a whole huge page.
+        with contextlib.suppress(OSError, ValueError):
+            mapping.madvise(_MADV_HUGEPAGE, _HUGE_PAGE, total - _HUGE_PAGE)
     return memoryview(mapping)

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from .._atomic import storage_errors
 from .._malloc import tune_allocator
 from .._paths import resolve_inside
 from ..codec import Message, _remote, _shm, model_from_wire, model_to_wire
@@ -144,34 +145,35 @@ def unpack_app(
                 )
             plan.append((info, destination))
         written = 0
-        for info, destination in plan:
-            if info.is_dir():
-                destination.mkdir(parents=True, exist_ok=True)
-                continue
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            if destination.is_dir():
-                raise ProtocolError(
-                    f"the job's app archive member {info.filename!r:.200} would replace a folder."
-                )
-            try:
-                with bundle.open(info) as src, open(destination, "wb") as dst:
-                    while chunk := src.read(1 << 20):
-                        written += len(chunk)
-                        if written > max_bytes:
-                            raise ProtocolError(
-                                f"the job's app archive unpacks to more than {max_bytes:,} bytes."
-                            )
-                        dst.write(chunk)
-            except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError,
-                    RuntimeError) as exc:  # fmt: skip
-                destination.unlink(missing_ok=True)  # no partial member stays behind
-                raise ProtocolError(
-                    f"the job's app archive member {info.filename!r:.200} is corrupt or not "
-                    f"readable: {exc}"
-                ) from None
-            except BaseException:
-                destination.unlink(missing_ok=True)
-                raise
+        with storage_errors(target):  # disk full, read-only: one clear line
+            for info, destination in plan:
+                if info.is_dir():
+                    destination.mkdir(parents=True, exist_ok=True)
+                    continue
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                if destination.is_dir():
+                    raise ProtocolError(
+                        f"the job's app archive member {info.filename!r:.200} would replace a folder."
+                    )
+                try:
+                    with bundle.open(info) as src, open(destination, "wb") as dst:
+                        while chunk := src.read(1 << 20):
+                            written += len(chunk)
+                            if written > max_bytes:
+                                raise ProtocolError(
+                                    f"the job's app archive unpacks to more than {max_bytes:,} bytes."
+                                )
+                            dst.write(chunk)
+                except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError,
+                        RuntimeError) as exc:  # fmt: skip
+                    destination.unlink(missing_ok=True)  # no partial member stays behind
+                    raise ProtocolError(
+                        f"the job's app archive member {info.filename!r:.200} is corrupt or not "
+                        f"readable: {exc}"
+                    ) from None
+                except BaseException:
+                    destination.unlink(missing_ok=True)
+                    raise
     return target
 
 

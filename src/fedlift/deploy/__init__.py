@@ -8,16 +8,18 @@ hands its handler carries ``peer`` and ``peer_role`` from the client's verified 
 """
 
 from ._identity import ROLES
-from ._provision import provision
+from ._provision import provision, revoke
 from ._server import DeployServer
-from ._tls import Kit, channel_credentials, load_kit, server_credentials
+from ._tls import Kit, Revocations, channel_credentials, load_kit, server_credentials
 
 __all__ = [
     "ROLES",
     "DeployServer",
     "Kit",
+    "Revocations",
     "channel_credentials",
     "load_kit",
     "provision",
+    "revoke",
     "server_credentials",
 ]

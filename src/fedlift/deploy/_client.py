@@ -37,6 +37,7 @@ log = logging.getLogger("fedlift.client")
 
 _LOG_BATCH_SECONDS = 1.0
 _LOG_BATCH_BYTES = 64 * 1024
+_MAX_UPLOAD_BYTES = 512 * 1024
 
 
 class DeployClient:
@@ -208,8 +209,12 @@ class DeployClient:
     def _upload(self, job_id: str, lines: list[str]) -> None:
         if not lines:
             return
+        data = "".join(lines).encode("utf-8")
+        if len(data) > _MAX_UPLOAD_BYTES:  # the server admits small calls only (1 MiB)
+            data = data[:_MAX_UPLOAD_BYTES] + b"\n[log lines cut: upload size limit]\n"
+        text = data.decode("utf-8", errors="ignore")
         try:
-            self._call("site_log", {"job_id": job_id, "text": "".join(lines)}, timeout=30)
+            self._call("site_log", {"job_id": job_id, "text": text}, timeout=30)
         except FedliftError as exc:  # the log stays on this site; the job goes on
             log.debug("could not upload log lines: %s", exc)
 

@@ -66,7 +66,7 @@ from ..server import FedAvg, RoundRecord, RunRecorder, ServerRuntime
 from ..server._store import CHECKPOINT_DIR, CHECKPOINT_FILE, load_initial_model
 from ..transport import GrpcListener
 from ._identity import Identity
-from ._tls import Kit, load_kit, server_credentials
+from ._tls import Kit, Revocations, load_kit, server_credentials
 
 __all__ = ["ADMIN_OPS", "JOB_STATES", "SITE_JOB_OPS", "DeployServer"]
 
@@ -209,6 +209,9 @@ class DeployServer:
                 f"{self.kit.folder} is the kit of {self.kit.role} {self.kit.name!r}; the "
                 "server needs the server kit (the `server` folder `fedlift provision` made)."
             )
+        self.revocations = Revocations(self.kit)
+        """The kit's ``crl.pem``: a revoked certificate is refused at admission, before a
+        byte of its request is received (re-read when the file changes)."""
         self.workspace = Path(workspace).resolve()
         self.jobs_dir = self.workspace / "jobs"
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
@@ -354,6 +357,8 @@ class DeployServer:
             raise PermissionDeniedError(
                 "this server only serves callers with a certificate of the project (mutual TLS)."
             )
+        if peer.serial is not None:
+            self.revocations.check_serial(peer.serial, peer.name, peer.role)
         allowed = ADMIN_OPS if peer.role == "admin" else _SITE_OPS if peer.role == "site" else None
         if allowed is None or op not in allowed:
             known = op in ADMIN_OPS or op in _SITE_OPS
@@ -689,6 +694,7 @@ class DeployServer:
                 round_timeout=config.workflow.round_timeout,
                 register_timeout=config.workflow.register_timeout,
                 final_evaluation=config.workflow.final_evaluation,
+                on_client_error=config.workflow.on_client_error,
                 on_round=lambda record: self._on_round(job, record),
             )
             log.info(

@@ -305,8 +305,12 @@ class Revocations:
         PEM of a call's verified client certificate) is revoked."""
         if certificate is None:
             return
+        self.check_serial(_serial_of(certificate), peer, role)
+
+    def check_serial(self, serial: int, peer: str | None, role: str | None) -> None:
+        """:meth:`check` for a certificate's serial number (what the listener's admission
+        step knows before a byte of the request is received)."""
         self._refresh()
-        serial = _serial_of(certificate)
         when = self._revoked.get(serial)
         if when is not None:
             raise PermissionDeniedError(

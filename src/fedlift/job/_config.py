@@ -21,12 +21,12 @@ from typing import Any
 from .._atomic import atomic_write_text
 from .._paths import resolve_inside
 from ..errors import ConfigError
+from ..server import ErrorPolicy, check_error_policy
 
 __all__ = ["CONFIG_NAME", "JobConfig", "RunnerConfig", "WorkflowConfig", "load_job", "zip_dir"]
 
 CONFIG_NAME = "job.json"
 FORMAT = "fedlift-job/1"
-ON_CLIENT_ERROR = ("fail", "exclude")
 _SKIP_DIRS = {"__pycache__", ".git", ".venv", "venv", ".mypy_cache", ".pytest_cache", ".ruff_cache"}
 
 
@@ -57,7 +57,7 @@ class WorkflowConfig:
     save_interval: float = 1.0
     """Seconds: the global model is written at most this often, and after the last round."""
     type: str = "fedavg"
-    on_client_error: str = "fail"
+    on_client_error: ErrorPolicy = "fail"
     """A site's error (its script raised, its result cannot be aggregated): ``"fail"`` the
     job, or ``"exclude"`` the site from the round while ``min_clients`` still answer."""
 
@@ -145,13 +145,7 @@ def load_job(folder: str | Path, *, label: str | None = None) -> tuple[JobConfig
         raise ConfigError(f"{where}: {exc}") from None
     if workflow.type != "fedavg":
         raise ConfigError(f"{where}: workflow type {workflow.type!r} is unknown; use 'fedavg'.")
-    if workflow.on_client_error not in ON_CLIENT_ERROR:
-        raise ConfigError(
-            f"{where}: workflow.on_client_error must be one of "
-            f"{', '.join(map(repr, ON_CLIENT_ERROR))} ('fail' stops the job at a site's "
-            "error, 'exclude' leaves that site out of the round); "
-            f"received: {workflow.on_client_error!r}."
-        )
+    check_error_policy(workflow.on_client_error, f"{where}: workflow.on_client_error")
     if not is_seconds(workflow.save_interval):
         raise ConfigError(
             f"{where}: workflow.save_interval must be a number of seconds >= 0; "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -13,9 +13,9 @@ from ..errors import ConfigError
 from ..model import flatten
 from ..model._keras import is_keras_model, plain_keras_copy
 from ..model._safetensors import save_safetensors
+from ..server import ErrorPolicy, check_error_policy
 from ._config import (
     CONFIG_NAME,
-    ON_CLIENT_ERROR,
     JobConfig,
     RunnerConfig,
     WorkflowConfig,
@@ -129,7 +129,7 @@ class FedAvgJob:
         register_timeout: float = 600.0,
         final_evaluation: bool = True,
         save_interval: float = 1.0,
-        on_client_error: Literal["fail", "exclude"] = "fail",
+        on_client_error: ErrorPolicy = "fail",
     ) -> None:
         if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
             raise ConfigError(
@@ -154,12 +154,7 @@ class FedAvgJob:
                 "FedAvgJob(save_interval=...) is the most often, in seconds, that the global "
                 f"model is written (0: every round); received: {save_interval!r}."
             )
-        if on_client_error not in ON_CLIENT_ERROR:
-            raise ConfigError(
-                "FedAvgJob(on_client_error=...) must be 'fail' (a site's error stops the job) "
-                "or 'exclude' (that site is left out of the round); "
-                f"received: on_client_error={on_client_error!r}."
-            )
+        check_error_policy(on_client_error, "FedAvgJob(on_client_error=...)")
         if is_keras_model(initial_model):
             self._model_kind = "keras"
         else:

@@ -4,6 +4,7 @@ from ._aggregate import (
     ErrorPolicy,
     StreamingMean,
     apply_update,
+    check_error_policy,
     weighted_mean,
     weighted_mean_metrics,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "StreamingMean",
     "all_clients",
     "apply_update",
+    "check_error_policy",
     "weighted_mean",
     "weighted_mean_metrics",
 ]

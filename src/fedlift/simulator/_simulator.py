@@ -161,7 +161,7 @@ def run_simulator(
         register_timeout=config.workflow.register_timeout,
         final_evaluation=config.workflow.final_evaluation,
         on_round=lambda r: console.print(_round_line(r, config.workflow.num_rounds)),
-        on_client_error=config.workflow.on_client_error,  # type: ignore[arg-type]
+        on_client_error=config.workflow.on_client_error,
     )
     shared = shared_memory and _shm.available()
     if shared:

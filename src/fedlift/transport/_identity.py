@@ -37,6 +37,8 @@ class Identity:
     name: str
     role: str | None
     project: str | None
+    serial: int | None = None
+    """The certificate's serial number (what a revocation list names)."""
 
 
 def _single(cert: x509.Certificate, oid: x509.ObjectIdentifier) -> str | None:
@@ -53,7 +55,12 @@ def identity_of(cert: x509.Certificate) -> Identity:
     if not name:
         raise ProtocolError("the peer's certificate has no single common name (CN).")
     role = _single(cert, ROLE_ATTRIBUTE)
-    return Identity(name, role if role in ROLES else None, _single(cert, PROJECT_ATTRIBUTE))
+    return Identity(
+        name,
+        role if role in ROLES else None,
+        _single(cert, PROJECT_ATTRIBUTE),
+        cert.serial_number,
+    )
 
 
 @functools.lru_cache(maxsize=1024)

@@ -153,7 +153,8 @@ def unpack_app(
                 destination.parent.mkdir(parents=True, exist_ok=True)
                 if destination.is_dir():
                     raise ProtocolError(
-                        f"the job's app archive member {info.filename!r:.200} would replace a folder."
+                        f"the job's app archive member {info.filename!r:.200} would replace "
+                        "a folder."
                     )
                 try:
                     with bundle.open(info) as src, open(destination, "wb") as dst:
@@ -161,7 +162,8 @@ def unpack_app(
                             written += len(chunk)
                             if written > max_bytes:
                                 raise ProtocolError(
-                                    f"the job's app archive unpacks to more than {max_bytes:,} bytes."
+                                    "the job's app archive unpacks to more than "
+                                    f"{max_bytes:,} bytes."
                                 )
                             dst.write(chunk)
                 except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError,

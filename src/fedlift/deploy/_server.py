@@ -420,11 +420,7 @@ class DeployServer:
             unpack_app(request.arrays[0], folder / "job")
             config, _ = load_job(folder / "job", label="<job>")
             self._check_config(config)
-        except FedliftError as exc:
-            shutil.rmtree(folder, ignore_errors=True)
-            log.warning("job_submit by %s refused: %s", request.peer, exc)
-            raise ConfigError(f"the job was refused: {self._client_text(exc)}") from None
-        except OSError as exc:
+        except OSError as exc:  # StorageError too: a full or read-only disk
             shutil.rmtree(folder, ignore_errors=True)
             log.error("job_submit by %s: storing the job failed: %s", request.peer, exc)
             reason = os.strerror(exc.errno) if exc.errno else type(exc).__name__
@@ -432,6 +428,10 @@ class DeployServer:
                 f"the server could not store the job ({reason}); nothing was stored. Retry "
                 "later or ask the server's operator to check its workspace."
             ) from None
+        except FedliftError as exc:
+            shutil.rmtree(folder, ignore_errors=True)
+            log.warning("job_submit by %s refused: %s", request.peer, exc)
+            raise ConfigError(f"the job was refused: {self._client_text(exc)}") from None
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise

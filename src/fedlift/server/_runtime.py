@@ -152,6 +152,7 @@ class ServerRuntime:
         self._active_task: str | None = None
         self._active_policy: ErrorPolicy = "fail"
         self._answered: dict[str, collections.deque[str]] = {}  # task ids a site answered
+        self._reoffered: set[str] = set()  # sites whose pending task was handed out before
 
     # ------------------------------------------------------------------ transport handler
     def handle(self, request: Message) -> Message:
@@ -209,6 +210,14 @@ class ServerRuntime:
                 del self._handed_out[site.name]
                 answered.append(task_id)
                 return True
+            offered = self._pending.get(site.name)
+            if offered is not None and offered.task_id == task_id and site.name in self._reoffered:
+                # Handed out, then offered again when the site registered anew (a link drop
+                # may have lost the task on its way): the result of the first hand-out counts.
+                del self._pending[site.name]
+                self._reoffered.discard(site.name)
+                answered.append(task_id)
+                return True
             running = self._active_task is not None and self._stop_reason is None
             if running and task_id == self._active_task and task_id not in answered:
                 raise ProtocolError(
@@ -251,6 +260,7 @@ class ServerRuntime:
             if lost is not None and site.name not in self._pending and self._stop_reason is None:
                 # The site restarted while it held a task: hand that task out again.
                 self._pending[site.name] = lost
+                self._reoffered.add(site.name)
                 log.info("%s registered again: its unanswered task is sent again", site.name)
             self._cond.notify_all()
         log.info(
@@ -288,6 +298,7 @@ class ServerRuntime:
                         "stop", {"reason": self._stop_reason, "failed": self._stop_failed}
                     )
                 task = self._pending.pop(site.name, None)
+                self._reoffered.discard(site.name)
                 if task is not None:
                     self._handed_out[site.name] = task
                     return Message("task", task.message_fields, task.arrays)
@@ -485,6 +496,7 @@ class ServerRuntime:
                         left_out[site] = reason
                         continue
                     self._pending[site] = _Task(task_id, task_name, message_fields, arrays)
+                    self._reoffered.discard(site)
                 self._cond.notify_all()
             for site in gone:
                 leave_out(site, left_out[site])

@@ -36,8 +36,8 @@ demo: venv
 		--workspace /tmp/fedlift/demo
 
 lint: venv
-	$(VENV)/bin/ruff check src tests examples benchmarks
-	$(VENV)/bin/ruff format --check src tests examples benchmarks
+	$(VENV)/bin/ruff check src tests examples benchmarks fuzz
+	$(VENV)/bin/ruff format --check src tests examples benchmarks fuzz
 
 typecheck: venv
 	$(VENV)/bin/mypy
@@ -45,8 +45,8 @@ typecheck: venv
 check: lint typecheck
 
 format: venv
-	$(VENV)/bin/ruff format src tests examples benchmarks
-	$(VENV)/bin/ruff check --fix src tests examples benchmarks
+	$(VENV)/bin/ruff format src tests examples benchmarks fuzz
+	$(VENV)/bin/ruff check --fix src tests examples benchmarks fuzz
 
 LEDGER := .reliability/ledger.jsonl
 

@@ -26,7 +26,7 @@ RANK = {
     "deploy": 6,
     "cli": 7,
 }
-SHARED = {"errors", "_atomic", "_malloc"}
+SHARED = {"errors", "_atomic", "_malloc", "_paths"}
 """Modules below every layer: any package may import them."""
 
 

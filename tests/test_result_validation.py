@@ -20,7 +20,7 @@ from conftest import SCRIPTS, worker_pids
 from fedlift import FedAvgJob, FLModel, ScriptRunner
 from fedlift.errors import ClientFailedError, ConfigError, InvalidResultError
 from fedlift.job import load_job
-from fedlift.server import FedAvg, StreamingMean
+from fedlift.server import RunSettings, StreamingMean
 from fedlift.simulator import _simulator, run_local
 
 pytestmark = pytest.mark.reliability
@@ -181,7 +181,7 @@ def test_missing_extra_and_reshaped_keys_are_refused(reliability: Any) -> None:
 
 def test_the_error_policy_is_validated_where_it_enters(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="Received: on_client_error='skip'"):
-        FedAvg(num_rounds=1, min_clients=1, on_client_error="skip")  # type: ignore[arg-type]
+        RunSettings(num_rounds=1, min_clients=1, on_client_error="skip")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="on_client_error='ignore'"):
         FedAvgJob("j", 2, 1, {"w": np.zeros(2)}, on_client_error="ignore")  # type: ignore[arg-type]
     job = FedAvgJob("j", 2, 1, {"w": np.zeros(2)}, on_client_error="exclude")

@@ -16,13 +16,14 @@ import os as _os
 _os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 from .errors import FedliftError
-from .job import FedAvgJob, ScriptRunner
+from .job import FedAvgJob, FedJob, ScriptRunner
 from .model import FLModel, MetaKey, ParamsType
 from .simulator import SimulationResult, run_simulator
 
 __all__ = [
     "FLModel",
     "FedAvgJob",
+    "FedJob",
     "FedliftError",
     "MetaKey",
     "ParamsType",

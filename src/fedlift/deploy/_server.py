@@ -62,7 +62,7 @@ from ..errors import (
     StorageError,
 )
 from ..job import JobConfig, load_job, zip_dir
-from ..server import FedAvg, RoundRecord, RunRecorder, ServerRuntime
+from ..server import RoundRecord, RunRecorder, ServerRuntime, cross_site_evaluate
 from ..server._store import CHECKPOINT_DIR, CHECKPOINT_FILE, load_initial_model
 from ..transport import GrpcListener
 from ._identity import Identity
@@ -684,19 +684,13 @@ class DeployServer:
                 checkpoints=True,
                 resume=job.resume,
             )
+            strategy = config.workflow.strategy(root / config.app, where="<job>/job.json")
+            settings = config.workflow.settings(on_round=lambda record: self._on_round(job, record))
             start_round = 0
             resumed = recorder.load_checkpoint()
             if resumed is not None and recorder.checkpoint is not None:
                 initial, start_round = resumed, recorder.checkpoint.round_done + 1
-            workflow = FedAvg(
-                num_rounds=config.workflow.num_rounds,
-                min_clients=config.workflow.min_clients,
-                round_timeout=config.workflow.round_timeout,
-                register_timeout=config.workflow.register_timeout,
-                final_evaluation=config.workflow.final_evaluation,
-                on_client_error=config.workflow.on_client_error,
-                on_round=lambda record: self._on_round(job, record),
-            )
+                strategy.load_state(recorder.checkpoint.strategy_state)
             log.info(
                 "job %s %s on %s (round %d of %d)",
                 job.job_id,
@@ -705,7 +699,9 @@ class DeployServer:
                 start_round + 1,
                 config.workflow.num_rounds,
             )
-            workflow.run(runtime, initial, recorder, start_round=start_round)
+            result = strategy.run(runtime, initial, recorder, settings, start_round=start_round)
+            if config.workflow.cross_site_eval:
+                cross_site_evaluate(runtime, result.params, settings).save(server_dir)
             recorder.flush()
             with self._cond:  # first on disk: a restart after this never waits for the sites
                 self._save_meta(job, state="finished", finished_at=time.time(), error=None)

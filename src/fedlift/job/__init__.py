@@ -1,11 +1,12 @@
 """The job API: :class:`FedAvgJob`, :class:`ScriptRunner` and the exported job folder."""
 
 from ._config import CONFIG_NAME, JobConfig, RunnerConfig, WorkflowConfig, load_job, zip_dir
-from ._fedjob import FedAvgJob, ScriptRunner
+from ._fedjob import FedAvgJob, FedJob, ScriptRunner
 
 __all__ = [
     "CONFIG_NAME",
     "FedAvgJob",
+    "FedJob",
     "JobConfig",
     "RunnerConfig",
     "ScriptRunner",

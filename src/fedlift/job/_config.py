@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import zipfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from io import BytesIO
 from pathlib import Path
@@ -21,7 +22,14 @@ from typing import Any
 from .._atomic import atomic_write_text
 from .._paths import resolve_inside
 from ..errors import ConfigError
-from ..server import ErrorPolicy, check_error_policy
+from ..server import (
+    ErrorPolicy,
+    RoundRecord,
+    RunSettings,
+    Strategy,
+    check_error_policy,
+    strategy_from_spec,
+)
 
 __all__ = ["CONFIG_NAME", "JobConfig", "RunnerConfig", "WorkflowConfig", "load_job", "zip_dir"]
 
@@ -43,9 +51,29 @@ class RunnerConfig:
     stop_timeout: float = 60.0
 
 
+_LOOP_KEYS = frozenset(
+    {
+        "num_rounds",
+        "min_clients",
+        "key_metric",
+        "higher_is_better",
+        "round_timeout",
+        "register_timeout",
+        "final_evaluation",
+        "save_interval",
+        "type",
+        "on_client_error",
+        "cross_site_eval",
+    }
+)
+
+
 @dataclass
 class WorkflowConfig:
-    """FedAvg's settings."""
+    """The run's settings (rounds, clients, time limits, error policy) and its strategy:
+    ``type`` names it (``"fedavg"``, ``"fedadam"``, ... or ``"module:Class"`` in the app
+    folder) and ``options`` holds its options; in ``job.json`` both sit flat in
+    ``workflow`` (``{"type": "fedadam", "eta": 0.01, "num_rounds": 5, ...}``)."""
 
     num_rounds: int
     min_clients: int
@@ -60,6 +88,46 @@ class WorkflowConfig:
     on_client_error: ErrorPolicy = "fail"
     """A site's error (its script raised, its result cannot be aggregated): ``"fail"`` the
     job, or ``"exclude"`` the site from the round while ``min_clients`` still answer."""
+    cross_site_eval: bool = False
+    """After training, every site's local model and the global one are evaluated on every
+    site (:func:`~fedlift.server.cross_site_evaluate`)."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """The strategy's options (flat in ``job.json``)."""
+
+    def spec(self) -> dict[str, Any]:
+        """The strategy's spec: ``{"type": ..., **options}``."""
+        return {"type": self.type, **self.options}
+
+    def strategy(self, app_dir: Path | None, where: str = "workflow") -> Strategy:
+        """Build the strategy (options checked; ``module:Name`` imported from ``app_dir``)."""
+        return strategy_from_spec(
+            self.spec(), app_dir, where=where, besides=tuple(sorted(_LOOP_KEYS - {"type"}))
+        )
+
+    def settings(
+        self,
+        *,
+        min_clients: int | None = None,
+        on_round: Callable[[RoundRecord], None] | None = None,
+        register_timeout: float | None = None,
+    ) -> RunSettings:
+        """The loop's settings (``min_clients`` lowered for a run with fewer clients)."""
+        return RunSettings(
+            num_rounds=self.num_rounds,
+            min_clients=self.min_clients if min_clients is None else min_clients,
+            round_timeout=self.round_timeout,
+            register_timeout=(
+                self.register_timeout if register_timeout is None else register_timeout
+            ),
+            final_evaluation=self.final_evaluation,
+            on_client_error=self.on_client_error,
+            on_round=on_round,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """As ``job.json`` holds it: the options flat beside the settings."""
+        data = {k: v for k, v in asdict(self).items() if k != "options"}
+        return {**data, **self.options}
 
 
 @dataclass
@@ -74,7 +142,9 @@ class JobConfig:
     notes: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2) + "\n"
+        data = asdict(self)
+        data["workflow"] = self.workflow.to_dict()
+        return json.dumps(data, indent=2) + "\n"
 
     def write(self, folder: Path) -> Path:
         path = folder / CONFIG_NAME
@@ -87,6 +157,7 @@ class JobConfig:
             "job_name": self.name,
             "num_rounds": self.workflow.num_rounds,
             "runner": asdict(self.runner),
+            "cross_site_eval": self.workflow.cross_site_eval,
         }
 
 
@@ -138,13 +209,22 @@ def load_job(folder: str | Path, *, label: str | None = None) -> tuple[JobConfig
         raise ConfigError(f"{where}: format {data.get('format')!r} is not {FORMAT!r}.")
     wf = _require(data, "workflow", dict, where)
     rn = _require(data, "runner", dict, where)
+    settings = {k: v for k, v in wf.items() if k in _LOOP_KEYS}
+    options = {k: v for k, v in wf.items() if k not in _LOOP_KEYS}
     try:
-        workflow = WorkflowConfig(**wf)
+        workflow = WorkflowConfig(**settings, options=options)
         runner = RunnerConfig(**rn)
     except TypeError as exc:
         raise ConfigError(f"{where}: {exc}") from None
-    if workflow.type != "fedavg":
-        raise ConfigError(f"{where}: workflow type {workflow.type!r} is unknown; use 'fedavg'.")
+    if not isinstance(workflow.type, str):
+        raise ConfigError(
+            f"{where}: workflow 'type' must be a string; received: {workflow.type!r}."
+        )
+    if not isinstance(workflow.cross_site_eval, bool):
+        raise ConfigError(
+            f"{where}: workflow.cross_site_eval must be true or false; received: "
+            f"{workflow.cross_site_eval!r}."
+        )
     check_error_policy(workflow.on_client_error, f"{where}: workflow.on_client_error")
     if not is_seconds(workflow.save_interval):
         raise ConfigError(
@@ -174,6 +254,7 @@ def load_job(folder: str | Path, *, label: str | None = None) -> tuple[JobConfig
         folder_files(app_dir)
     except ConfigError as exc:
         raise ConfigError(f"{where}: the app folder {app!r} cannot be shipped: {exc}") from None
+    workflow.strategy(app_dir, where=f"{where}: workflow")  # its options, checked once here
     script = resolve_inside(
         app_dir, runner.script, f"{where}: 'runner.script'", f"the app folder ({app!r})"
     )

@@ -13,7 +13,7 @@ from ..errors import ConfigError
 from ..model import flatten
 from ..model._keras import is_keras_model, plain_keras_copy
 from ..model._safetensors import save_safetensors
-from ..server import ErrorPolicy, check_error_policy
+from ..server import ErrorPolicy, FedAvg, Strategy, check_error_policy, strategy_to_spec
 from ._config import (
     CONFIG_NAME,
     JobConfig,
@@ -26,7 +26,7 @@ from ._config import (
 if TYPE_CHECKING:
     from ..simulator import SimulationResult
 
-__all__ = ["FedAvgJob", "ScriptRunner"]
+__all__ = ["FedAvgJob", "FedJob", "ScriptRunner"]
 
 _FRAMEWORKS = ("tensorflow", "pytorch", "numpy")
 
@@ -101,8 +101,14 @@ class ScriptRunner:
         return app, script
 
 
-class FedAvgJob:
-    """A FedAvg job: ``n_clients`` sites train ``initial_model`` for ``num_rounds`` rounds.
+class FedJob:
+    """A job: ``n_clients`` sites train ``initial_model`` for ``num_rounds`` rounds with
+    ``strategy`` (default :class:`~fedlift.server.FedAvg`; e.g.
+    ``FedAdam(eta=1e-2)``, ``Scaffold()``, ``FedAvg(aggregator=FedMedian())``). A strategy
+    of one's own must be a class at the top level of a module in the app folder (the
+    script's folder), so that the server can import it from the exported job.
+    ``cross_site_eval``: after training, every site's final local model and the global
+    one are evaluated on every site's data.
 
     ``initial_model`` is a Keras model (saved as ``.keras``; global models are written as
     ``.weights.h5``) or a params tree of numpy arrays (saved as ``.safetensors``).
@@ -130,31 +136,45 @@ class FedAvgJob:
         final_evaluation: bool = True,
         save_interval: float = 1.0,
         on_client_error: ErrorPolicy = "fail",
+        strategy: Strategy | None = None,
+        cross_site_eval: bool = False,
     ) -> None:
-        if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
+        kind = type(self).__name__
+        if strategy is None:
+            strategy = FedAvg()
+        if not isinstance(strategy, Strategy):
             raise ConfigError(
-                f"FedAvgJob(name=...) must be a plain folder name; received: {name!r}."
+                f"{kind}(strategy=...) must be a fedlift.server.Strategy such as FedAvg() or "
+                f"FedAdam(eta=1e-2); received: strategy={strategy!r:.80}."
             )
+        if not isinstance(cross_site_eval, bool):
+            raise ConfigError(
+                f"{kind}(cross_site_eval=...) must be True or False; received: "
+                f"cross_site_eval={cross_site_eval!r}."
+            )
+        self.strategy = strategy
+        if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
+            raise ConfigError(f"{kind}(name=...) must be a plain folder name; received: {name!r}.")
         if not isinstance(n_clients, int) or n_clients < 1:
             raise ConfigError(
-                f"FedAvgJob(n_clients=...) must be an int >= 1; received: {n_clients!r}."
+                f"{kind}(n_clients=...) must be an int >= 1; received: {n_clients!r}."
             )
         if not isinstance(num_rounds, int) or num_rounds < 1:
             raise ConfigError(
-                f"FedAvgJob(num_rounds=...) must be an int >= 1; received: {num_rounds!r}."
+                f"{kind}(num_rounds=...) must be an int >= 1; received: {num_rounds!r}."
             )
         min_clients = n_clients if min_clients is None else min_clients
         if not isinstance(min_clients, int) or not 1 <= min_clients <= n_clients:
             raise ConfigError(
-                f"FedAvgJob(min_clients=...) must be between 1 and n_clients={n_clients}; "
+                f"{kind}(min_clients=...) must be between 1 and n_clients={n_clients}; "
                 f"received: {min_clients!r}."
             )
         if not is_seconds(save_interval):
             raise ConfigError(
-                "FedAvgJob(save_interval=...) is the most often, in seconds, that the global "
+                f"{kind}(save_interval=...) is the most often, in seconds, that the global "
                 f"model is written (0: every round); received: {save_interval!r}."
             )
-        check_error_policy(on_client_error, "FedAvgJob(on_client_error=...)")
+        check_error_policy(on_client_error, f"{kind}(on_client_error=...)")
         if is_keras_model(initial_model):
             self._model_kind = "keras"
         else:
@@ -162,7 +182,7 @@ class FedAvgJob:
                 flatten(initial_model)
             except ConfigError as exc:
                 raise ConfigError(
-                    f"FedAvgJob(initial_model=...) must be a Keras model or a params tree of "
+                    f"{kind}(initial_model=...) must be a Keras model or a params tree of "
                     f"numpy arrays; {exc}"
                 ) from None
             self._model_kind = "arrays"
@@ -179,6 +199,7 @@ class FedAvgJob:
             final_evaluation=final_evaluation,
             save_interval=float(save_interval),
             on_client_error=on_client_error,
+            cross_site_eval=cross_site_eval,
         )
         self.runner: ScriptRunner | None = None
 
@@ -222,6 +243,9 @@ class FedAvgJob:
             skip = {folder.parent, *(Path(p).resolve() for p in exclude)}
             _copy_app(app, staging / "app", exclude=skip)
             model_file = self._save_initial_model(staging)
+            spec = strategy_to_spec(self.strategy, app)
+            self.workflow.type = spec.pop("type")
+            self.workflow.options = spec
             config = JobConfig(
                 name=self.name,
                 n_clients=self.n_clients,
@@ -267,6 +291,22 @@ class FedAvgJob:
 
         job_dir = self.export_job(Path(workspace) / "jobs", exclude=(workspace,))
         return run_simulator(job_dir, workspace, n_clients=n_clients, threads=threads, gpu=gpu)
+
+
+class FedAvgJob(FedJob):
+    """A FedAvg job (NVFlare's name and signature): :class:`FedJob` with
+    :class:`~fedlift.server.FedAvg`.
+
+    ``initial_model`` is a Keras model (saved as ``.keras``; global models are written as
+    ``.weights.h5``) or a params tree of numpy arrays (saved as ``.safetensors``).
+    ``save_interval``: the simulator writes the global model at most this often (seconds;
+    0: after every round) and always after the last round, so sub-second rounds do not
+    spend their time on the disk; ``state.json`` names the round the file holds.
+    ``on_client_error``: ``"fail"`` (default) stops the job when a site's script raises or
+    its result cannot be aggregated (NaN or Inf, wrong keys, shapes or dtypes, a bad
+    weight); ``"exclude"`` leaves that site out of the round, logged with the error, while
+    ``min_clients`` still answer. A site whose process dies is left out under either.
+    """
 
 
 def _as_arrays(tree: Any) -> Any:

@@ -1,4 +1,5 @@
-"""Server runtime and workflows: the client protocol, FedAvg, aggregation maths, storage."""
+"""Server runtime and workflows: the client protocol, the strategies and their one round
+loop, aggregation maths, storage."""
 
 from ._aggregate import (
     ErrorPolicy,
@@ -8,26 +9,87 @@ from ._aggregate import (
     weighted_mean,
     weighted_mean_metrics,
 )
-from ._fedavg import Controller, FedAvg, FedAvgResult, all_clients
+from ._crosssite import MODEL_OWNER, SERVER_MODEL, CrossSiteResult, cross_site_evaluate
+from ._cyclic import Cyclic, cyclic_order
+from ._fedavg import FEDPROX_MU, FedAvg, FedProx, all_clients, sample_sites
+from ._fedopt import FedAdagrad, FedAdam, FedAvgM, FedOpt, FedYogi, fedopt_step
+from ._mean import Mean
+from ._registry import (
+    AGGREGATORS,
+    STRATEGIES,
+    options_of,
+    register_aggregator,
+    strategy_from_spec,
+    strategy_to_spec,
+)
 from ._runtime import LogRecord, ServerRuntime
+from ._scaffold import SCAFFOLD_CTRL_DIFF, SCAFFOLD_CTRL_GLOBAL, Scaffold, scaffold_step
+from ._seam import Aggregate, Aggregator, AggregatorFactory, Allocator, Ask, FastPath, Memory
 from ._store import ArraysFormat, KerasWeightsFormat, ModelFormat, RoundRecord, RunRecorder
+from ._strategy import (
+    Controller,
+    RunResult,
+    RunSettings,
+    Strategy,
+    StrategyState,
+    apply_in_place,
+    run_rounds,
+)
 
 __all__ = [
+    "AGGREGATORS",
+    "FEDPROX_MU",
+    "MODEL_OWNER",
+    "SCAFFOLD_CTRL_DIFF",
+    "SCAFFOLD_CTRL_GLOBAL",
+    "SERVER_MODEL",
+    "STRATEGIES",
+    "Aggregate",
+    "Aggregator",
+    "AggregatorFactory",
+    "Allocator",
     "ArraysFormat",
+    "Ask",
     "Controller",
+    "CrossSiteResult",
+    "Cyclic",
     "ErrorPolicy",
+    "FastPath",
+    "FedAdagrad",
+    "FedAdam",
     "FedAvg",
-    "FedAvgResult",
+    "FedAvgM",
+    "FedOpt",
+    "FedProx",
+    "FedYogi",
     "KerasWeightsFormat",
     "LogRecord",
+    "Mean",
+    "Memory",
     "ModelFormat",
     "RoundRecord",
     "RunRecorder",
+    "RunResult",
+    "RunSettings",
+    "Scaffold",
     "ServerRuntime",
+    "Strategy",
+    "StrategyState",
     "StreamingMean",
     "all_clients",
+    "apply_in_place",
     "apply_update",
     "check_error_policy",
+    "cross_site_evaluate",
+    "cyclic_order",
+    "fedopt_step",
+    "options_of",
+    "register_aggregator",
+    "run_rounds",
+    "sample_sites",
+    "scaffold_step",
+    "strategy_from_spec",
+    "strategy_to_spec",
     "weighted_mean",
     "weighted_mean_metrics",
 ]

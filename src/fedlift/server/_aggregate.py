@@ -33,6 +33,7 @@ from ..model import (
     flatten,
     unflatten,
 )
+from ._seam import Allocator
 
 __all__ = [
     "Allocator",
@@ -78,10 +79,6 @@ class _ResultLost(ClientFailedError):
         super().__init__(message)
         self.sites = sites
 
-
-Allocator = Callable[[list[tuple[tuple[int, ...], np.dtype[Any]]]], list[np.ndarray]]
-"""Makes arrays of the given shapes and dtypes (e.g. in shared memory); their contents are
-unspecified, callers fill them."""
 
 _BLOCK_BYTES = 512 * 1024  # per block and source: stays in the CPU cache (fastest here)
 _THREAD_MIN = 1 << 20  # elements per thread below which one thread does all the work

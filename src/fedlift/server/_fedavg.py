@@ -1,270 +1,212 @@
-"""FedAvg as one readable loop over small hooks; the maths lives in :mod:`._aggregate`."""
+"""FedAvg (McMahan et al. 2017) and FedProx (Li et al. 2020) as strategies.
+
+FedAvg is the :class:`~fedlift.server.Strategy` defaults plus what users ask of it:
+seeded client sampling, early stopping on the key metric, and an aggregation of one's own.
+FedProx is FedAvg whose tasks carry ``mu``; the proximal term is the client's (see
+``fedlift.client.keras``).
+"""
 
 from __future__ import annotations
 
-import logging
-import time
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
-from ..errors import ClientFailedError, ConfigError
-from ..model import FLModel, MetaKey, ParamTree, flatten, unflatten
-from ._aggregate import (
-    Allocator,
-    ErrorPolicy,
-    StreamingMean,
-    _ResultLost,
-    apply_update,
-    check_error_policy,
-)
-from ._store import RoundRecord, RunRecorder
+from ..errors import ConfigError
+from ..model import ParamTree
+from ._mean import Mean
+from ._seam import AggregatorFactory, Ask
+from ._store import RoundRecord
+from ._strategy import Strategy, StrategyState
 
-__all__ = ["Controller", "FedAvg", "FedAvgResult", "all_clients"]
+__all__ = ["FEDPROX_MU", "FedAvg", "FedProx", "all_clients", "sample_sites"]
 
-log = logging.getLogger("fedlift.server")
+FEDPROX_MU = "fedprox_mu"
+"""The task-config key that carries FedProx's ``mu`` to the clients."""
 
-RoundCallback = Callable[[RoundRecord], None]
-
-
-class Controller(Protocol):
-    """What a workflow needs from the clients' side of a job.
-
-    :class:`~fedlift.server.ServerRuntime` implements it for clients that connect over a
-    transport (worker processes, real sites); local backends implement it by calling client
-    functions directly.
-    """
-
-    def wait_for_clients(self, count: int, timeout: float, grace: float = 10.0) -> list[str]:
-        """Block until enough clients are there; returns their names."""
-        ...
-
-    def registered_sites(self) -> list[str]:
-        """The clients available now."""
-        ...
-
-    def run_task(
-        self,
-        task_name: str,
-        model: FLModel,
-        sites: Sequence[str],
-        *,
-        on_result: Callable[[str, FLModel], None],
-        timeout: float,
-        min_responses: int,
-        lazy_results: bool = False,
-        on_results: Callable[[list[tuple[str, FLModel]]], None] | None = None,
-        on_client_error: ErrorPolicy = "fail",
-    ) -> list[str]:
-        """Send ``model`` to ``sites``; call ``on_result`` for each result as it arrives;
-        return the sites that answered (see :meth:`ServerRuntime.run_task`).
-        ``lazy_results``: ``on_result`` accepts params it must read during the call;
-        ``on_results``: takes the results that arrived together, instead of ``on_result``;
-        ``on_client_error``: the :data:`ErrorPolicy` for sites that fail or whose result
-        ``on_result`` refuses with :class:`~fedlift.errors.InvalidResultError`."""
-        ...
+Sampler = Callable[[Sequence[str], int], list[str]]
 
 
 def all_clients(sites: Sequence[str], round_number: int) -> list[str]:
-    """The default client sampling: every registered client, every round."""
+    """Every available client, every round."""
     return list(sites)
 
 
+def sample_sites(
+    sites: Sequence[str],
+    round_number: int,
+    *,
+    fraction: float = 1.0,
+    clients_per_round: int | None = None,
+    min_clients: int = 1,
+    seed: int = 0,
+) -> list[str]:
+    """The sites a round asks: ``clients_per_round`` of them, or ``ceil(fraction * n)``
+    but at least ``min_clients``; chosen uniformly without replacement by a generator
+    seeded with ``(seed, round_number)``, so a round's choice does not depend on the
+    rounds before it (a resumed run chooses exactly as an uninterrupted one). The chosen
+    sites keep their order."""
+    n = len(sites)
+    k = clients_per_round if clients_per_round is not None else math.ceil(fraction * n)
+    k = min(n, max(k, min_clients, 1))
+    if k >= n:
+        return list(sites)
+    rng = np.random.default_rng([seed, round_number])
+    chosen = np.sort(rng.choice(n, size=k, replace=False))
+    return [sites[int(i)] for i in chosen]
+
+
+def _check_number(owner: str, name: str, value: object, lo: float, hi: float | None = None,
+                  *, lo_open: bool = False, integer: bool = False) -> None:  # fmt: skip
+    kind = int if integer else (int, float)
+    ok = isinstance(value, kind) and not isinstance(value, bool)
+    if ok:
+        number = float(value)  # type: ignore[arg-type]
+        ok = math.isfinite(number) and (number > lo if lo_open else number >= lo)
+        ok = ok and (hi is None or number <= hi)
+    if not ok:
+        bound = f"{'>' if lo_open else '>='} {lo:g}" + ("" if hi is None else f" and <= {hi:g}")
+        what = "an int" if integer else "a number"
+        raise ConfigError(
+            f"{owner}({name}=...) must be {what} {bound}; received: {name}={value!r}."
+        )
+
+
 @dataclass
-class FedAvgResult:
-    """What a finished FedAvg run produced."""
+class FedAvg(Strategy):
+    """Federated averaging (McMahan et al. 2017).
 
-    params: ParamTree
-    rounds: list[RoundRecord]
-    final_metrics: dict[str, float]
-    best_round: int | None
-    best_value: float | None
+    Each round the sampled sites train the global model (task ``train``); their results
+    are folded into a weighted mean as they arrive (weights: ``meta[NUM_STEPS_CURRENT_ROUND]``)
+    that replaces the model (FULL results) or is added to it (DIFF).
 
-
-@dataclass
-class FedAvg:
-    """Federated averaging (McMahan et al., 2017).
-
-    Each round: send the global model to the sampled clients as task ``train``, fold each
-    result into a streaming weighted mean (weights: ``meta[NUM_STEPS_CURRENT_ROUND]``),
-    replace (FULL) or add to (DIFF) the global params, record metrics and models. With
-    ``final_evaluation`` a last ``validate`` task asks every client to evaluate the final
-    global model, so the job reports the metrics of the model it produced.
-
-    Every result is checked before it counts (layout, shapes, dtype kinds, a finite weight
-    > 0, no NaN or Inf; see :class:`~fedlift.server.StreamingMean`). ``on_client_error``
-    (an :data:`ErrorPolicy`) says what a failing site or a refused result does: ``"fail"``
-    the job (default), or ``"exclude"`` the site from the round, which goes on while
-    ``min_clients`` answered (each result is then read once more, to be checked before it
-    is folded, so the aggregate is exactly that of the others). A site whose process died
-    is left out under either policy; if its result was being read when it died, the round
-    runs again without it.
-
-    Hooks are plain functions: ``sample_clients(sites, round) -> sites``.
+    Sampling: ``clients_per_round`` sites, or ``fraction`` of the available ones (at least
+    the run's ``min_clients``), chosen by ``seed`` and the round (see :func:`sample_sites`);
+    ``sample`` replaces that with a function ``(sites, round) -> sites``.
+    Early stopping: with ``patience`` the run ends when ``monitor`` (a metric of the
+    round's results) has not improved by more than ``min_delta`` for ``patience`` rounds
+    (``mode``: ``"max"`` or ``"min"``), as Keras' ``EarlyStopping`` does with epochs.
+    ``aggregator``: how results combine (default: :class:`~fedlift.server.Mean`; e.g.
+    :class:`~fedlift.server.FedMedian`, or :class:`~fedlift.server.Custom` for a function
+    of one's own).
     """
 
-    num_rounds: int
-    min_clients: int
-    round_timeout: float = 3600.0
-    register_timeout: float = 600.0
-    final_evaluation: bool = True
-    sample_clients: Callable[[Sequence[str], int], list[str]] = all_clients
-    on_round: RoundCallback | None = field(default=None, repr=False)
-    allocate: Allocator | None = field(default=None, repr=False)
-    """Where aggregates live (the simulator: shared memory, sent on without a copy)."""
-    on_client_error: ErrorPolicy = "fail"
+    name: ClassVar[str] = "fedavg"
+
+    fraction: float = 1.0
+    clients_per_round: int | None = None
+    seed: int = 0
+    sample: Sampler | None = field(default=None, repr=False)
+    patience: int | None = None
+    min_delta: float = 0.0
+    monitor: str = "accuracy"
+    mode: Literal["max", "min"] = "max"
+    aggregator: AggregatorFactory = field(default_factory=Mean)
+    _best: float | None = field(default=None, init=False, repr=False)
+    _wait: int = field(default=0, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.num_rounds, int) or self.num_rounds < 1:
-            raise ConfigError(f"num_rounds must be an int >= 1; received: {self.num_rounds!r}.")
-        if not isinstance(self.min_clients, int) or self.min_clients < 1:
-            raise ConfigError(f"min_clients must be an int >= 1; received: {self.min_clients!r}.")
-        if self.round_timeout <= 0:
-            raise ConfigError(f"round_timeout must be > 0 s; received: {self.round_timeout!r}.")
-        check_error_policy(self.on_client_error, "FedAvg(on_client_error=...)")
-
-    def run(
-        self,
-        runtime: Controller,
-        initial_params: ParamTree,
-        recorder: RunRecorder,
-        start_round: int = 0,
-    ) -> FedAvgResult:
-        runtime.wait_for_clients(self.min_clients, self.register_timeout)
-        params = self._publish(initial_params)
-        del initial_params  # once published, the caller's copy can go
-        for round_number in range(start_round, self.num_rounds):
-            started = time.monotonic()
-            sites = self.sample_clients(runtime.registered_sites(), round_number)
-            task = self._task_model(params, round_number, start_round)
-            mean, answered = self._train(runtime, task, params, sites, round_number)
-            new_params = self._update(params, mean)
-            record = recorder.record(
-                RoundRecord(
-                    round_number,
-                    "train",
-                    answered,
-                    mean.metrics(),
-                    time.monotonic() - started,
-                    extra={"total_weight": mean.total_weight},
-                ),
-                evaluated_params=params,
+        owner = type(self).__name__
+        _check_number(owner, "fraction", self.fraction, 0.0, 1.0, lo_open=True)
+        if self.clients_per_round is not None:
+            _check_number(owner, "clients_per_round", self.clients_per_round, 1, integer=True)
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ConfigError(
+                f"{owner}(seed=...) must be an int >= 0; received: seed={self.seed!r}."
             )
-            params = new_params
-            recorder.save_global(params, round_number, final=round_number == self.num_rounds - 1)
-            self._notify(record)
-        final_metrics: dict[str, float] = {}
-        if self.final_evaluation:
-            final_metrics = self._evaluate_final(runtime, params, recorder, start_round)
-        return FedAvgResult(
-            params, recorder.records, final_metrics, recorder.best_round, recorder.best_value
-        )
-
-    def _train(
-        self,
-        runtime: Controller,
-        task: FLModel,
-        params: ParamTree,
-        sites: list[str],
-        round_number: int,
-    ) -> tuple[StreamingMean, list[str]]:
-        """One round's ``train`` task folded into a mean; run again without the sites whose
-        results were lost part-way through their fold (the sites left: fewer each time)."""
-        while True:
-            mean = StreamingMean(
-                params,
-                allocate=self.allocate,
-                adopt=bool(getattr(runtime, "results_are_private", False)),
-                expected=len(sites),
-                prescan=self.on_client_error == "exclude",
+        if self.sample is not None and not callable(self.sample):
+            raise ConfigError(
+                f"{owner}(sample=...) must be a function (sites, round) -> sites; "
+                f"received: sample={self.sample!r:.80}."
             )
-            try:
-                answered = runtime.run_task(
-                    "train",
-                    task,
-                    sites,
-                    on_result=lambda site, result, m=mean: m.add(result, site),  # type: ignore[misc]
-                    timeout=self.round_timeout,
-                    min_responses=self.min_clients,
-                    lazy_results=True,  # StreamingMean reads each result as it folds it
-                    on_results=mean.add_many,  # queued results: one pass over the sums
-                    on_client_error=self.on_client_error,
-                )
-            except _ResultLost as exc:
-                left = [s for s in sites if s not in exc.sites]
-                if len(left) < self.min_clients:
-                    raise ClientFailedError(
-                        f"{exc}\nRound {round_number + 1} cannot go on without "
-                        f"{', '.join(exc.sites)}: {len(left)} clients left, fewer than "
-                        f"min_clients={self.min_clients}."
-                    ) from None
-                log.warning(
-                    "round %d: %s; it runs again without %s",
-                    round_number + 1,
-                    exc,
-                    ", ".join(exc.sites),
-                )
-                del mean
-                sites = left
-                continue
-            return mean, answered
+        if self.patience is not None:
+            _check_number(owner, "patience", self.patience, 1, integer=True)
+        _check_number(owner, "min_delta", self.min_delta, 0.0)
+        if not isinstance(self.monitor, str) or not self.monitor:
+            raise ConfigError(
+                f"{owner}(monitor=...) is the name of a metric; received: monitor={self.monitor!r}."
+            )
+        if self.mode not in ("max", "min"):
+            raise ConfigError(
+                f"{owner}(mode=...) must be 'max' or 'min'; received: mode={self.mode!r}."
+            )
+        if not callable(self.aggregator):
+            raise ConfigError(
+                f"{owner}(aggregator=...) must be an aggregator factory such as Mean() or "
+                f"FedMedian(); received: aggregator={self.aggregator!r:.80}."
+            )
 
-    def _publish(self, params: ParamTree) -> ParamTree:
-        """Copy the initial params to where ``allocate`` puts aggregates (shared memory), so
-        every client's first task references one copy instead of getting its own."""
-        if self.allocate is None:
-            return params
-        structure, arrays = flatten(params)
-        published = self.allocate([(a.shape, a.dtype) for a in arrays])
-        for target, source in zip(published, arrays, strict=True):
-            np.copyto(target, source)
-        return unflatten(structure, published)
+    def configure_train(self, round_number: int, sites: Sequence[str], min_clients: int) -> Ask:
+        if self.sample is not None:
+            chosen = list(self.sample(list(sites), round_number))
+        else:
+            chosen = sample_sites(
+                sites,
+                round_number,
+                fraction=self.fraction,
+                clients_per_round=self.clients_per_round,
+                min_clients=min_clients,
+                seed=self.seed,
+            )
+        return Ask(chosen, self.task_config(round_number))
 
-    def _task_model(self, params: ParamTree, round_number: int, start_round: int) -> FLModel:
-        return FLModel(
-            params=params,
-            current_round=round_number,
-            total_rounds=self.num_rounds,
-            start_round=start_round,
-            meta={MetaKey.CURRENT_ROUND: round_number, MetaKey.TOTAL_ROUNDS: self.num_rounds},
-        )
+    def task_config(self, round_number: int) -> dict[str, Any]:
+        """The config every training task of the round carries (FedAvg: none)."""
+        return {}
 
-    @staticmethod
-    def _update(params: ParamTree, mean: StreamingMean) -> ParamTree:
-        aggregate = mean.params()
-        if aggregate is None:
-            log.warning("no client sent params this round; the global model is unchanged")
-            return params
-        return apply_update(params, aggregate, mean.params_type)
+    def after_round(self, record: RoundRecord) -> bool:
+        if self.patience is None:
+            return False
+        value = record.metrics.get(self.monitor)
+        if value is None or not math.isfinite(value):
+            self._wait += 1
+        else:
+            sign = 1.0 if self.mode == "max" else -1.0
+            if self._best is None or sign * (value - self._best) > self.min_delta:
+                self._best, self._wait = float(value), 0
+            else:
+                self._wait += 1
+        return self._wait >= self.patience
 
-    def _evaluate_final(
-        self, runtime: Controller, params: ParamTree, recorder: RunRecorder, start_round: int
-    ) -> dict[str, float]:
-        started = time.monotonic()
-        mean = StreamingMean(None)
-        task = self._task_model(params, self.num_rounds, start_round)
-        answered = runtime.run_task(
-            "validate",
-            task,
-            self.sample_clients(runtime.registered_sites(), self.num_rounds),
-            on_result=lambda site, result: mean.add(
-                FLModel(metrics=result.metrics, meta=result.meta)
-            ),
-            timeout=self.round_timeout,
-            min_responses=self.min_clients,
-            on_client_error=self.on_client_error,
-        )
-        record = recorder.record(
-            RoundRecord(
-                self.num_rounds, "validate", answered, mean.metrics(), time.monotonic() - started
-            ),
-            evaluated_params=params,
-        )
-        self._notify(record)
-        return record.metrics
+    def state(self) -> StrategyState:
+        return {"early_stopping": {"best": self._best, "wait": self._wait}}
 
-    def _notify(self, record: RoundRecord) -> None:
-        if self.on_round is not None:
-            self.on_round(record)
+    def load_state(self, state: StrategyState) -> None:
+        stopping = state.get("early_stopping") or {}
+        best = stopping.get("best")
+        self._best = float(best) if isinstance(best, int | float) else None
+        wait = stopping.get("wait", 0)
+        self._wait = int(wait) if isinstance(wait, int) else 0
+
+
+@dataclass
+class FedProx(FedAvg):
+    """FedProx (Li et al. 2020): FedAvg whose clients minimise their loss plus
+    ``mu / 2 * ||w - w_global||^2``. The server's part is to send ``mu`` with every task
+    (``flare.get_config()["fedprox_mu"]``); ``fedlift.client.keras``'s FedProx helpers add
+    the term in the script."""
+
+    name: ClassVar[str] = "fedprox"
+
+    mu: float = 0.01
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_number(type(self).__name__, "mu", self.mu, 0.0)
+
+    def task_config(self, round_number: int) -> dict[str, Any]:
+        return {FEDPROX_MU: float(self.mu)}
+
+
+def zeros_like(params: ParamTree) -> ParamTree:
+    """A tree of float zeros with ``params``' layout (non-float leaves: float32)."""
+    from ..model import flatten, unflatten
+
+    structure, arrays = flatten(params)
+    return unflatten(
+        structure,
+        [np.zeros(a.shape, a.dtype if a.dtype.kind == "f" else np.float32) for a in arrays],
+    )

@@ -48,6 +48,7 @@ from ..errors import (
 )
 from ..model import FLModel
 from ._aggregate import ErrorPolicy, _ResultLost, check_error_policy
+from ._seam import Allocator, FastPath
 
 __all__ = ["LogRecord", "ServerRuntime"]
 
@@ -118,10 +119,6 @@ def _str_field(fields: dict[str, Any], name: str) -> str:
 class ServerRuntime:
     """Serves client workers for one job (see module docstring)."""
 
-    results_are_private = True
-    """Results arrive off the wire in buffers nobody else holds: aggregation may fold into
-    the first one in place instead of copying it."""
-
     def __init__(
         self,
         job_id: str,
@@ -131,10 +128,15 @@ class ServerRuntime:
         *,
         max_concurrent: int | None = None,
         on_log: Callable[[LogRecord], None] | None = None,
+        allocate: Allocator | None = None,
     ) -> None:
         if not sites:
             raise ConfigError("a job needs at least one site; received: sites=[].")
         self.job_id = job_id
+        # Results arrive off the wire in buffers nobody else holds (an aggregate may fold
+        # into the first in place), and may be read where they lie in a client's memory;
+        # ``allocate`` (the simulator: shared memory) is where published models live.
+        self._fast_path = FastPath(allocate=allocate, private_results=True, lazy_results=True)
         self._sites = {name: _Site(name, i) for i, name in enumerate(sites)}
         self._client_config = client_config
         self._app = np.frombuffer(app_archive, np.uint8) if app_archive else np.zeros(0, np.uint8)
@@ -322,6 +324,10 @@ class ServerRuntime:
             self._on_log(record)
 
     # ------------------------------------------------------------------ workflow side
+    @property
+    def fast_path(self) -> FastPath:
+        return self._fast_path
+
     @property
     def site_names(self) -> list[str]:
         return list(self._sites)

@@ -336,6 +336,8 @@ class Checkpoint:
     path: Path
     best_round: int | None
     best_value: float | None
+    strategy_state: dict[str, Any] = field(default_factory=dict)
+    """The strategy's :meth:`~fedlift.server.Strategy.state` saved with the model."""
 
 
 def read_checkpoint(directory: Path) -> Checkpoint | None:
@@ -356,12 +358,47 @@ def read_checkpoint(directory: Path) -> Checkpoint | None:
     if not model.is_file():
         raise ConfigError(f"{path} names the model {model}, which is missing.")
     best_round, best_value = data.get("best_round"), data.get("best_value")
+    plain = data.get("strategy", {})
+    if not isinstance(plain, dict):
+        raise ConfigError(f"{path} is not a valid checkpoint record: 'strategy' {plain!r:.100}")
+    arrays: Any = {}
+    arrays_name = data.get("strategy_arrays")
+    if arrays_name is not None:
+        if not isinstance(arrays_name, str) or Path(arrays_name).name != arrays_name:
+            raise ConfigError(f"{path} is not a valid checkpoint record: {arrays_name!r:.100}")
+        arrays_path = directory / CHECKPOINT_DIR / arrays_name
+        if not arrays_path.is_file():
+            raise ConfigError(f"{path} names the strategy state {arrays_path}, which is missing.")
+        arrays = load_npz(arrays_path)
     return Checkpoint(
         round_done,
         model,
         best_round if isinstance(best_round, int) else None,
         float(best_value) if isinstance(best_value, int | float) else None,
+        join_state(plain, arrays if isinstance(arrays, dict) else {}),
     )
+
+
+def _is_array_tree(value: Any) -> bool:
+    if isinstance(value, np.ndarray):
+        return True
+    if isinstance(value, dict) and value:
+        return all(_is_array_tree(v) for v in value.values())
+    if isinstance(value, list | tuple) and value:
+        return all(_is_array_tree(v) for v in value)
+    return False
+
+
+def split_state(state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A strategy state as its JSON part and its param trees (top-level keys)."""
+    plain = {k: v for k, v in state.items() if not _is_array_tree(v)}
+    trees = {k: v for k, v in state.items() if _is_array_tree(v)}
+    return plain, trees
+
+
+def join_state(plain: dict[str, Any], trees: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of :func:`split_state`."""
+    return {**plain, **trees}
 
 
 class RunRecorder:
@@ -498,13 +535,23 @@ class RunRecorder:
             finally:
                 os.close(fd)
 
-    def save_global(self, params: ParamTree, round_done: int, *, final: bool = False) -> None:
+    def save_global(
+        self,
+        params: ParamTree,
+        round_done: int,
+        *,
+        final: bool = False,
+        strategy_state: dict[str, Any] | None = None,
+    ) -> None:
         """Save the global model after ``round_done``, then the job state (both atomic).
 
         Runs in the background; :meth:`flush` waits for it. With checkpoints, and for the
         ``final`` model, every call is written; otherwise a model is skipped when the last
         one written is less than ``save_interval`` seconds old (with an interval of 0, when
         a newer one comes before it starts, the newer one is written instead).
+        With checkpoints, ``strategy_state`` (the strategy's :meth:`~Strategy.state`) is
+        written with the model: its arrays to ``checkpoint/strategy-<k>.npz``, the rest
+        into ``checkpoint.json``, which names both.
         """
         state = {
             "round_done": round_done,
@@ -523,7 +570,7 @@ class RunRecorder:
                 self._format.save(params, self.global_model_path)
                 write_state()
                 if self._checkpoints:
-                    self._write_checkpoint(params, state)
+                    self._write_checkpoint(params, state, strategy_state or {})
 
             if self._checkpoints or self._due(final):
                 self._writer.submit("global", write)
@@ -559,15 +606,26 @@ class RunRecorder:
         self._last_save = now
         return True
 
-    def _write_checkpoint(self, params: ParamTree, state: dict[str, Any]) -> None:
+    def _write_checkpoint(
+        self, params: ParamTree, state: dict[str, Any], strategy_state: dict[str, Any]
+    ) -> None:
         folder = self.directory / CHECKPOINT_DIR
         name = f"round-{state['round_done']}{self._format.suffix}"
         self._format.save(params, folder / name)  # the model first ...
         record = {**state, "path": name}
+        if strategy_state:
+            plain, arrays = split_state(strategy_state)
+            record["strategy"] = plain
+            if arrays:
+                arrays_name = f"strategy-{state['round_done']}.npz"
+                save_npz(arrays, folder / arrays_name)
+                record["strategy_arrays"] = arrays_name
         # ... then the record that names it: it never points at a missing or partial file.
         atomic_write_text(self.directory / CHECKPOINT_FILE, json.dumps(record, indent=2) + "\n")
-        for old in [*folder.glob("round-*"), *folder.glob(".round-*")]:  # + a crash's temp files
-            if old.name != name:
+        keep = {name, record.get("strategy_arrays")}
+        for old in [*folder.glob("round-*"), *folder.glob(".round-*"), *folder.glob("strategy-*"),
+                    *folder.glob(".strategy-*")]:  # + a crash's temp files  # fmt: skip
+            if old.name not in keep:
                 old.unlink(missing_ok=True)
 
     def flush(self) -> None:

@@ -36,7 +36,16 @@ from rich.console import Console
 
 from ..errors import ClientFailedError, ConfigError, InvalidResultError, RoundTimeoutError
 from ..model import FLModel, MetaKey, ParamTree, Structure, flatten, unflatten
-from ..server import ArraysFormat, ErrorPolicy, FedAvg, RoundRecord, RunRecorder
+from ..server import (
+    ArraysFormat,
+    ErrorPolicy,
+    FastPath,
+    FedAvg,
+    RoundRecord,
+    RunRecorder,
+    RunSettings,
+    Strategy,
+)
 from ._simulator import _round_line
 
 __all__ = ["ClientFn", "LocalController", "LocalResult", "run_local"]
@@ -240,6 +249,11 @@ class LocalController:
         self.client_updates = 0
         """Results handed to ``on_result`` so far (all tasks)."""
 
+    @property
+    def fast_path(self) -> FastPath:
+        """Clients are functions in this process: their results are their own arrays."""
+        return FastPath()
+
     def wait_for_clients(self, count: int, timeout: float, grace: float = 10.0) -> list[str]:
         if count > len(self._sites):
             raise ConfigError(
@@ -403,8 +417,10 @@ def run_local(
     address: str | None = None,
     quiet: bool = False,
     on_client_error: ErrorPolicy = "fail",
+    strategy: Strategy | None = None,
 ) -> LocalResult:
-    """Run FedAvg with ``n_clients`` clients that are calls of ``client_fn(site, model)``.
+    """Run ``strategy`` (default FedAvg) with ``n_clients`` clients that are calls of
+    ``client_fn(site, model)``.
 
     Clients are named ``site-1`` ... ``site-N``; ``model.meta["task_name"]`` is ``"train"``
     (or ``"validate"`` for the final evaluation) and ``model.meta["site_name"]`` the site.
@@ -438,7 +454,14 @@ def run_local(
     sites = [f"site-{i + 1}" for i in range(n)]
     console = Console(file=sys.stdout, highlight=False, quiet=quiet, soft_wrap=True)
 
-    workflow = FedAvg(
+    if strategy is None:
+        strategy = FedAvg()
+    if not isinstance(strategy, Strategy):
+        raise ConfigError(
+            "run_local(strategy=...) must be a fedlift.server.Strategy such as FedAvg() or "
+            f"FedAdam(eta=1e-2); received: strategy={strategy!r:.80}."
+        )
+    settings = RunSettings(
         num_rounds=num_rounds,
         min_clients=needed,
         round_timeout=round_timeout,
@@ -469,7 +492,7 @@ def run_local(
             directory.mkdir(parents=True, exist_ok=True)
         recorder = RunRecorder(directory, ArraysFormat(), key_metric, higher_is_better)
         try:
-            result = workflow.run(controller, initial_model, recorder)
+            result = strategy.run(controller, initial_model, recorder, settings)
         finally:
             recorder.close()
     finally:

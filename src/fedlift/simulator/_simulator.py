@@ -27,7 +27,7 @@ from ..codec import _shm
 from ..errors import ClientFailedError, ConfigError
 from ..job import load_job, zip_dir
 from ..model import ParamTree
-from ..server import FedAvg, RoundRecord, RunRecorder, ServerRuntime
+from ..server import RoundRecord, RunRecorder, ServerRuntime, cross_site_evaluate
 from ..server._store import ArraysFormat, load_initial_model
 from ..transport import GrpcListener
 from . import _gpu
@@ -146,6 +146,10 @@ def run_simulator(
         config.workflow.higher_is_better,
         save_interval=config.workflow.save_interval,
     )
+    shared = shared_memory and _shm.available()
+    # Spares up to 256 MiB: a small model's segment that slow clients still map when the
+    # next aggregate starts is not traded for fresh pages every round.
+    pool = _shm.SegmentPool(keep=1, spare_bytes=256 * 2**20) if shared else None
     runtime = ServerRuntime(
         job_id,
         sites,
@@ -153,21 +157,13 @@ def run_simulator(
         zip_dir(root / config.app),
         max_concurrent=threads,
         on_log=recorder.client_log,
+        allocate=None if pool is None else pool.allocate,
     )
-    workflow = FedAvg(
-        num_rounds=config.workflow.num_rounds,
+    strategy = config.workflow.strategy(root / config.app)
+    settings = config.workflow.settings(
         min_clients=min_clients,
-        round_timeout=config.workflow.round_timeout,
-        register_timeout=config.workflow.register_timeout,
-        final_evaluation=config.workflow.final_evaluation,
         on_round=lambda r: console.print(_round_line(r, config.workflow.num_rounds)),
-        on_client_error=config.workflow.on_client_error,
     )
-    shared = shared_memory and _shm.available()
-    if shared:
-        # Spares up to 256 MiB: a small model's segment that slow clients still map when the
-        # next aggregate starts is not traded for fresh pages every round.
-        workflow.allocate = _shm.SegmentPool(keep=1, spare_bytes=256 * 2**20).allocate
     session_id = secrets.token_hex(4)
     previous_session = os.environ.get(_shm.SESSION_ENV)
     os.environ[_shm.SESSION_ENV] = session_id  # this process and its workers: one sweep
@@ -238,7 +234,11 @@ def run_simulator(
         for site in sites:
             with lock:
                 workers[site] = launch(site)
-        result = workflow.run(runtime, initial_params.pop(), recorder)
+        result = strategy.run(runtime, initial_params.pop(), recorder, settings)
+        if config.workflow.cross_site_eval:
+            cross = cross_site_evaluate(runtime, result.params, settings)
+            cross.save(server_dir)
+            console.print(cross.table())
         runtime.stop("the job finished")
         stop_workers(grace=30)
     except BaseException as exc:

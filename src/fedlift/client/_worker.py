@@ -41,6 +41,7 @@ from ..errors import (
     ProtocolError,
     TransportError,
 )
+from ..model import FLModel, ParamsType, map_arrays
 from ..transport import DEFAULT_SHM_MIN_BYTES, GrpcTransport, Transport
 from ._link import ClientContext, LocalLink, Task, set_current_link
 from ._service import ScriptProcess
@@ -243,6 +244,8 @@ class Worker:
         self.site = site
         self.workspace = workspace
         self._reported = threading.Event()
+        self._keep_last = False  # cross-site evaluation: keep the last trained model
+        self._last_model: FLModel | None = None
         self._process: ScriptProcess | None = None
         self._stop_timeout = 60.0
 
@@ -294,6 +297,7 @@ class Worker:
             num_sites=int(f.get("num_sites", 1)),
             config=dict(f.get("config") or {}),
         )
+        self._keep_last = ctx.config.get("cross_site_eval") is True
         return ctx, reply
 
     def _retrying(self, op: str, call: Callable[[], Message]) -> Message:
@@ -505,6 +509,16 @@ class Worker:
         task_id, name = str(fields.get("task_id")), str(fields.get("task_name"))
         try:
             model = model_from_wire(fields.get("model") or {}, list(reply.arrays))
+            if name == "submit_model" and self._keep_last:
+                # Cross-site evaluation asks for this site's final local model: the last one
+                # its script sent for training (the script is not asked again).
+                last = self._last_model or FLModel(metrics={})
+                model_fields, arrays = model_to_wire(last)
+                result_fields = {"task_id": task_id, "model": model_fields}
+                self._retrying(
+                    "submit", lambda: self._call("submit", result_fields, arrays, timeout=3600)
+                )
+                return
             link.offer(Task(task_id, name, model))
             result = link.wait_result(task_id)
             if result is None:
@@ -515,6 +529,11 @@ class Worker:
                         "`while flare.is_running():` until the job ends."
                     )
                 return
+            if self._keep_last and name == "train" and result.params is not None:
+                local = result.params
+                if result.params_type == ParamsType.DIFF and model.params is not None:
+                    local = map_arrays(np.add, model.params, local)  # received + change
+                self._last_model = FLModel(params=map_arrays(np.array, local))
             model_fields, arrays = model_to_wire(result)
             del result
             arrays = self._in_outbox(arrays)

@@ -2,9 +2,10 @@
 
 model -> codec -> transport -> server -> client -> job -> simulator / deploy -> cli: a module
 of one package imports only from its own package, from packages below it, and from the
-shared modules (``errors``, ``_atomic``, ``_malloc``); never a private module (``_name``) of
-another package, and simulator and deploy do not import each other. Function-level
-(lazy) imports count too: a lazy import still runs against the direction.
+shared modules (``errors``, ``_atomic``, ``_malloc``, ``data``); never a private module
+(``_name``) of another package, and simulator and deploy do not import each other. The
+shared modules sit below every layer, so they import no layer. Function-level (lazy)
+imports count too: a lazy import still runs against the direction.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ RANK = {
     "deploy": 6,
     "cli": 7,
 }
-SHARED = {"errors", "_atomic", "_malloc", "_paths"}
-"""Modules below every layer: any package may import them."""
+SHARED = {"errors", "_atomic", "_malloc", "_paths", "data"}
+"""Modules below every layer: any package may import them (a shared package only through
+its public ``__init__``), and they import no layer."""
 
 
 def _package(path: Path) -> str:
@@ -63,9 +65,18 @@ def violations(path: Path, source: str) -> list[str]:
     tree = ast.parse(source, filename=str(path))
     out = []
     for line, parts in _imported(path, tree):
-        if len(parts) < 2 or parts[1] in SHARED or parts[1] == own or parts[1] not in RANK:
+        if len(parts) < 2 or parts[1] == own:
             continue
         target, where = parts[1], f"{path.relative_to(SRC)}:{line} imports {'.'.join(parts)}"
+        if target in SHARED:
+            if (SRC / target).is_dir() and any(part.startswith("_") for part in parts[2:]):
+                out.append(f"{where}: a private module of {target}")
+            continue
+        if target not in RANK:
+            continue
+        if own in SHARED:
+            out.append(f"{where}: {own} is shared (below every layer) and imports no layer")
+            continue
         if own not in RANK:
             continue  # fedlift/__init__.py and __main__.py sit above every layer
         if RANK[target] > RANK[own]:
@@ -165,3 +176,19 @@ def test_the_layer_scanner_can_fail() -> None:
     ]
     assert violations(server, "from ..codec import Message\nfrom ..errors import X\n") == []
     assert violations(server, "from ._aggregate import accumulate\n") == []
+
+
+def test_the_shared_data_package_is_checked_too() -> None:
+    server = SRC / "server" / "_example.py"
+    assert violations(server, "from ..data import dirichlet\n") == []
+    assert violations(server, "from ..data._label_skew import dirichlet\n") == [
+        "server/_example.py:1 imports fedlift.data._label_skew.dirichlet: a private module of data"
+    ]
+    data = SRC / "data" / "_example.py"
+    assert (
+        violations(data, "from .._atomic import atomic_writer\nfrom ._checks import short\n") == []
+    )
+    assert violations(data, "def f():\n    from ..server import FedAvg\n") == [
+        "data/_example.py:2 imports fedlift.server.FedAvg: data is shared (below every layer) "
+        "and imports no layer"
+    ]

@@ -172,6 +172,18 @@ EXPECTED: dict[str, list[str]] = {
         "run_simulator",
         "site_environment",
     ],
+    "fedlift.data": [
+        "MAX_RETRIES",
+        "SUMMARY_FORMAT",
+        "dirichlet",
+        "iid",
+        "label_counts",
+        "pathological",
+        "quantity_skew",
+        "save_summary_json",
+        "save_summary_png",
+        "summary_table",
+    ],
     "fedlift.deploy": [
         "DeployServer",
         "Kit",
@@ -293,7 +305,9 @@ def test_errors_are_rebuilt_by_name() -> None:
 def test_importing_fedlift_does_not_import_tensorflow() -> None:
     code = (
         "import sys, fedlift, fedlift.client, fedlift.server, fedlift.job, fedlift.simulator\n"
-        "print(sorted(m for m in ('tensorflow', 'keras', 'torch') if m in sys.modules))"
+        "import fedlift.data\n"
+        "heavy = ('tensorflow', 'keras', 'torch', 'matplotlib')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True

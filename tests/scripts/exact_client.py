@@ -29,6 +29,11 @@ def delta(seed: int, rnd: int, index: int, n_sites: int, size: int) -> np.ndarra
     return base + mine - next_
 
 
+def control_change(seed: int, rnd: int, index: int, size: int) -> np.ndarray:
+    """SCAFFOLD's delta c_i of site ``index`` in round ``rnd`` (small integers)."""
+    return _ints(seed, rnd, 5000 + index, size, 3)
+
+
 def expected_model(initial: np.ndarray, n_sites: int, rounds: int, seed: int) -> np.ndarray:
     """The global model after ``rounds`` rounds of FedAvg over ``n_sites`` (weights equal)."""
     model = initial.astype(np.float64)
@@ -54,10 +59,13 @@ if __name__ == "__main__":
         rnd = int(model.current_round or 0)
         time.sleep(args.sleep)
         w = model.params["w"]
+        meta = {"NUM_STEPS_CURRENT_ROUND": 1.0}
+        if "scaffold_c_global" in model.meta:  # SCAFFOLD: a control-variate change too
+            meta["scaffold_c_diff"] = {"w": control_change(args.seed, rnd, index, w.size)}
         flare.send(
             flare.FLModel(
                 params={"w": w + delta(args.seed, rnd, index, n_sites, w.size)},
                 metrics={"accuracy": float(rnd)},
-                meta={"NUM_STEPS_CURRENT_ROUND": 1.0},
+                meta=meta,
             )
         )

@@ -27,7 +27,6 @@ from ..server import (
     RoundRecord,
     RunSettings,
     Strategy,
-    check_error_policy,
     strategy_from_spec,
 )
 
@@ -110,9 +109,11 @@ class WorkflowConfig:
         min_clients: int | None = None,
         on_round: Callable[[RoundRecord], None] | None = None,
         register_timeout: float | None = None,
+        owner: str = "workflow",
     ) -> RunSettings:
         """The loop's settings (``min_clients`` lowered for a run with fewer clients)."""
         return RunSettings(
+            owner=owner,
             num_rounds=self.num_rounds,
             min_clients=self.min_clients if min_clients is None else min_clients,
             round_timeout=self.round_timeout,
@@ -225,7 +226,7 @@ def load_job(folder: str | Path, *, label: str | None = None) -> tuple[JobConfig
             f"{where}: workflow.cross_site_eval must be true or false; received: "
             f"{workflow.cross_site_eval!r}."
         )
-    check_error_policy(workflow.on_client_error, f"{where}: workflow.on_client_error")
+    workflow.settings(owner=f"{where}: workflow")  # the run's settings, checked once there
     if not is_seconds(workflow.save_interval):
         raise ConfigError(
             f"{where}: workflow.save_interval must be a number of seconds >= 0; "

@@ -13,7 +13,7 @@ from ..errors import ConfigError
 from ..model import flatten
 from ..model._keras import is_keras_model, plain_keras_copy
 from ..model._safetensors import save_safetensors
-from ..server import ErrorPolicy, FedAvg, Strategy, check_error_policy, strategy_to_spec
+from ..server import ErrorPolicy, FedAvg, RunSettings, Strategy, strategy_to_spec
 from ._config import (
     CONFIG_NAME,
     JobConfig,
@@ -159,22 +159,27 @@ class FedJob:
             raise ConfigError(
                 f"{kind}(n_clients=...) must be an int >= 1; received: {n_clients!r}."
             )
-        if not isinstance(num_rounds, int) or num_rounds < 1:
-            raise ConfigError(
-                f"{kind}(num_rounds=...) must be an int >= 1; received: {num_rounds!r}."
-            )
         min_clients = n_clients if min_clients is None else min_clients
-        if not isinstance(min_clients, int) or not 1 <= min_clients <= n_clients:
+        if isinstance(min_clients, int) and not 1 <= min_clients <= n_clients:
             raise ConfigError(
                 f"{kind}(min_clients=...) must be between 1 and n_clients={n_clients}; "
                 f"received: {min_clients!r}."
             )
+        # The run's settings are checked where the loop takes them, once (RunSettings).
+        RunSettings(
+            num_rounds=num_rounds,
+            min_clients=min_clients,
+            round_timeout=round_timeout,
+            register_timeout=register_timeout,
+            final_evaluation=final_evaluation,
+            on_client_error=on_client_error,
+            owner=kind,
+        )
         if not is_seconds(save_interval):
             raise ConfigError(
                 f"{kind}(save_interval=...) is the most often, in seconds, that the global "
                 f"model is written (0: every round); received: {save_interval!r}."
             )
-        check_error_policy(on_client_error, f"{kind}(on_client_error=...)")
         if is_keras_model(initial_model):
             self._model_kind = "keras"
         else:

@@ -26,7 +26,7 @@ import logging
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import Any, ClassVar, Protocol
 
 import numpy as np
@@ -113,19 +113,30 @@ class RunSettings:
     final_evaluation: bool = True
     on_client_error: ErrorPolicy = "fail"
     on_round: Callable[[RoundRecord], None] | None = field(default=None, repr=False)
+    owner: InitVar[str] = "RunSettings"
+    """Who takes these settings from the user (``"FedAvgJob"``, ``"run_local"``, a
+    job.json's workflow): errors name it, so a setting is checked here, once, wherever it
+    enters."""
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, owner: str) -> None:
         for name in ("num_rounds", "min_clients"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"{name} must be an int >= 1; received: {name}={value!r}.")
+                raise ConfigError(f"{owner}({name}=...) must be an int >= 1; received: {value!r}.")
         for name in ("round_timeout", "register_timeout"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-                raise ConfigError(f"{name} must be seconds >= 0; received: {name}={value!r}.")
+                raise ConfigError(f"{owner}({name}=...) must be seconds >= 0; received: {value!r}.")
         if self.round_timeout <= 0:
-            raise ConfigError(f"round_timeout must be > 0 s; received: {self.round_timeout!r}.")
-        check_error_policy(self.on_client_error, "on_client_error")
+            raise ConfigError(
+                f"{owner}(round_timeout=...) must be > 0 s; received: {self.round_timeout!r}."
+            )
+        if not isinstance(self.final_evaluation, bool):
+            raise ConfigError(
+                f"{owner}(final_evaluation=...) must be True or False; received: "
+                f"{self.final_evaluation!r}."
+            )
+        check_error_policy(self.on_client_error, f"{owner}(on_client_error=...)")
 
 
 @dataclass

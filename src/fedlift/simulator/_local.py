@@ -442,9 +442,8 @@ def run_local(
     if not callable(client_fn):
         raise ConfigError(f"client_fn must be callable; received: {client_fn!r:.80}.")
     n = _check_int("n_clients", n_clients)
-    _check_int("num_rounds", num_rounds)
-    needed = n if min_clients is None else _check_int("min_clients", min_clients)
-    if needed > n:
+    needed = n if min_clients is None else min_clients
+    if isinstance(needed, int) and needed > n:
         raise ConfigError(f"min_clients={needed} is more than n_clients={n}.")
     if threads is not None:
         _check_int("threads", threads)
@@ -469,6 +468,7 @@ def run_local(
         final_evaluation=final_evaluation,
         on_round=lambda r: console.print(_round_line(r, num_rounds)),
         on_client_error=on_client_error,
+        owner="run_local",
     )
     pool: Pool
     if backend == "ray":

@@ -112,6 +112,7 @@ EXPECTED: dict[str, list[str]] = {
         "FedOpt",
         "FedProx",
         "FedYogi",
+        "Filter",
         "KerasWeightsFormat",
         "LogRecord",
         "MODEL_OWNER",

@@ -277,3 +277,37 @@ def test_registry_round_trip_and_errors() -> None:
 def test_a_function_of_ones_own_must_live_in_the_app(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="must be defined at the top level of a module"):
         strategy_to_spec(FedAvg(sample=lambda sites, r: list(sites)), tmp_path)
+
+
+# ---------------------------------------------------------------------------- filters
+def test_filters_wrap_tasks_and_results_for_any_strategy(tmp_path: Path) -> None:
+    from fedlift.server import ArraysFormat, RunRecorder, RunSettings
+    from fedlift.simulator import LocalController
+    from fedlift.simulator._local import ThreadPool
+
+    class Tag:
+        """Marks tasks, and doubles results (as a decoder of a compressed result might)."""
+
+        def on_task(self, task: FLModel) -> FLModel:
+            task.meta["tagged"] = True
+            return task
+
+        def on_result(self, site: str, result: FLModel) -> FLModel:
+            return FLModel(params={"w": np.asarray(result.params["w"]) * 2}, meta=result.meta)
+
+    tags: list[bool] = []
+
+    def fn(site: str, model: FLModel) -> FLModel:
+        tags.append(bool(model.meta.get("tagged")))
+        return FLModel(params={"w": np.array([1.0, 3.0])})
+
+    controller = LocalController(ThreadPool(fn, 1), ["site-1", "site-2"])
+    settings = RunSettings(num_rounds=1, min_clients=2, final_evaluation=False, filters=(Tag(),))
+    recorder = RunRecorder(tmp_path, ArraysFormat())
+    try:
+        result = FedAvg().run(controller, {"w": np.zeros(2)}, recorder, settings)
+    finally:
+        recorder.close()
+        controller.close()
+    assert tags == [True, True]
+    np.testing.assert_allclose(result.params["w"], [2.0, 6.0])  # the mean of the doubled

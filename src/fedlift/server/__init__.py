@@ -24,7 +24,16 @@ from ._registry import (
 )
 from ._runtime import LogRecord, ServerRuntime
 from ._scaffold import SCAFFOLD_CTRL_DIFF, SCAFFOLD_CTRL_GLOBAL, Scaffold, scaffold_step
-from ._seam import Aggregate, Aggregator, AggregatorFactory, Allocator, Ask, FastPath, Memory
+from ._seam import (
+    Aggregate,
+    Aggregator,
+    AggregatorFactory,
+    Allocator,
+    Ask,
+    FastPath,
+    Filter,
+    Memory,
+)
 from ._store import ArraysFormat, KerasWeightsFormat, ModelFormat, RoundRecord, RunRecorder
 from ._strategy import (
     Controller,
@@ -62,6 +71,7 @@ __all__ = [
     "FedOpt",
     "FedProx",
     "FedYogi",
+    "Filter",
     "KerasWeightsFormat",
     "LogRecord",
     "Mean",

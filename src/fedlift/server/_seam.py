@@ -29,6 +29,7 @@ __all__ = [
     "Allocator",
     "Ask",
     "FastPath",
+    "Filter",
     "Memory",
 ]
 
@@ -136,4 +137,24 @@ class AggregatorFactory(Protocol):
         before it changes anything, so a refused one leaves the aggregate exactly as it was
         (the ``exclude`` error policy); ``extras``: meta keys whose param trees are to be
         combined too (their mean goes to :attr:`Aggregate.meta`)."""
+        ...
+
+
+class Filter(Protocol):
+    """A server-side transform of what goes out and what comes back, around every strategy.
+
+    The loop applies a run's filters (:attr:`~fedlift.server.RunSettings.filters`) in order
+    to each task before it is sent, and in reverse order to each result before the
+    aggregator sees it; a filter raises :class:`~fedlift.errors.InvalidResultError` to
+    refuse a result (the error policy applies). This is where compression (decoding
+    quantised or sparse results) and privacy (clipping, noise) plug in, for every strategy
+    alike; their client-side halves run in the worker.
+    """
+
+    def on_task(self, task: FLModel) -> FLModel:
+        """The task as it is sent (called once per task, not per site)."""
+        ...
+
+    def on_result(self, site: str, result: FLModel) -> FLModel:
+        """A result as the aggregator takes it."""
         ...

@@ -35,7 +35,7 @@ from ..errors import ClientFailedError, ConfigError
 from ..model import FLModel, MetaKey, ParamsType, ParamTree, flatten, unflatten
 from ._aggregate import ErrorPolicy, _ResultLost, check_error_policy
 from ._mean import Mean
-from ._seam import Aggregate, AggregatorFactory, Allocator, Ask, FastPath, Memory
+from ._seam import Aggregate, AggregatorFactory, Allocator, Ask, FastPath, Filter, Memory
 from ._store import RoundRecord, RunRecorder
 
 __all__ = [
@@ -113,6 +113,8 @@ class RunSettings:
     final_evaluation: bool = True
     on_client_error: ErrorPolicy = "fail"
     on_round: Callable[[RoundRecord], None] | None = field(default=None, repr=False)
+    filters: tuple[Filter, ...] = ()
+    """Server-side transforms of tasks and results (see :class:`~fedlift.server.Filter`)."""
     owner: InitVar[str] = "RunSettings"
     """Who takes these settings from the user (``"FedAvgJob"``, ``"run_local"``, a
     job.json's workflow): errors name it, so a setting is checked here, once, wherever it
@@ -331,16 +333,17 @@ def train_round(
             extras=strategy.extras,
         )
         streaming = aggregator.streaming
+        add = _filtered(aggregator.add, settings.filters)
         try:
             answered = controller.run_task(
                 "train",
                 task,
                 sites,
-                on_result=lambda site, result, a=aggregator: a.add([(site, result)]),  # type: ignore[misc]
+                on_result=lambda site, result, add=add: add([(site, result)]),  # type: ignore[misc]
                 timeout=settings.round_timeout,
                 min_responses=needed,
-                lazy_results=streaming and fast.lazy_results,
-                on_results=aggregator.add if streaming else None,
+                lazy_results=streaming and fast.lazy_results and not settings.filters,
+                on_results=add if streaming else None,
                 on_client_error=settings.on_client_error,
             )
         except _ResultLost as exc:
@@ -361,6 +364,31 @@ def train_round(
             sites = left
             continue
         return aggregator.result(), answered
+
+
+def _filtered(
+    add: Callable[[list[tuple[str, FLModel]]], None], filters: tuple[Filter, ...]
+) -> Callable[[list[tuple[str, FLModel]]], None]:
+    """``add`` behind the run's filters (results pass them in reverse order)."""
+    if not filters:
+        return add
+
+    def filtered(results: list[tuple[str, FLModel]]) -> None:
+        out = []
+        for site, result in results:
+            for f in reversed(filters):
+                result = f.on_result(site, result)
+            out.append((site, result))
+        add(out)
+
+    return filtered
+
+
+def apply_task_filters(task: FLModel, settings: RunSettings) -> FLModel:
+    """The task as the run's filters send it."""
+    for f in settings.filters:
+        task = f.on_task(task)
+    return task
 
 
 def run_rounds(
@@ -388,7 +416,9 @@ def run_rounds(
         ask = Ask(
             ask.sites, ask.config, {k: _publish_tree(publisher, v) for k, v in ask.meta.items()}
         )
-        task = task_model(params, round_number, settings, start_round, ask)
+        task = apply_task_filters(
+            task_model(params, round_number, settings, start_round, ask), settings
+        )
         aggregate, answered = train_round(
             strategy, controller, params, task, ask.sites, round_number, settings, publisher
         )

@@ -58,8 +58,16 @@ EXPECTED: dict[str, list[str]] = {
         "Structure",
         "flat_keys",
         "flatten",
+        "is_keras_model",
         "iter_with_keys",
+        "keras_params",
+        "load_keras_model",
+        "load_safetensors",
         "map_arrays",
+        "plain_keras_copy",
+        "save_safetensors",
+        "set_keras_params",
+        "stage_safetensors",
         "tree_add",
         "tree_sub",
         "unflatten",
@@ -70,13 +78,23 @@ EXPECTED: dict[str, list[str]] = {
         "Frame",
         "Message",
         "PREFIX_BYTES",
+        "REMOTE_MIN_BYTES",
+        "RemoteArray",
+        "SHM_SESSION_ENV",
+        "SegmentPool",
+        "check_remote_probe",
         "decode",
         "decode_frame",
         "encode",
         "frame_length",
         "frame_op",
+        "make_remote_probe",
+        "materialize_remote",
         "model_from_wire",
         "model_to_wire",
+        "prefetch_shm",
+        "shm_available",
+        "sweep_shm",
     ],
     "fedlift.transport": [
         "DEFAULT_CHUNK_BYTES",
@@ -84,14 +102,25 @@ EXPECTED: dict[str, list[str]] = {
         "GrpcListener",
         "GrpcTransport",
         "Handler",
+        "Identity",
         "Listener",
         "MemoryListener",
         "MemoryTransport",
+        "PROJECT_ATTRIBUTE",
+        "ROLES",
+        "ROLE_ATTRIBUTE",
         "Transport",
         "describe_error",
+        "identity_from_pem",
+        "identity_of",
+        "read_tls_files",
+        "tls_channel_credentials",
+        "tls_server_credentials",
     ],
     "fedlift.server": [
         "ArraysFormat",
+        "CHECKPOINT_DIR",
+        "CHECKPOINT_FILE",
         "Controller",
         "ErrorPolicy",
         "FedAvg",
@@ -106,6 +135,7 @@ EXPECTED: dict[str, list[str]] = {
         "all_clients",
         "apply_update",
         "check_error_policy",
+        "load_initial_model",
         "weighted_mean",
         "weighted_mean_metrics",
     ],
@@ -115,6 +145,7 @@ EXPECTED: dict[str, list[str]] = {
         "JobConfig",
         "RunnerConfig",
         "ScriptRunner",
+        "SimulationOutcome",
         "WorkflowConfig",
         "load_job",
         "zip_dir",
@@ -137,11 +168,23 @@ EXPECTED: dict[str, list[str]] = {
         "Kit",
         "ROLES",
         "Revocations",
+        "add_revoke_command",
+        "add_site_commands",
         "channel_credentials",
         "load_kit",
         "provision",
         "revoke",
+        "run_revoke",
+        "run_site_command",
         "server_credentials",
+    ],
+    "fedlift.client.worker": [
+        "SERVER_TOKEN_ENV",
+        "SHARED_MEMORY_ENV",
+        "main",
+        "parent_death_signal",
+        "run_worker",
+        "unpack_app",
     ],
     "fedlift.errors": [
         "ClientAPIError",
@@ -215,11 +258,12 @@ def test_client_has_the_nvflare_client_api() -> None:
 
 def test_top_level_objects_are_the_subpackage_objects() -> None:
     from fedlift.job import FedAvgJob, ScriptRunner
-    from fedlift.simulator import run_simulator
+    from fedlift.simulator import SimulationResult, run_simulator
 
     assert fedlift.FedAvgJob is FedAvgJob
     assert fedlift.ScriptRunner is ScriptRunner
     assert fedlift.run_simulator is run_simulator
+    assert fedlift.SimulationResult is SimulationResult
     assert fedlift.FedliftError is fedlift.errors.FedliftError
     assert fedlift.__version__ == "0.1.0"
 

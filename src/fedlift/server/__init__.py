@@ -10,9 +10,20 @@ from ._aggregate import (
 )
 from ._fedavg import Controller, FedAvg, FedAvgResult, all_clients
 from ._runtime import LogRecord, ServerRuntime
-from ._store import ArraysFormat, KerasWeightsFormat, ModelFormat, RoundRecord, RunRecorder
+from ._store import (
+    CHECKPOINT_DIR,
+    CHECKPOINT_FILE,
+    ArraysFormat,
+    KerasWeightsFormat,
+    ModelFormat,
+    RoundRecord,
+    RunRecorder,
+    load_initial_model,
+)
 
 __all__ = [
+    "CHECKPOINT_DIR",
+    "CHECKPOINT_FILE",
     "ArraysFormat",
     "Controller",
     "ErrorPolicy",
@@ -28,6 +39,7 @@ __all__ = [
     "all_clients",
     "apply_update",
     "check_error_policy",
+    "load_initial_model",
     "weighted_mean",
     "weighted_mean_metrics",
 ]

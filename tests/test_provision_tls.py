@@ -21,16 +21,27 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedlift.cli import main
+from fedlift.client.worker import main as worker_main
+from fedlift.client.worker import run_worker
 from fedlift.codec import Message, decode, encode
 from fedlift.deploy import Kit, channel_credentials, load_kit, provision, server_credentials
 from fedlift.deploy._provision import issue_certificate
 from fedlift.errors import ConfigError, ConnectionLostError
-from fedlift.transport import GrpcListener, GrpcTransport, Handler, MemoryListener
+from fedlift.transport import (
+    GrpcListener,
+    GrpcTransport,
+    Handler,
+    MemoryListener,
+    read_tls_files,
+    tls_channel_credentials,
+    tls_server_credentials,
+)
 from fedlift.transport.testing import CHECKS, Factory
 
 SITES = ["site-1", "site-2"]
 ADMINS = ["alice@org"]
 PARTY_FILES = {"ca.pem", "cert.pem", "key.pem", "fedlift.json"}
+PARTY_FILES_PEM = ("ca.pem", "cert.pem", "key.pem")
 
 
 # ------------------------------------------------------------------------------- fixtures
@@ -443,6 +454,42 @@ def test_a_site_is_known_by_its_certificate(kits: Path) -> None:
         ("site-2", "site"),
         ("alice@org", "admin"),
     ]
+
+
+def test_a_worker_connects_with_its_kits_files(kits: Path, tmp_path: Path) -> None:
+    """A site's worker is handed its kit's three files, not the kit (reading a kit is
+    deploy's part, and the worker sits below deploy), and connects with mutual TLS as the
+    site: the server knows it by its certificate."""
+    seen: list[tuple[str, str | None, str | None]] = []
+
+    def handler(request: Message) -> Message:
+        seen.append((request.op, request.peer, request.peer_role))
+        return Message("nope" if request.op == "register" else "ok")
+
+    kit = load_kit(kits / "site-1")
+    with serving(kits / "server", handler) as listener:
+        code = run_worker(
+            listener.address, "site-1", tmp_path, tls=(kit.ca, kit.cert, kit.key),
+            reconnect_seconds=5,
+        )  # fmt: skip
+    assert code == 1  # the handler's "nope" is no welcome: the worker reports and gives up
+    assert seen == [("register", "site-1", "site"), ("client_error", "site-1", "site")]
+
+
+def test_the_workers_tls_files_are_checked(kits: Path, tmp_path: Path) -> None:
+    site = kits / "site-1"
+    ca, cert, key = read_tls_files(site / "ca.pem", site / "cert.pem", site / "key.pem")
+    assert (ca, cert, key) == tuple((site / f).read_bytes() for f in PARTY_FILES_PEM)
+    assert isinstance(tls_channel_credentials(ca, cert, key), grpc.ChannelCredentials)
+    assert isinstance(tls_server_credentials(ca, cert, key), grpc.ServerCredentials)
+    with pytest.raises(ConfigError, match=r"cannot read the private key .*Received: private key="):
+        read_tls_files(site / "ca.pem", site / "cert.pem", tmp_path / "missing.pem")
+    (tmp_path / "ca.pem").write_text("not a certificate")
+    with pytest.raises(ConfigError, match="CA certificate file for mutual TLS is not PEM"):
+        read_tls_files(tmp_path / "ca.pem", site / "cert.pem", site / "key.pem")
+    with pytest.raises(SystemExit) as stopped:  # all three files, or none
+        worker_main(["--server", "localhost:1", "--site", "site-1", "--tls-ca", str(site)])
+    assert stopped.value.code == 2
 
 
 def test_a_site_cannot_claim_another_name(kits: Path) -> None:

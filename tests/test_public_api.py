@@ -59,8 +59,16 @@ EXPECTED: dict[str, list[str]] = {
         "Structure",
         "flat_keys",
         "flatten",
+        "is_keras_model",
         "iter_with_keys",
+        "keras_params",
+        "load_keras_model",
+        "load_safetensors",
         "map_arrays",
+        "plain_keras_copy",
+        "save_safetensors",
+        "set_keras_params",
+        "stage_safetensors",
         "tree_add",
         "tree_sub",
         "unflatten",
@@ -71,13 +79,23 @@ EXPECTED: dict[str, list[str]] = {
         "Frame",
         "Message",
         "PREFIX_BYTES",
+        "REMOTE_MIN_BYTES",
+        "RemoteArray",
+        "SHM_SESSION_ENV",
+        "SegmentPool",
+        "check_remote_probe",
         "decode",
         "decode_frame",
         "encode",
         "frame_length",
         "frame_op",
+        "make_remote_probe",
+        "materialize_remote",
         "model_from_wire",
         "model_to_wire",
+        "prefetch_shm",
+        "shm_available",
+        "sweep_shm",
     ],
     "fedlift.transport": [
         "DEFAULT_CHUNK_BYTES",
@@ -85,11 +103,20 @@ EXPECTED: dict[str, list[str]] = {
         "GrpcListener",
         "GrpcTransport",
         "Handler",
+        "Identity",
         "Listener",
         "MemoryListener",
         "MemoryTransport",
+        "PROJECT_ATTRIBUTE",
+        "ROLES",
+        "ROLE_ATTRIBUTE",
         "Transport",
         "describe_error",
+        "identity_from_pem",
+        "identity_of",
+        "read_tls_files",
+        "tls_channel_credentials",
+        "tls_server_credentials",
     ],
     "fedlift.server": [
         "AGGREGATORS",
@@ -99,6 +126,8 @@ EXPECTED: dict[str, list[str]] = {
         "Allocator",
         "ArraysFormat",
         "Ask",
+        "CHECKPOINT_DIR",
+        "CHECKPOINT_FILE",
         "Controller",
         "CrossSiteResult",
         "Cyclic",
@@ -139,6 +168,7 @@ EXPECTED: dict[str, list[str]] = {
         "cross_site_evaluate",
         "cyclic_order",
         "fedopt_step",
+        "load_initial_model",
         "options_of",
         "register_aggregator",
         "run_rounds",
@@ -156,6 +186,7 @@ EXPECTED: dict[str, list[str]] = {
         "JobConfig",
         "RunnerConfig",
         "ScriptRunner",
+        "SimulationOutcome",
         "WorkflowConfig",
         "load_job",
         "zip_dir",
@@ -190,11 +221,23 @@ EXPECTED: dict[str, list[str]] = {
         "Kit",
         "ROLES",
         "Revocations",
+        "add_revoke_command",
+        "add_site_commands",
         "channel_credentials",
         "load_kit",
         "provision",
         "revoke",
+        "run_revoke",
+        "run_site_command",
         "server_credentials",
+    ],
+    "fedlift.client.worker": [
+        "SERVER_TOKEN_ENV",
+        "SHARED_MEMORY_ENV",
+        "main",
+        "parent_death_signal",
+        "run_worker",
+        "unpack_app",
     ],
     "fedlift.errors": [
         "ClientAPIError",
@@ -268,11 +311,12 @@ def test_client_has_the_nvflare_client_api() -> None:
 
 def test_top_level_objects_are_the_subpackage_objects() -> None:
     from fedlift.job import FedAvgJob, ScriptRunner
-    from fedlift.simulator import run_simulator
+    from fedlift.simulator import SimulationResult, run_simulator
 
     assert fedlift.FedAvgJob is FedAvgJob
     assert fedlift.ScriptRunner is ScriptRunner
     assert fedlift.run_simulator is run_simulator
+    assert fedlift.SimulationResult is SimulationResult
     assert fedlift.FedliftError is fedlift.errors.FedliftError
     assert fedlift.__version__ == "0.1.0"
 

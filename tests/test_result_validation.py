@@ -191,7 +191,9 @@ def test_the_error_policy_is_validated_where_it_enters(tmp_path: Path) -> None:
     assert config.workflow.on_client_error == "exclude"
     text = (folder / "job.json").read_text().replace('"exclude"', '"sometimes"')
     (folder / "job.json").write_text(text)
-    with pytest.raises(ConfigError, match=r"job.json: workflow\(on_client_error=...\) must be one of"):
+    with pytest.raises(
+        ConfigError, match=r"job.json: workflow\(on_client_error=...\) must be one of"
+    ):
         load_job(folder)
 
 

@@ -3,7 +3,14 @@
 * ``import fedlift.client as flare`` in the training script (the Client API),
 * :class:`FedAvgJob` + :class:`ScriptRunner` in the job script,
 * ``fedlift simulator`` (or ``job.simulator_run``) to run it.
+
+The job and simulator names here load on first use (PEP 562): a training script's
+``import fedlift.client`` runs this file too, and must not pay for the server, the
+simulator or their dependencies. This package sits above every layer: it is also where
+the job API is given the simulator (:mod:`fedlift._late`).
 """
+
+from __future__ import annotations
 
 __version__ = "0.1.0"
 
@@ -15,10 +22,17 @@ import os as _os
 # support. This must be set before grpc is first imported.
 _os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
+import importlib as _importlib
+from collections.abc import Callable as _Callable
+from typing import TYPE_CHECKING, Any
+
+from . import _late
 from .errors import FedliftError
-from .job import FedAvgJob, FedJob, ScriptRunner
 from .model import FLModel, MetaKey, ParamsType
-from .simulator import SimulationResult, run_simulator
+
+if TYPE_CHECKING:
+    from .job import FedAvgJob, FedJob, ScriptRunner
+    from .simulator import SimulationResult, run_simulator
 
 __all__ = [
     "FLModel",
@@ -32,3 +46,40 @@ __all__ = [
     "__version__",
     "run_simulator",
 ]
+
+_LAZY = {
+    "FedAvgJob": "job",
+    "FedJob": "job",
+    "ScriptRunner": "job",
+    "SimulationResult": "simulator",
+    "run_simulator": "simulator",
+}
+"""Top-level names loaded on first use, and the subpackage each comes from."""
+
+_SUBPACKAGES = frozenset(
+    {"client", "codec", "deploy", "job", "model", "server", "simulator", "transport"}
+)
+"""``fedlift.simulator`` and the like still work after a bare ``import fedlift``."""
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(_importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    if name in _SUBPACKAGES:
+        return _importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
+
+def _load_run_simulator() -> _Callable[..., Any]:
+    from .simulator import run_simulator
+
+    return run_simulator
+
+
+_late.provide("run_simulator", _load_run_simulator)

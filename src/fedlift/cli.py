@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .deploy._commands import add_revoke_command, add_site_commands, run_revoke, run_site_command
+from .deploy import add_revoke_command, add_site_commands, run_revoke, run_site_command
 from .errors import ClientFailedError, FedliftError
 
 __all__ = ["main"]

@@ -19,7 +19,6 @@ from typing import Any
 from ..errors import ClientAPIError, ConfigError
 from ..model import FLModel, flatten
 from ._link import Link, Task, current_link
-from ._remote import connect_from_env
 
 __all__ = [
     "AnalyticsDataType",
@@ -105,7 +104,13 @@ def init(rank: str | int | None = None) -> None:
         resolved = str(
             rank if rank is not None else os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))
         )
-        link = current_link() or connect_from_env(resolved)
+        link = current_link()
+        if link is None:
+            # Only a script its worker launched connects out, over gRPC: the import of the
+            # transport waits until here, so `import fedlift.client` stays light.
+            from ._remote import connect_from_env
+
+            link = connect_from_env(resolved)
         if link is None:
             raise ClientAPIError(NOT_IN_A_JOB.format(script=_script_name()))
         _state.link = link

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 
-from ..codec import Message, _shm, model_from_wire, model_to_wire
+from ..codec import Message, model_from_wire, model_to_wire, shm_available
 from ..errors import ClientAPIError, ConnectionLostError, ReceiveTimeoutError
 from ..model import FLModel
 from ..transport import GrpcTransport
@@ -19,7 +19,7 @@ class RemoteLink:
     """Speaks the worker's Client API operations (see ``_service.py``)."""
 
     def __init__(self, address: str, token: str, rank: str) -> None:
-        self._transport = GrpcTransport(address, shared_memory=_shm.available(), token=token)
+        self._transport = GrpcTransport(address, shared_memory=shm_available(), token=token)
         self._rank = rank
         self._after = 0
         reply = self._call("hello", {}, timeout=60)

@@ -36,7 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-from ..codec import Message, _shm, model_from_wire, model_to_wire
+from ..codec import Message, model_from_wire, model_to_wire, shm_available
 from ..errors import ConfigError, ProtocolError
 from ..transport import GrpcListener
 from ._link import LocalLink, Task
@@ -205,7 +205,7 @@ class ScriptProcess:
         self._listener = GrpcListener(
             self.service.handle,
             f"unix:{self._dir / 'client.sock'}",
-            shared_memory=_shm.available(),
+            shared_memory=shm_available(),
             token=self._token,
             # All ranks share one peer name on a Unix socket; the token already proves them.
             max_calls_per_peer=64,

@@ -32,8 +32,15 @@ import numpy as np
 from .._atomic import storage_errors
 from .._malloc import tune_allocator
 from .._paths import resolve_inside
-from ..codec import Message, _remote, _shm, model_from_wire, model_to_wire
-from ..codec._wire import REMOTE_MIN_BYTES
+from ..codec import (
+    REMOTE_MIN_BYTES,
+    Message,
+    SegmentPool,
+    make_remote_probe,
+    model_from_wire,
+    model_to_wire,
+    shm_available,
+)
 from ..errors import (
     ConfigError,
     ConnectionLostError,
@@ -42,7 +49,13 @@ from ..errors import (
     TransportError,
 )
 from ..model import FLModel, ParamsType, map_arrays
-from ..transport import DEFAULT_SHM_MIN_BYTES, GrpcTransport, Transport
+from ..transport import (
+    DEFAULT_SHM_MIN_BYTES,
+    GrpcTransport,
+    Transport,
+    read_tls_files,
+    tls_channel_credentials,
+)
 from ._link import ClientContext, LocalLink, Task, set_current_link
 from ._service import ScriptProcess
 
@@ -58,7 +71,7 @@ so the site's script and its children never see it."""
 _SCRIPT_EXIT_GRACE = 1.0  # after the job ended, how long the script may take to return
 REMOTE_READS_ENV = "FEDLIFT_REMOTE_READS"
 """Set to 0 to make results go through shared memory even where the server could read them
-from the worker's memory (``codec._remote``)."""
+from the worker's memory (:class:`~fedlift.codec.RemoteArray`)."""
 
 _POLL_SECONDS = 5.0
 _MAX_APP_BYTES = 2 << 30
@@ -240,7 +253,7 @@ class Worker:
         self._job_id = job_id
         self._reconnect = reconnect_seconds
         self._shared = shared_memory
-        self._outbox = _shm.SegmentPool(keep=1) if shared_memory else None
+        self._outbox = SegmentPool(keep=1) if shared_memory else None
         self.site = site
         self.workspace = workspace
         self._reported = threading.Event()
@@ -282,7 +295,7 @@ class Worker:
     def register(self, timeout: float) -> tuple[ClientContext, Message]:
         fields: dict[str, Any] = {"pid": os.getpid(), "host": socket.gethostname()}
         if self._shared and os.environ.get(REMOTE_READS_ENV, "1") != "0":
-            fields["remote_probe"] = _remote.make_probe()
+            fields["remote_probe"] = make_remote_probe()
         reply = self._call("register", fields, timeout=timeout)
         if reply.op != "welcome":
             raise ProtocolError(f"register: expected 'welcome' from the server, got {reply.op!r}")
@@ -556,7 +569,7 @@ class Worker:
         The server reads a result where it lies and lets go of it before it sends the next
         task, so one segment serves every round and its pages stay mapped: no fresh memory
         per round (a server that still holds the last result gets a new segment, see
-        :class:`~fedlift.codec._shm.SegmentPool`). Small results and cross-host links use
+        :class:`~fedlift.codec.SegmentPool`). Small results and cross-host links use
         the socket.
         """
         size = sum(a.nbytes for a in arrays)
@@ -579,21 +592,20 @@ def run_worker(
     site: str,
     workspace: Path | None = None,
     *,
-    kit: Path | None = None,
+    tls: tuple[Path, Path, Path] | None = None,
     job_id: str | None = None,
     reconnect_seconds: float = 30.0,
 ) -> int:
     """Serve one site until the job ends; returns the process exit status.
 
-    With ``kit`` (a provisioned site's folder) the connection uses mutual TLS, and with
-    ``job_id`` every request names the job (a long-running server runs many jobs).
+    With ``tls`` (the CA certificate, certificate and key files of a provisioned site's kit,
+    which whoever launched the worker checked: ``fedlift client start``) the connection uses
+    mutual TLS, and with ``job_id`` every request names the job (a long-running server runs
+    many jobs). The worker takes the files, not the kit: reading a kit is deploy's part, and
+    deploy sits above the client.
     """
-    shared = os.environ.get(SHARED_MEMORY_ENV) == "1" and _shm.available()
-    credentials = None
-    if kit is not None:
-        from ..deploy import channel_credentials
-
-        credentials = channel_credentials(kit)
+    shared = os.environ.get(SHARED_MEMORY_ENV) == "1" and shm_available()
+    credentials = None if tls is None else tls_channel_credentials(*read_tls_files(*tls))
     token = os.environ.pop(SERVER_TOKEN_ENV, None) or None
     transport = GrpcTransport(
         server, wait_for_ready=True, shared_memory=shared, credentials=credentials, token=token
@@ -621,7 +633,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--server", required=True, help="server address, host:port")
     parser.add_argument("--site", required=True, help="this site's name, e.g. site-1")
     parser.add_argument("--workspace", type=Path, default=None, help="default: current dir")
-    parser.add_argument("--kit", type=Path, default=None, help="site kit: connect with mTLS")
+    parser.add_argument("--tls-ca", type=Path, default=None, help="mTLS: the project CA (PEM)")
+    parser.add_argument("--tls-cert", type=Path, default=None, help="mTLS: this site's cert")
+    parser.add_argument("--tls-key", type=Path, default=None, help="mTLS: this site's key")
     parser.add_argument("--job-id", default=None, help="the job, on a long-running server")
     parser.add_argument(
         "--reconnect-seconds",
@@ -630,6 +644,13 @@ def main(argv: list[str] | None = None) -> None:
         help="how long to retry while the server is unreachable",
     )
     args = parser.parse_args(argv)
+    files = (args.tls_ca, args.tls_cert, args.tls_key)
+    if any(f is not None for f in files) and not all(f is not None for f in files):
+        parser.error(
+            "mutual TLS needs all three of --tls-ca, --tls-cert and --tls-key (the files of "
+            f"the site's kit). Received: --tls-ca={args.tls_ca} --tls-cert={args.tls_cert} "
+            f"--tls-key={args.tls_key}."
+        )
     tune_allocator()
     logging.basicConfig(
         level=logging.INFO,
@@ -640,7 +661,7 @@ def main(argv: list[str] | None = None) -> None:
         args.server,
         args.site,
         args.workspace,
-        kit=args.kit,
+        tls=files if args.tls_ca is not None else None,
         job_id=args.job_id,
         reconnect_seconds=args.reconnect_seconds,
     )

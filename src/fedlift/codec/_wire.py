@@ -33,6 +33,7 @@ __all__ = [
     "Frame",
     "Message",
     "PREFIX_BYTES",
+    "REMOTE_MIN_BYTES",
     "decode",
     "decode_frame",
     "encode",

@@ -7,6 +7,7 @@ hands its handler carries ``peer`` and ``peer_role`` from the client's verified 
 (never from the wire).
 """
 
+from ._commands import add_revoke_command, add_site_commands, run_revoke, run_site_command
 from ._identity import ROLES
 from ._provision import provision, revoke
 from ._server import DeployServer
@@ -17,9 +18,13 @@ __all__ = [
     "DeployServer",
     "Kit",
     "Revocations",
+    "add_revoke_command",
+    "add_site_commands",
     "channel_credentials",
     "load_kit",
     "provision",
     "revoke",
+    "run_revoke",
+    "run_site_command",
     "server_credentials",
 ]

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ..client._worker import unpack_app
+from ..client.worker import unpack_app
 from ..codec import Message
 from ..errors import ConfigError
 from ..job import load_job, zip_dir

@@ -2,7 +2,7 @@
 
 It connects out to the server with its kit's mutual-TLS certificate, waits for a job that
 names this site (``next_job``), runs each job in a worker process of its own
-(``python -m fedlift.client.worker --kit ... --job-id ...``: the simulator's worker, so a
+(``python -m fedlift.client.worker --tls-ca ... --job-id ...``: the simulator's worker, so a
 job behaves exactly as in the simulator), relays the worker's output to
 ``WORKSPACE/<job_id>/log.txt``, the terminal and the server's copy of the site log, and goes
 back to waiting. When the server is unreachable it retries with backoff, forever; a worker
@@ -25,7 +25,7 @@ from typing import IO
 
 from .._atomic import atomic_write_text
 from .._malloc import worker_environment
-from ..client._service import _parent_death_signal
+from ..client.worker import parent_death_signal
 from ..codec import Message
 from ..errors import ConfigError, FedliftError, TransportError
 from ..transport import GrpcTransport
@@ -154,7 +154,9 @@ class DeployClient:
         folder.mkdir(parents=True, exist_ok=True)
         command = [
             sys.executable, "-u", "-m", "fedlift.client.worker",
-            "--server", self.kit.server, "--site", self.kit.name, "--kit", str(self.kit.folder),
+            "--server", self.kit.server, "--site", self.kit.name,
+            "--tls-ca", str(self.kit.ca), "--tls-cert", str(self.kit.cert),
+            "--tls-key", str(self.kit.key),
             "--job-id", job_id, "--workspace", str(folder),
             "--reconnect-seconds", str(self._reconnect),
         ]  # fmt: skip
@@ -169,7 +171,7 @@ class DeployClient:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            preexec_fn=_parent_death_signal(),  # the worker never outlives this process
+            preexec_fn=parent_death_signal(),  # the worker never outlives this process
         )
         relay = threading.Thread(
             target=self._relay, args=(self._worker.stdout, folder / "log.txt", job_id),

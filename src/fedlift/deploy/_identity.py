@@ -1,7 +1,7 @@
-"""The certificate identity convention, defined in :mod:`fedlift.transport._identity` (the
-transport names its peers by it, and transport must not import deploy)."""
+"""The certificate identity convention, defined in the transport (:class:`~fedlift.transport.
+Identity`: the transport names its peers by it, and transport must not import deploy)."""
 
-from ..transport._identity import (
+from ..transport import (
     PROJECT_ATTRIBUTE,
     ROLE_ATTRIBUTE,
     ROLES,

@@ -62,8 +62,15 @@ from ..errors import (
     StorageError,
 )
 from ..job import JobConfig, load_job, zip_dir
-from ..server import RoundRecord, RunRecorder, ServerRuntime, cross_site_evaluate
-from ..server._store import CHECKPOINT_DIR, CHECKPOINT_FILE, load_initial_model
+from ..server import (
+    CHECKPOINT_DIR,
+    CHECKPOINT_FILE,
+    RoundRecord,
+    RunRecorder,
+    ServerRuntime,
+    cross_site_evaluate,
+    load_initial_model,
+)
 from ..transport import GrpcListener
 from ._identity import Identity
 from ._tls import Kit, Revocations, load_kit, server_credentials
@@ -412,7 +419,7 @@ class DeployServer:
     def _submit(self, request: Message) -> Message:
         if len(request.arrays) != 1 or request.arrays[0].dtype != np.uint8:
             raise ProtocolError("job_submit needs one uint8 array: the zipped job folder.")
-        from ..client._worker import unpack_app  # the same checks as for a job's app
+        from ..client.worker import unpack_app  # the same checks as for a job's app
 
         job_id = f"job-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         folder = self.jobs_dir / job_id

@@ -24,6 +24,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
 from ..errors import ConfigError, PermissionDeniedError, ProtocolError
+from ..transport import tls_channel_credentials, tls_server_credentials
 from ._identity import ROLES, identity_of
 from ._provision import CA_KEY, CRL_FILE, KIT_CONFIG, parse_server_address, read_crl
 
@@ -210,10 +211,7 @@ def server_credentials(kit: Kit | str | os.PathLike[str]) -> grpc.ServerCredenti
             f"{loaded.folder} is the kit of {loaded.role} {loaded.name!r}; the server needs "
             "the server kit (the `server` folder `fedlift provision` made)."
         )
-    ca, cert, key = loaded.read_pems()
-    return grpc.ssl_server_credentials(
-        [(key, cert)], root_certificates=ca, require_client_auth=True
-    )
+    return tls_server_credentials(*loaded.read_pems())
 
 
 def channel_credentials(kit: Kit | str | os.PathLike[str]) -> grpc.ChannelCredentials:
@@ -224,10 +222,7 @@ def channel_credentials(kit: Kit | str | os.PathLike[str]) -> grpc.ChannelCreden
             f"{loaded.folder} is the server's kit; a site or admin connects with its own kit "
             "(the folder named after it)."
         )
-    ca, cert, key = loaded.read_pems()
-    return grpc.ssl_channel_credentials(
-        root_certificates=ca, private_key=key, certificate_chain=cert
-    )
+    return tls_channel_credentials(*loaded.read_pems())
 
 
 # ----------------------------------------------------------------------------- revocation

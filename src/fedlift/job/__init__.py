@@ -2,6 +2,7 @@
 
 from ._config import CONFIG_NAME, JobConfig, RunnerConfig, WorkflowConfig, load_job, zip_dir
 from ._fedjob import FedAvgJob, FedJob, ScriptRunner
+from ._simulate import SimulationOutcome
 
 __all__ = [
     "CONFIG_NAME",
@@ -10,6 +11,7 @@ __all__ = [
     "JobConfig",
     "RunnerConfig",
     "ScriptRunner",
+    "SimulationOutcome",
     "WorkflowConfig",
     "load_job",
     "zip_dir",

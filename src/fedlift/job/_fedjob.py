@@ -5,14 +5,12 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from ..errors import ConfigError
-from ..model import flatten
-from ..model._keras import is_keras_model, plain_keras_copy
-from ..model._safetensors import save_safetensors
+from ..model import flatten, is_keras_model, plain_keras_copy, save_safetensors
 from ..server import ErrorPolicy, FedAvg, RunSettings, Strategy, strategy_to_spec
 from ._config import (
     CONFIG_NAME,
@@ -22,9 +20,7 @@ from ._config import (
     folder_files,
     is_seconds,
 )
-
-if TYPE_CHECKING:
-    from ..simulator import SimulationResult
+from ._simulate import SimulationOutcome, simulate
 
 __all__ = ["FedAvgJob", "FedJob", "ScriptRunner"]
 
@@ -290,12 +286,10 @@ class FedJob:
         n_clients: int | None = None,
         threads: int | None = None,
         gpu: str | None = None,
-    ) -> SimulationResult:
+    ) -> SimulationOutcome:
         """Export the job into ``workspace/jobs`` and run it in the simulator."""
-        from ..simulator import run_simulator
-
         job_dir = self.export_job(Path(workspace) / "jobs", exclude=(workspace,))
-        return run_simulator(job_dir, workspace, n_clients=n_clients, threads=threads, gpu=gpu)
+        return simulate(job_dir, workspace, n_clients=n_clients, threads=threads, gpu=gpu)
 
 
 class FedAvgJob(FedJob):

@@ -1,8 +1,28 @@
-"""Models and param trees: :class:`FLModel` and flatten/unflatten with stable keys."""
+"""Models and param trees: :class:`FLModel` and flatten/unflatten with stable keys; param
+trees on disk (safetensors) and out of Keras models (Keras itself is imported lazily).
+
+The file and Keras helpers load on first use (PEP 562): the Client API imports this
+package, and a training script's ``import fedlift.client`` has no use for them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from ._flmodel import FLModel, MetaKey, ParamsType
 from ._ops import tree_add, tree_sub
 from ._tree import ParamTree, Structure, flat_keys, flatten, iter_with_keys, map_arrays, unflatten
+
+if TYPE_CHECKING:
+    from ._keras import (
+        is_keras_model,
+        keras_params,
+        load_keras_model,
+        plain_keras_copy,
+        set_keras_params,
+    )
+    from ._safetensors import load_safetensors, save_safetensors, stage_safetensors
 
 __all__ = [
     "FLModel",
@@ -12,9 +32,42 @@ __all__ = [
     "Structure",
     "flat_keys",
     "flatten",
+    "is_keras_model",
     "iter_with_keys",
+    "keras_params",
+    "load_keras_model",
+    "load_safetensors",
     "map_arrays",
+    "plain_keras_copy",
+    "save_safetensors",
+    "set_keras_params",
+    "stage_safetensors",
     "tree_add",
     "tree_sub",
     "unflatten",
 ]
+
+_LAZY = {
+    "is_keras_model": "_keras",
+    "keras_params": "_keras",
+    "load_keras_model": "_keras",
+    "plain_keras_copy": "_keras",
+    "set_keras_params": "_keras",
+    "load_safetensors": "_safetensors",
+    "save_safetensors": "_safetensors",
+    "stage_safetensors": "_safetensors",
+}
+"""Names loaded on first use, and the module each comes from."""
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

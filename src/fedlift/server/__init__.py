@@ -34,7 +34,16 @@ from ._seam import (
     Filter,
     Memory,
 )
-from ._store import ArraysFormat, KerasWeightsFormat, ModelFormat, RoundRecord, RunRecorder
+from ._store import (
+    CHECKPOINT_DIR,
+    CHECKPOINT_FILE,
+    ArraysFormat,
+    KerasWeightsFormat,
+    ModelFormat,
+    RoundRecord,
+    RunRecorder,
+    load_initial_model,
+)
 from ._strategy import (
     Controller,
     RunResult,
@@ -47,6 +56,8 @@ from ._strategy import (
 
 __all__ = [
     "AGGREGATORS",
+    "CHECKPOINT_DIR",
+    "CHECKPOINT_FILE",
     "FEDPROX_MU",
     "MODEL_OWNER",
     "SCAFFOLD_CTRL_DIFF",
@@ -93,6 +104,7 @@ __all__ = [
     "cross_site_evaluate",
     "cyclic_order",
     "fedopt_step",
+    "load_initial_model",
     "options_of",
     "register_aggregator",
     "run_rounds",

@@ -36,8 +36,15 @@ from typing import Any
 
 import numpy as np
 
-from ..codec import Message, _remote, _shm, model_from_wire, model_to_wire
-from ..codec._remote import RemoteArray
+from ..codec import (
+    Message,
+    RemoteArray,
+    check_remote_probe,
+    materialize_remote,
+    model_from_wire,
+    model_to_wire,
+    prefetch_shm,
+)
 from ..errors import (
     ClientFailedError,
     ConfigError,
@@ -252,7 +259,7 @@ class ServerRuntime:
     def _register(self, site: _Site, fields: dict[str, Any]) -> Message:
         # Can this server read the site's memory (same host, permitted)? Then its results
         # are read where they lie instead of being copied to shared memory first.
-        remote_reads = "remote_probe" in fields and _remote.check_probe(fields["remote_probe"])
+        remote_reads = "remote_probe" in fields and check_remote_probe(fields["remote_probe"])
         with self._cond:
             site.registered = True
             site.gone = None
@@ -614,10 +621,10 @@ class ServerRuntime:
         try:
             results = []
             for event in batch:
-                _shm.prefetch(event.arrays)  # queued results were mapped lazily
+                prefetch_shm(event.arrays)  # queued results were mapped lazily
                 model = event.model
                 if model is not None and not lazy_results and event.read is not None:
-                    model = replace(model, params=_remote.materialize(model.params))
+                    model = replace(model, params=materialize_remote(model.params))
                 if model is not None:
                     results.append((event.site, model))
             if on_results is not None:

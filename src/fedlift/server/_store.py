@@ -33,9 +33,18 @@ from .._atomic import (
     storage_errors,
 )
 from ..errors import ConfigError, ProtocolError
-from ..model import ParamTree, flat_keys, flatten, unflatten
-from ..model._keras import keras_params, load_keras_model, set_keras_params
-from ..model._safetensors import load_safetensors, save_safetensors, stage_safetensors
+from ..model import (
+    ParamTree,
+    flat_keys,
+    flatten,
+    keras_params,
+    load_keras_model,
+    load_safetensors,
+    save_safetensors,
+    set_keras_params,
+    stage_safetensors,
+    unflatten,
+)
 from ._runtime import LogRecord
 
 __all__ = [

@@ -22,13 +22,19 @@ from typing import Any, TextIO
 from rich.console import Console
 from rich.table import Table
 
-from ..client._worker import SERVER_TOKEN_ENV, SHARED_MEMORY_ENV
-from ..codec import _shm
+from ..client.worker import SERVER_TOKEN_ENV, SHARED_MEMORY_ENV
+from ..codec import SHM_SESSION_ENV, SegmentPool, shm_available, sweep_shm
 from ..errors import ClientFailedError, ConfigError
 from ..job import load_job, zip_dir
 from ..model import ParamTree
-from ..server import RoundRecord, RunRecorder, ServerRuntime, cross_site_evaluate
-from ..server._store import ArraysFormat, load_initial_model
+from ..server import (
+    ArraysFormat,
+    RoundRecord,
+    RunRecorder,
+    ServerRuntime,
+    cross_site_evaluate,
+    load_initial_model,
+)
 from ..transport import GrpcListener
 from . import _gpu
 from ._gpu import assign_groups, check_gpu_ids, parse_gpu_groups
@@ -146,10 +152,10 @@ def run_simulator(
         config.workflow.higher_is_better,
         save_interval=config.workflow.save_interval,
     )
-    shared = shared_memory and _shm.available()
+    shared = shared_memory and shm_available()
     # Spares up to 256 MiB: a small model's segment that slow clients still map when the
     # next aggregate starts is not traded for fresh pages every round.
-    pool = _shm.SegmentPool(keep=1, spare_bytes=256 * 2**20) if shared else None
+    pool = SegmentPool(keep=1, spare_bytes=256 * 2**20) if shared else None
     runtime = ServerRuntime(
         job_id,
         sites,
@@ -165,8 +171,8 @@ def run_simulator(
         on_round=lambda r: console.print(_round_line(r, config.workflow.num_rounds)),
     )
     session_id = secrets.token_hex(4)
-    previous_session = os.environ.get(_shm.SESSION_ENV)
-    os.environ[_shm.SESSION_ENV] = session_id  # this process and its workers: one sweep
+    previous_session = os.environ.get(SHM_SESSION_ENV)
+    os.environ[SHM_SESSION_ENV] = session_id  # this process and its workers: one sweep
     # Only this run's workers may call the server: they get the secret in their environment
     # (never argv, which any local user can read in /proc/PID/cmdline).
     token = secrets.token_hex(32)
@@ -252,13 +258,13 @@ def run_simulator(
         try:
             recorder.close()
         finally:
-            leftovers = _shm.sweep(session_id)
+            leftovers = sweep_shm(session_id)
             if leftovers:
                 log.debug("removed %d shared-memory segments at exit", len(leftovers))
             if previous_session is None:
-                os.environ.pop(_shm.SESSION_ENV, None)
+                os.environ.pop(SHM_SESSION_ENV, None)
             else:
-                os.environ[_shm.SESSION_ENV] = previous_session
+                os.environ[SHM_SESSION_ENV] = previous_session
             logging.getLogger("fedlift").removeHandler(handler)
             handler.close()
     elapsed = time.monotonic() - started

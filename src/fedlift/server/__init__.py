@@ -9,6 +9,16 @@ from ._aggregate import (
     weighted_mean_metrics,
 )
 from ._fedavg import Controller, FedAvg, FedAvgResult, all_clients
+from ._mean import Mean
+from ._robust import (
+    FedMedian,
+    FedTrimmedAvg,
+    Krum,
+    coordinate_median,
+    krum_scores,
+    multikrum,
+    trimmed_mean,
+)
 from ._runtime import LogRecord, ServerRuntime
 from ._store import ArraysFormat, KerasWeightsFormat, ModelFormat, RoundRecord, RunRecorder
 
@@ -18,8 +28,12 @@ __all__ = [
     "ErrorPolicy",
     "FedAvg",
     "FedAvgResult",
+    "FedMedian",
+    "FedTrimmedAvg",
     "KerasWeightsFormat",
+    "Krum",
     "LogRecord",
+    "Mean",
     "ModelFormat",
     "RoundRecord",
     "RunRecorder",
@@ -28,6 +42,10 @@ __all__ = [
     "all_clients",
     "apply_update",
     "check_error_policy",
+    "coordinate_median",
+    "krum_scores",
+    "multikrum",
+    "trimmed_mean",
     "weighted_mean",
     "weighted_mean_metrics",
 ]

@@ -224,7 +224,7 @@ def test_scaffold_known_answer() -> None:
 
 def test_scaffold_refuses_a_result_without_its_control_variate() -> None:
     fn = fixed({"site-1": [1.0], "site-2": [1.0]})
-    with pytest.raises(Exception, match="sent no 'scaffold_c_diff'"):
+    with pytest.raises(Exception, match=r"site-1 sent no meta\['scaffold_c_diff'\]"):
         run(Scaffold(), fn, {"w": np.array([0.0])}, 2, 1)
 
 
@@ -311,3 +311,58 @@ def test_filters_wrap_tasks_and_results_for_any_strategy(tmp_path: Path) -> None
         controller.close()
     assert tags == [True, True]
     np.testing.assert_allclose(result.params["w"], [2.0, 6.0])  # the mean of the doubled
+
+
+# ---------------------------------------------------------------------------- robust
+def test_fedavg_with_a_robust_aggregator_resists_two_attackers() -> None:
+    from fedlift.server import FedMedian, FedTrimmedAvg, Krum
+
+    # 6 sites: 4 honest near 1.0, one scaled x100, one sign-flipped.
+    answers = {
+        "site-1": [1.0, 1.0], "site-2": [1.1, 0.9], "site-3": [0.9, 1.1], "site-4": [1.0, 1.2],
+        "site-5": [100.0, 100.0], "site-6": [-1.0, -1.0],
+    }  # fmt: skip
+    fn = fixed(answers)
+    initial = {"w": np.zeros(2)}
+    mean = run(FedAvg(), fn, initial, 6, 1).params["w"]
+    np.testing.assert_allclose(mean, [(4.0 + 99.0) / 6, (4.2 + 99.0) / 6])  # far off
+    median = run(FedAvg(aggregator=FedMedian()), fn, initial, 6, 1).params["w"]
+    # sorted first coordinate: -1, 0.9, 1.0, 1.0, 1.1, 100 -> (1.0 + 1.0) / 2
+    # sorted second: -1, 0.9, 1.0, 1.1, 1.2, 100 -> (1.0 + 1.1) / 2
+    np.testing.assert_allclose(median, [1.0, 1.05])
+    trimmed = run(FedAvg(aggregator=FedTrimmedAvg(beta=0.2)), fn, initial, 6, 1).params["w"]
+    # floor(0.2 * 6) = 1 dropped each side: (0.9 + 1.0 + 1.0 + 1.1) / 4, (0.9+1.0+1.1+1.2) / 4
+    np.testing.assert_allclose(trimmed, [1.0, 1.05])
+    krum = run(FedAvg(aggregator=Krum(f=1, m=3)), fn, initial, 6, 1).params["w"]
+    assert np.abs(krum - 1.0).max() < 0.25
+    spec = strategy_to_spec(FedAvg(aggregator=FedTrimmedAvg(beta=0.1)))
+    assert spec == {"type": "fedavg", "aggregator": {"type": "fedtrimmedavg", "beta": 0.1}}
+    assert strategy_from_spec(spec) == FedAvg(aggregator=FedTrimmedAvg(beta=0.1))
+    assert strategy_from_spec({"type": "fedavg", "aggregator": "fedmedian"}) == FedAvg(
+        aggregator=FedMedian()
+    )
+    with pytest.raises(ConfigError, match="unknown aggregator type 'median'; known: fedmedian"):
+        strategy_from_spec({"type": "fedavg", "aggregator": "median"})
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedadam", "fedmedian", "scaffold", "cyclic"])
+def test_every_strategy_refuses_nan_naming_the_site(name: str) -> None:
+    from fedlift.errors import ClientFailedError
+
+    spec: dict[str, Any] = {"type": name}
+    if name == "fedmedian":
+        spec = {"type": "fedavg", "aggregator": "fedmedian"}
+
+    def fn(site: str, model: FLModel) -> FLModel:
+        w = np.asarray(model.params["w"]) + 1.0
+        if site == "site-2":
+            w = w.copy()
+            w[1] = np.nan
+        return FLModel(params={"w": w}, meta={SCAFFOLD_CTRL_DIFF: {"w": np.zeros(3)}})
+
+    with pytest.raises(ClientFailedError, match=r"site-2 sent 'w'.*not finite"):
+        run(strategy_from_spec(spec), fn, {"w": np.zeros(3)}, 3, 1)
+    # under "exclude" the site is left out and the others' aggregate is exact
+    result = run(strategy_from_spec(spec), fn, {"w": np.zeros(3)}, 3, 1, min_clients=2,
+                 on_client_error="exclude")  # fmt: skip
+    assert np.all(np.isfinite(result.params["w"]))

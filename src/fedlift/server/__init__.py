@@ -22,6 +22,15 @@ from ._registry import (
     strategy_from_spec,
     strategy_to_spec,
 )
+from ._robust import (
+    FedMedian,
+    FedTrimmedAvg,
+    Krum,
+    coordinate_median,
+    krum_scores,
+    multikrum,
+    trimmed_mean,
+)
 from ._runtime import LogRecord, ServerRuntime
 from ._scaffold import SCAFFOLD_CTRL_DIFF, SCAFFOLD_CTRL_GLOBAL, Scaffold, scaffold_step
 from ._seam import (
@@ -55,6 +64,13 @@ from ._strategy import (
 )
 
 __all__ = [
+    "FedMedian",
+    "FedTrimmedAvg",
+    "Krum",
+    "coordinate_median",
+    "krum_scores",
+    "multikrum",
+    "trimmed_mean",
     "AGGREGATORS",
     "CHECKPOINT_DIR",
     "CHECKPOINT_FILE",

@@ -38,10 +38,12 @@ from ._seam import Allocator
 __all__ = [
     "Allocator",
     "ErrorPolicy",
+    "Layout",
     "StreamingMean",
     "accumulate",
     "apply_update",
     "check_error_policy",
+    "check_result",
     "scale",
     "scan_finite",
     "weighted_mean",
@@ -374,6 +376,79 @@ def _culprit(parts: list[Part], target: np.ndarray, start: int, stop: int) -> _N
     return _NotFinite(None, offset, value)
 
 
+Layout = tuple[Structure, list[str], list[tuple[tuple[int, ...], np.dtype[Any]]], ParamsType | None]
+"""What the results of a round must match: the params' structure, their flat keys, each
+leaf's shape and dtype, and the params type (None: until the first result sets them)."""
+
+
+def check_result(
+    model: FLModel, source: str, layout: Layout, *, finite: bool
+) -> tuple[Layout, float, list[Any] | None]:
+    """Check one result against ``layout`` without changing anything: its weight (a finite
+    number > 0), its params type, layout, shapes and dtype kinds (a float leaf takes floats
+    of any width, an integer leaf integers), and with ``finite`` every value (no NaN or Inf).
+
+    Returns the layout the next result must match (the first result with params fixes an
+    empty one), the weight and the flat params (None when the result carries none). Raises
+    :class:`~fedlift.errors.InvalidResultError` naming ``source`` (and the key). Every
+    aggregator checks its results with it, so they refuse the same results alike.
+    """
+    weight = _weight(model, source)
+    if model.params is None:
+        return layout, weight, None
+    known_structure, known_keys, known_shapes, known_type = layout
+    structure, arrays = flatten(model.params)
+    params_type = known_type or model.params_type or ParamsType.FULL
+    if model.params_type not in (None, params_type):
+        raise InvalidResultError(
+            f"{source} sent params_type={model.params_type.value} but earlier results in "
+            f"this round were {params_type.value}; all clients must send the same "
+            "kind of params in a round."
+        )
+    if known_structure is None:
+        keys = flat_keys(structure)
+        shapes = [(a.shape, a.dtype) for a in arrays]
+    elif structure != known_structure:
+        theirs = flat_keys(structure)
+        missing = [k for k in known_keys if k not in set(theirs)]
+        extra = [k for k in theirs if k not in set(known_keys)]
+        raise InvalidResultError(
+            f"{source} sent params whose layout differs from the global model "
+            f"(missing: {missing[:5] or 'none'}, unexpected: {extra[:5] or 'none'}). "
+            "Send every layer/key of the model received, e.g. "
+            "{layer.name: layer.get_weights() for layer in model.layers}."
+        )
+    else:
+        keys, shapes = known_keys, known_shapes
+    for key, (shape, dtype), array in zip(keys, shapes, arrays, strict=True):
+        if array.shape != shape:
+            raise InvalidResultError(
+                f"{source} sent {key!r} with shape {array.shape}; the global model has "
+                f"{shape}. Did the script change the model's architecture?"
+            )
+        if not np.issubdtype(array.dtype, np.number) and array.dtype != np.bool_:
+            raise InvalidResultError(f"{source} sent {key!r} with non-numeric dtype {array.dtype}.")
+        if _kind(array.dtype) != _kind(dtype):
+            raise InvalidResultError(
+                f"{source} sent {key!r} as {np.dtype(array.dtype)}, but the global model's "
+                f"{key!r} is {np.dtype(dtype)}: a {_kind(dtype)} leaf takes "
+                f"{_kind(dtype)} values only (they are never cast silently). Send it "
+                f"back as the model's dtype, e.g. value.astype(np.{np.dtype(dtype)}). "
+                f"Received: {key}.dtype={np.dtype(array.dtype)}."
+            )
+    if finite:
+        try:
+            scan_finite(arrays)
+        except _NotFinite as exc:
+            raise InvalidResultError(
+                f"{source} sent {keys[exc.index]!r} with a value that is not finite "
+                f"(element {exc.offset} is {exc.value}); the result is left out. Check "
+                "the script's training for divergence (e.g. a lower learning rate). "
+                f"Received: {keys[exc.index]}[{exc.offset}]={exc.value}."
+            ) from None
+    return (structure, keys, shapes, params_type), weight, arrays
+
+
 class StreamingMean:
     """Streaming weighted mean of param trees and numeric metrics, one result at a time.
 
@@ -442,20 +517,12 @@ class StreamingMean:
         """Fold several ``(source, model)`` results, exactly as ``add`` one after the other,
         in one pass over the sums (results that queued up while the last was folded)."""
         # Validate before changing any state: a rejected result leaves the mean as it was.
-        layout = (self._structure, self._keys, self._shapes, self._params_type)
-        try:
-            validated = [
-                (
-                    source,
-                    model,
-                    _weight(model, source),
-                    None if model.params is None else self._validated(model, source),
-                )
-                for source, model in results
-            ]
-        except BaseException:
-            self._structure, self._keys, self._shapes, self._params_type = layout
-            raise
+        layout: Layout = (self._structure, self._keys, self._shapes, self._params_type)
+        validated = []
+        for source, model in results:
+            layout, weight, arrays = check_result(model, source, layout, finite=self._prescan)
+            validated.append((source, model, weight, arrays))
+        self._structure, self._keys, self._shapes, self._params_type = layout
         parts: list[tuple[list[Any], float]] = []
         sources: list[str] = []
         assign_first = False
@@ -518,62 +585,6 @@ class StreamingMean:
         if self._allocate is not None:
             return self._allocate(specs)
         return [np.empty(shape, dtype) for shape, dtype in specs]
-
-    def _validated(self, model: FLModel, source: str) -> list[np.ndarray]:
-        structure, arrays = flatten(model.params)
-        params_type = self._params_type or model.params_type or ParamsType.FULL
-        if model.params_type not in (None, params_type):
-            raise InvalidResultError(
-                f"{source} sent params_type={model.params_type.value} but earlier results in "
-                f"this round were {params_type.value}; all clients must send the same "
-                "kind of params in a round."
-            )
-        if self._structure is None:
-            keys = flat_keys(structure)
-            shapes = [(a.shape, a.dtype) for a in arrays]
-        elif structure != self._structure:
-            theirs = flat_keys(structure)
-            missing = [k for k in self._keys if k not in set(theirs)]
-            extra = [k for k in theirs if k not in set(self._keys)]
-            raise InvalidResultError(
-                f"{source} sent params whose layout differs from the global model "
-                f"(missing: {missing[:5] or 'none'}, unexpected: {extra[:5] or 'none'}). "
-                "Send every layer/key of the model received, e.g. "
-                "{layer.name: layer.get_weights() for layer in model.layers}."
-            )
-        else:
-            keys, shapes = self._keys, self._shapes
-        for key, (shape, dtype), array in zip(keys, shapes, arrays, strict=True):
-            if array.shape != shape:
-                raise InvalidResultError(
-                    f"{source} sent {key!r} with shape {array.shape}; the global model has "
-                    f"{shape}. Did the script change the model's architecture?"
-                )
-            if not np.issubdtype(array.dtype, np.number) and array.dtype != np.bool_:
-                raise InvalidResultError(
-                    f"{source} sent {key!r} with non-numeric dtype {array.dtype}."
-                )
-            if _kind(array.dtype) != _kind(dtype):
-                raise InvalidResultError(
-                    f"{source} sent {key!r} as {np.dtype(array.dtype)}, but the global model's "
-                    f"{key!r} is {np.dtype(dtype)}: a {_kind(dtype)} leaf takes "
-                    f"{_kind(dtype)} values only (they are never cast silently). Send it "
-                    f"back as the model's dtype, e.g. value.astype(np.{np.dtype(dtype)}). "
-                    f"Received: {key}.dtype={np.dtype(array.dtype)}."
-                )
-        if self._prescan:
-            try:
-                scan_finite(arrays)
-            except _NotFinite as exc:
-                raise InvalidResultError(
-                    f"{source} sent {keys[exc.index]!r} with a value that is not finite "
-                    f"(element {exc.offset} is {exc.value}); the result is left out. Check "
-                    "the script's training for divergence (e.g. a lower learning rate). "
-                    f"Received: {keys[exc.index]}[{exc.offset}]={exc.value}."
-                ) from None
-        self._params_type = params_type
-        self._structure, self._keys, self._shapes = structure, keys, shapes
-        return arrays
 
     def _not_finite(self, exc: _NotFinite, sources: list[str]) -> InvalidResultError:
         key = self._keys[exc.index] if 0 <= exc.index < len(self._keys) else f"#{exc.index}"

@@ -33,6 +33,7 @@ from ._cyclic import Cyclic
 from ._fedavg import FedAvg, FedProx
 from ._fedopt import FedAdagrad, FedAdam, FedAvgM, FedYogi
 from ._mean import Mean
+from ._robust import FedMedian, FedTrimmedAvg, Krum
 from ._scaffold import Scaffold
 from ._seam import AggregatorFactory
 from ._strategy import Strategy
@@ -52,7 +53,12 @@ STRATEGIES: dict[str, type[Strategy]] = {
 }
 """The built-in strategies by their ``job.json`` type."""
 
-AGGREGATORS: dict[str, type[Any]] = {"mean": Mean}
+AGGREGATORS: dict[str, type[Any]] = {
+    "mean": Mean,
+    "fedmedian": FedMedian,
+    "fedtrimmedavg": FedTrimmedAvg,
+    "krum": Krum,
+}
 """Aggregator factories by name (``{"type": "fedavg", "aggregator": {"type": "median"}}``)."""
 
 

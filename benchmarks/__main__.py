@@ -16,6 +16,18 @@ scenarios in their own venvs (``benchmarks/peers``), measured by the same rules:
 
 Prints one table and writes ``benchmarks/results/latest.json``. ``--smoke`` runs every
 scenario at tiny sizes (only proves the benchmark still runs).
+
+Two modes compare variants of one scenario in the same run (so the machine's state is the
+same for all), each against fedlift's FedAvg with FULL results:
+
+* ``--strategy NAME[,NAME...]`` (or ``all``): 10M params x 8 clients (or ``--only``'s
+  scenarios) with FedAvg, then with each named strategy (``fedlift.server``'s registry, as
+  ``job.json`` names them); prints s/round and peak PSS beside FedAvg's, and the targets.
+  ``fedmedian``, ``fedtrimmedavg`` and ``krum`` are FedAvg with that robust aggregator.
+* ``--diff``: 10M params x 2 clients (or ``--only``'s) with FULL results, then with DIFF
+  results (the clients send the change, a constant tree made once); prints the ratio.
+
+With ``--smoke`` each variant runs once, polled (its times are then the polled run's).
 """
 
 from __future__ import annotations
@@ -35,7 +47,9 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.peers.common import TreePoller
-from fedlift import FedAvgJob, ScriptRunner
+from fedlift import FedJob, ScriptRunner
+from fedlift.errors import ConfigError
+from fedlift.server import AGGREGATORS, STRATEGIES, Strategy, strategy_from_spec
 
 HERE = Path(__file__).resolve().parent
 
@@ -79,6 +93,24 @@ SCENARIOS = [
 LARGE = Scenario("3 GB model, 1 client", 750_000_000, 1, rounds=2)
 """Beyond gRPC's 2 GB message limit; run with --large (needs ~16 GB of memory)."""
 
+STRATEGY_NAMES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm", "scaffold",
+                  "cyclic", "fedmedian", "fedtrimmedavg", "krum")  # fmt: skip
+"""What ``--strategy`` takes: ``job.json`` strategy types, and the robust aggregators."""
+
+ROBUST = ("fedmedian", "fedtrimmedavg", "krum")
+"""Aggregator names (``fedlift.server.AGGREGATORS``), run as FedAvg with that aggregator."""
+
+STRATEGY_TARGETS = {"fedadam": 1.3, "scaffold": 2.2, "fedmedian": 3.0}
+"""s/round as a multiple of FedAvg's, at most. SCAFFOLD's results carry twice the data (the
+model and the control variate's change); a median must hold every result."""
+
+DIFF_TARGET = 1.10
+"""DIFF results' s/round as a multiple of FULL's, at most: the new global model is
+published once, as FULL's is, so DIFF should cost no more than its add."""
+
+STRATEGY_SCENARIO = "10M params, 8 clients"
+DIFF_SCENARIO = "10M params, 2 clients"
+
 
 class ServerPoller(TreePoller):
     """Peak memory of the server process alone (the simulator's main process)."""
@@ -106,21 +138,41 @@ def memcpy_floor(n_params: int, clients: int) -> float:
     return min(times) * 2 * clients
 
 
-def run_fedlift(scenario: Scenario, workdir: Path, shared_memory: bool = True) -> Outcome:
-    """Times from a run without the memory poll, peak memory from a second, polled run."""
-    timed = _run_fedlift(scenario, workdir / "timed", shared_memory, memory=False)
-    polled = _run_fedlift(scenario, workdir / "memory", shared_memory, memory=True)
+def run_fedlift(
+    scenario: Scenario,
+    workdir: Path,
+    shared_memory: bool = True,
+    *,
+    strategy: Strategy | None = None,
+    diff: bool = False,
+    once: bool = False,
+) -> Outcome:
+    """Times from a run without the memory poll, peak memory from a second, polled run
+    (``once``: the polled run only, for smoke runs). ``strategy``: the job's (default
+    FedAvg); ``diff``: the clients send DIFF results."""
+    if once:
+        return _run_fedlift(scenario, workdir / "memory", shared_memory, True, strategy, diff)
+    timed = _run_fedlift(scenario, workdir / "timed", shared_memory, False, strategy, diff)
+    polled = _run_fedlift(scenario, workdir / "memory", shared_memory, True, strategy, diff)
     timed.peak_rss_mb, timed.peak_pss_mb = polled.peak_rss_mb, polled.peak_pss_mb
     timed.server_peak_pss_mb = polled.server_peak_pss_mb
     return timed
 
 
-def _run_fedlift(scenario: Scenario, workdir: Path, shared_memory: bool, memory: bool) -> Outcome:
-    job = FedAvgJob(
+def _run_fedlift(
+    scenario: Scenario,
+    workdir: Path,
+    shared_memory: bool,
+    memory: bool,
+    strategy: Strategy | None = None,
+    diff: bool = False,
+) -> Outcome:
+    job = FedJob(
         "bench", scenario.clients, scenario.rounds, model_of(scenario.params),
-        final_evaluation=False,
+        final_evaluation=False, strategy=strategy,
     )  # fmt: skip
-    job.to_clients(ScriptRunner(HERE / "noop_client.py", framework="numpy"))
+    job.to_clients(ScriptRunner(HERE / "noop_client.py", script_args="--diff" if diff else "",
+                                framework="numpy"))  # fmt: skip
     folder = job.export_job(workdir / "jobs")
     command = [sys.executable, "-m", "fedlift", "simulator", "-q", "-w", str(workdir / "ws"),
                str(folder)] + ([] if shared_memory else ["--no-shared-memory"])  # fmt: skip
@@ -194,6 +246,172 @@ def print_table(scenarios: list[Scenario], results: list[Outcome]) -> None:
         print(f"{'':<24} " + "; ".join(notes))
 
 
+def parse_strategies(value: str) -> list[str]:
+    """``--strategy``'s value: names separated by commas, or ``all``; FedAvg is the
+    baseline every run has, so it is not repeated."""
+    names = [n.strip().lower() for n in value.split(",") if n.strip()]
+    if names == ["all"]:
+        return [n for n in STRATEGY_NAMES if n != "fedavg"]
+    unknown = [n for n in names if n not in STRATEGY_NAMES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown strategy {', '.join(unknown) or '(none given)'}; expected names among "
+            f"{', '.join(STRATEGY_NAMES)} separated by commas, or all. Received: {value!r}"
+        )
+    return [n for n in dict.fromkeys(names) if n != "fedavg"]
+
+
+def strategy_of(name: str) -> Strategy | str:
+    """The strategy ``--strategy name`` runs, built by the registry from the spec job.json
+    would hold; a string instead says why it cannot run in this tree."""
+    if name in ROBUST:
+        if name not in AGGREGATORS:
+            return (f"the aggregator {name!r} is not registered in fedlift.server.AGGREGATORS "
+                    f"(registered: {', '.join(sorted(AGGREGATORS))})")  # fmt: skip
+        spec: dict[str, object] = {"type": "fedavg", "aggregator": name}
+    elif name not in STRATEGIES:
+        return (f"the strategy {name!r} is not in fedlift.server.STRATEGIES "
+                f"(known: {', '.join(sorted(STRATEGIES))})")  # fmt: skip
+    else:
+        spec = {"type": name}
+    try:
+        return strategy_from_spec(spec, where="benchmark")
+    except ConfigError as exc:
+        return str(exc)
+
+
+def _x(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b > 0 else "-"
+
+
+def print_comparison(
+    title: str, what: str, rows: list[tuple[str, Outcome, float | None]], note: dict[str, str]
+) -> None:
+    """One scenario's variants against the first row: s/round, PSS and their ratios."""
+    base = rows[0][1]
+    print(f"{title} (ratios to {rows[0][0]})")
+    print(f"{what:<14} {'s/round':>9} {'ratio':>7} {'target':>16} {'peak PSS MB':>12} "
+          f"{'ratio':>7}")  # fmt: skip
+    for label, o, target in rows:
+        goal = ""
+        if target is not None:
+            met = "met" if o.median_s <= target * base.median_s else "NOT met"
+            goal = f"<= {target:.2f}x {met}"
+        pss = _x(o.peak_pss_mb, base.peak_pss_mb)
+        line = (f"{label:<14} {o.median_s:>9.4f} {_x(o.median_s, base.median_s):>7} "
+                f"{goal:>16} {o.peak_pss_mb:>12.0f} {pss:>7}")  # fmt: skip
+        print(line + (f"  ({note[label]})" if label in note else ""))
+
+
+def _row(o: Outcome, base: Outcome, target: float | None, **keys: str) -> dict[str, object]:
+    return {**keys, **asdict(o), "ratio_s": o.median_s / base.median_s if base.median_s else None,
+            "ratio_pss": o.peak_pss_mb / base.peak_pss_mb if base.peak_pss_mb else None,
+            "target_ratio_s": target}  # fmt: skip
+
+
+def run_strategies(
+    scenarios: list[Scenario], names: list[str], once: bool
+) -> tuple[list[dict[str, object]], list[dict[str, str]]]:
+    """Each scenario with FedAvg, then with each strategy of ``names``; printed per scenario.
+    A strategy that cannot be built here, or whose run fails, is skipped with a line."""
+    rows: list[dict[str, object]] = []
+    skipped: list[dict[str, str]] = []
+    for scenario in scenarios:
+        floor = memcpy_floor(scenario.params, scenario.clients)
+        done: list[tuple[str, Outcome, float | None]] = []
+        for name in ["fedavg", *names]:
+            built = strategy_of(name)
+            if isinstance(built, str):
+                print(f"skipped {name}: {built}", flush=True)
+                skipped.append({"strategy": name, "scenario": scenario.name, "why": built})
+                continue
+            with tempfile.TemporaryDirectory(prefix="fedlift-bench-") as tmp:
+                try:
+                    o = run_fedlift(scenario, Path(tmp), strategy=built, once=once)
+                except RuntimeError as exc:
+                    if name == "fedavg":  # the baseline: nothing to compare without it
+                        raise
+                    print(f"{name}: {scenario.name} failed: {str(exc)[:300]}", flush=True)
+                    skipped.append({"strategy": name, "scenario": scenario.name,
+                                    "why": str(exc)[:3000]})  # fmt: skip
+                    continue
+            o.floor_s = floor
+            done.append((name, o, STRATEGY_TARGETS.get(name)))
+            print(f"ran fedlift {name}: {scenario.name}: {o.median_s:.4f} s/round", flush=True)
+        rows += [_row(o, done[0][1], t, mode="strategy", strategy=n) for n, o, t in done]
+        print()
+        print_comparison(f"strategies, {scenario.name}, {scenario.rounds} rounds", "strategy",
+                         done, {"cyclic": "the sites one after another",
+                                "scaffold": "results carry twice the data"})  # fmt: skip
+        print()
+    return rows, skipped
+
+
+def run_diff(scenarios: list[Scenario], once: bool) -> list[dict[str, object]]:
+    """Each scenario with FULL results, then with DIFF results; printed per scenario."""
+    rows: list[dict[str, object]] = []
+    for scenario in scenarios:
+        floor = memcpy_floor(scenario.params, scenario.clients)
+        done: list[tuple[str, Outcome, float | None]] = []
+        for kind, diff in (("FULL", False), ("DIFF", True)):
+            with tempfile.TemporaryDirectory(prefix="fedlift-bench-") as tmp:
+                o = run_fedlift(scenario, Path(tmp), diff=diff, once=once)
+            o.floor_s = floor
+            done.append((kind, o, DIFF_TARGET if diff else None))
+            print(f"ran fedlift {kind}: {scenario.name}: {o.median_s:.4f} s/round", flush=True)
+        rows += [_row(o, done[0][1], t, mode="diff", params_type=k) for k, o, t in done]
+        print()
+        print_comparison(f"FULL vs DIFF results, {scenario.name}, {scenario.rounds} rounds",
+                         "params_type", done, {})  # fmt: skip
+        print()
+    return rows
+
+
+def _meta() -> dict[str, object]:
+    return {"machine": platform.machine(), "cpus": os.cpu_count(), "python": sys.version.split()[0],
+            "load_avg": os.getloadavg(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
+
+
+SMOKE_STRATEGY_CLIENTS = 5
+"""Strategies' smoke runs have this many clients at most (a run's start costs ~0.3 s of CPU
+per client): the fewest with which every named one runs (Krum with f=1 needs n > 2f + 2)."""
+
+
+def _scenarios(
+    only: str | None, default: str, smoke: bool, most_clients: int | None = None
+) -> list[Scenario]:
+    chosen = [s for s in SCENARIOS if (only in s.name if only else s.name == default)]
+    if smoke:
+        smoked = []
+        for s in chosen:
+            clients = min(s.clients, most_clients or s.clients)
+            fewer = "" if clients == s.clients else f", {clients} clients"
+            smoked.append(Scenario(f"{s.name} (smoke{fewer})", 1000, clients, 3))
+        chosen = smoked
+    if not chosen:
+        raise SystemExit(
+            f"--only {only!r} names no scenario; expected part of one of: "
+            + ", ".join(s.name for s in SCENARIOS)
+        )
+    return chosen
+
+
+def run_modes(args: argparse.Namespace) -> int:
+    """``--strategy`` and/or ``--diff``: their comparisons, then one results file."""
+    rows: list[dict[str, object]] = []
+    skipped: list[dict[str, str]] = []
+    if args.strategy is not None:
+        scenarios = _scenarios(args.only, STRATEGY_SCENARIO, args.smoke, SMOKE_STRATEGY_CLIENTS)
+        rows, skipped = run_strategies(scenarios, args.strategy, once=args.smoke)
+    if args.diff:
+        rows += run_diff(_scenarios(args.only, DIFF_SCENARIO, args.smoke), once=args.smoke)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"meta": _meta(), "results": rows, "skipped": skipped},
+                                    indent=2) + "\n")  # fmt: skip
+    print(f"results: {args.json}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks",
@@ -212,11 +430,22 @@ def main(argv: list[str] | None = None) -> int:
         "--large", action="store_true",
         help="only the 3 GB model, with shared memory and through gRPC chunks",
     )  # fmt: skip
+    parser.add_argument(
+        "--strategy", type=parse_strategies, default=None, metavar="NAME[,NAME...]",
+        help=f"compare strategies with FedAvg (default scenario: {STRATEGY_SCENARIO}); "
+             f"names: {', '.join(STRATEGY_NAMES)}, or all",
+    )  # fmt: skip
+    parser.add_argument(
+        "--diff", action="store_true",
+        help=f"compare DIFF results with FULL (default scenario: {DIFF_SCENARIO})",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.large:
         return run_large(args.json)
     if args.tf_job:
         return run_tf_job()
+    if args.strategy is not None or args.diff:
+        return run_modes(args)
     scenarios = SCENARIOS
     if args.only:
         scenarios = [s for s in scenarios if args.only in s.name]
@@ -242,8 +471,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{peer}: {scenario.name} failed: {str(exc)[:300]}", flush=True)
     print()
     print_table(scenarios, results)
-    meta = {"machine": platform.machine(), "cpus": os.cpu_count(), "python": sys.version.split()[0],
-            "load_avg": os.getloadavg(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
+    meta = _meta()
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"meta": meta, "results": [asdict(o) for o in results]},
                                     indent=2) + "\n")  # fmt: skip

@@ -16,8 +16,11 @@ FedAvgM keeps a momentum buffer instead: ``m = beta * m + delta``, ``x = x + eta
 (``beta = 0``, ``eta = 1`` is FedAvg). The moments are strategy state: a checkpoint keeps
 them, so a resumed run continues bit for bit.
 
-The maths runs in float64 per array, written back in the model's dtype; only float leaves
-move (integer leaves, such as step counters, take the mean as FedAvg would).
+The step runs in place, block by block (cache-sized) on the fold's threads, and writes the
+new model into the round's aggregate buffer, which is already where the model is published:
+no model-sized temporary and no extra copy. Moments are kept in the leaf's float type
+(float32 for float32 and narrower leaves). Only float leaves move by the rule; integer
+leaves (step counters) take the mean as FedAvg would.
 """
 
 from __future__ import annotations
@@ -27,53 +30,106 @@ from typing import ClassVar, Literal
 
 import numpy as np
 
+from ..errors import ConfigError
 from ..model import ParamsType, ParamTree, flatten, unflatten
+from ._aggregate import _on_threads
 from ._fedavg import FedAvg, _check_number
 from ._seam import Aggregate
-from ._strategy import StrategyState, apply_in_place
+from ._strategy import StrategyState
 
-__all__ = ["FedAdagrad", "FedAdam", "FedAvgM", "FedOpt", "FedYogi", "fedopt_step"]
+__all__ = ["FedAdagrad", "FedAdam", "FedAvgM", "FedOpt", "FedYogi", "fedopt_step", "new_moments"]
 
 Rule = Literal["adam", "yogi", "adagrad", "momentum"]
+
+
+_BLOCK = 1 << 15  # elements per block: the block's temporaries stay in the CPU cache
 
 
 def fedopt_step(
     rule: Rule,
     x: list[np.ndarray],
-    delta: list[np.ndarray],
-    m: list[np.ndarray] | None,
+    mean: list[np.ndarray],
+    m: list[np.ndarray],
     v: list[np.ndarray] | None,
+    out: list[np.ndarray],
     *,
     eta: float,
     beta_1: float,
     beta_2: float,
     tau: float,
-) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray] | None]:
-    """One server step (see the module docstring) on flat lists of arrays: returns the new
-    ``x`` (fresh arrays, the dtypes of ``x``), ``m`` and ``v`` (float64; None for
-    momentum). ``m``/``v`` None: the first step (0 and ``tau^2``)."""
-    new_x, new_m, new_v = [], [], []
-    for i, (xi, di) in enumerate(zip(x, delta, strict=True)):
-        d = np.asarray(di, np.float64)
-        mi = np.zeros(d.shape) if m is None else m[i]
-        if rule == "momentum":
-            mi = beta_1 * mi + d
-            step = eta * mi
-        else:
-            vi = np.full(d.shape, tau * tau) if v is None else v[i]
-            mi = beta_1 * mi + (1.0 - beta_1) * d
-            d2 = d * d
-            if rule == "adagrad":
-                vi = vi + d2
-            elif rule == "yogi":
-                vi = vi - (1.0 - beta_2) * d2 * np.sign(vi - d2)
+    diff: bool = False,
+) -> None:
+    """One server step (see the module docstring) on flat lists of float arrays, in place:
+    ``m`` and ``v`` (None for momentum) are updated, the new model is written to ``out``,
+    which may be ``mean`` itself (the round's aggregate buffer, already where the model is
+    published). ``diff``: ``mean`` is the mean change (DIFF results), not the mean model.
+
+    Runs in cache-sized blocks on the fold's threads: each block's temporaries stay in the
+    cache, so the step crosses memory about once per array instead of once per operation.
+    """
+
+    def run(i: int, lo: int, hi: int) -> None:
+        xs, ys, os_ = x[i].reshape(-1), mean[i].reshape(-1), out[i].reshape(-1)
+        ms = m[i].reshape(-1)
+        vs = None if v is None else v[i].reshape(-1)
+        size = min(_BLOCK, hi - lo)
+        d = np.empty(size, ms.dtype)
+        t = np.empty(size, ms.dtype)
+        u = np.empty(size, ms.dtype) if rule == "yogi" else t
+        for start in range(lo, hi, _BLOCK):
+            stop = min(start + _BLOCK, hi)
+            n = stop - start
+            db, tb, ub = d[:n], t[:n], u[:n]
+            mb = ms[start:stop]
+            if diff:
+                np.copyto(db, ys[start:stop], casting="unsafe")
             else:
-                vi = beta_2 * vi + (1.0 - beta_2) * d2
-            step = eta * mi / (np.sqrt(vi) + tau)
-            new_v.append(vi)
-        new_m.append(mi)
-        new_x.append((np.asarray(xi, np.float64) + step).astype(xi.dtype))
-    return new_x, new_m, (None if rule == "momentum" else new_v)
+                np.subtract(ys[start:stop], xs[start:stop], out=db, casting="unsafe")
+            mb *= beta_1
+            if rule == "momentum":
+                mb += db
+                np.multiply(mb, eta, out=tb)
+            else:
+                if vs is None:
+                    raise ConfigError(f"fedopt_step({rule!r}) needs v")
+                vb = vs[start:stop]
+                np.multiply(db, 1.0 - beta_1, out=tb)
+                mb += tb
+                np.multiply(db, db, out=tb)  # delta^2
+                if rule == "adagrad":
+                    vb += tb
+                elif rule == "yogi":
+                    np.subtract(vb, tb, out=ub)
+                    np.sign(ub, out=ub)
+                    ub *= tb
+                    ub *= 1.0 - beta_2
+                    vb -= ub
+                else:
+                    vb *= beta_2
+                    tb *= 1.0 - beta_2
+                    vb += tb
+                np.sqrt(vb, out=tb)
+                tb += tau
+                np.divide(mb, tb, out=tb)
+                tb *= eta
+            np.add(xs[start:stop], tb, out=os_[start:stop], casting="unsafe")
+
+    _on_threads(x, run)
+
+
+def new_moments(
+    rule: Rule, x: list[np.ndarray], tau: float
+) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+    """The moments before the first step: ``m = 0`` and ``v = tau^2`` (float64 for leaves
+    of float64, float32 for narrower ones)."""
+    dtypes = [np.float64 if a.dtype == np.float64 else np.float32 for a in x]
+    m = [np.zeros(a.shape, dt) for a, dt in zip(x, dtypes, strict=True)]
+    v = (
+        None
+        if rule == "momentum"
+        else [np.full(a.shape, tau * tau, dt) for a, dt in zip(x, dtypes, strict=True)]
+    )
+    return m, v
 
 
 @dataclass
@@ -112,26 +168,38 @@ class FedOpt(FedAvg):
         structure, x = flatten(params)
         _, mean = flatten(aggregate.params)
         moving = [i for i, a in enumerate(x) if a.dtype.kind == "f"]
-        if aggregate.params_type == ParamsType.DIFF:
-            delta = [np.asarray(mean[i], np.float64) for i in moving]
-        else:
-            delta = [np.asarray(mean[i], np.float64) - x[i] for i in moving]
-        new_x, self._m, self._v = fedopt_step(
+        xs = [x[i] for i in moving]
+        if self._m is None:
+            self._m, self._v = new_moments(self.rule, xs, self.tau)
+        # The new model goes where the aggregate is (its buffers are this round's own and
+        # already where models are published); a leaf that cannot take it gets a new array.
+        outs = [
+            mean[i]
+            if mean[i].flags.writeable and mean[i].dtype == x[i].dtype
+            else np.empty_like(x[i])
+            for i in moving
+        ]
+        fedopt_step(
             self.rule,
-            [x[i] for i in moving],
-            delta,
+            xs,
+            [mean[i] for i in moving],
             self._m,
             self._v,
+            outs,
             eta=self.eta,
             beta_1=self.beta_1,
             beta_2=self.beta_2,
             tau=self.tau,
+            diff=aggregate.params_type == ParamsType.DIFF,
         )
         # Leaves that do not move by the rule (integers) take FedAvg's update.
-        out = list(flatten(apply_in_place(params, aggregate.params, aggregate.params_type))[1])
-        for i, value in zip(moving, new_x, strict=True):
-            out[i] = value
-        return unflatten(structure, out)
+        result = list(mean)
+        if aggregate.params_type == ParamsType.DIFF:
+            for i in set(range(len(x))) - set(moving):
+                result[i] = np.add(x[i], mean[i], dtype=x[i].dtype, casting="unsafe")
+        for i, value in zip(moving, outs, strict=True):
+            result[i] = value
+        return unflatten(structure, result)
 
     def state(self) -> StrategyState:
         state = super().state()
@@ -144,8 +212,8 @@ class FedOpt(FedAvg):
     def load_state(self, state: StrategyState) -> None:
         super().load_state(state)
         m, v = state.get("m"), state.get("v")
-        self._m = [np.asarray(a, np.float64) for a in m] if isinstance(m, list) else None
-        self._v = [np.asarray(a, np.float64) for a in v] if isinstance(v, list) else None
+        self._m = [np.array(a) for a in m] if isinstance(m, list) else None
+        self._v = [np.array(a) for a in v] if isinstance(v, list) else None
 
 
 @dataclass

@@ -25,6 +25,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..model import ParamsType, ParamTree, flatten, unflatten
+from ._aggregate import _on_threads
 from ._fedavg import FedAvg, _check_number, zeros_like
 from ._seam import Aggregate, Ask
 from ._strategy import StrategyState
@@ -40,25 +41,40 @@ def scaffold_step(
     mean_y: list[np.ndarray],
     c: list[np.ndarray],
     mean_dc: list[np.ndarray],
+    out_x: list[np.ndarray],
+    out_c: list[np.ndarray],
     *,
     eta_g: float,
     answered: int,
     total: int,
     diff: bool = False,
-) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """The server update on flat lists: the new ``x`` and ``c`` (fresh arrays, the dtypes of
-    ``x`` and ``c``). ``mean_y``: the mean of the results' models (``diff``: of their
-    changes ``y_i - x``)."""
-    new_x, new_c = [], []
-    for xi, yi, ci, dci in zip(x, mean_y, c, mean_dc, strict=True):
-        if xi.dtype.kind != "f":
-            new_x.append(np.asarray(yi).astype(xi.dtype) if not diff else xi)
-        else:
-            step = np.asarray(yi, np.float64) - (0.0 if diff else np.asarray(xi, np.float64))
-            new_x.append((np.asarray(xi, np.float64) + eta_g * step).astype(xi.dtype))
-        moved = np.asarray(ci, np.float64) + answered / total * np.asarray(dci, np.float64)
-        new_c.append(moved.astype(ci.dtype))
-    return new_x, new_c
+) -> None:
+    """The server update on flat lists of float arrays, written to ``out_x`` (may be
+    ``mean_y``: the round's aggregate buffer) and ``out_c``. ``mean_y``: the mean of the
+    results' models (``diff``: of their changes ``y_i - x``). Block by block on the fold's
+    threads, like FedOpt's step."""
+    share = answered / total
+
+    def run(i: int, lo: int, hi: int) -> None:
+        xs, ys, cs, ds = (a[i].reshape(-1) for a in (x, mean_y, c, mean_dc))
+        ox, oc = out_x[i].reshape(-1), out_c[i].reshape(-1)
+        tmp = np.empty(min(_BLOCK, hi - lo), np.result_type(xs.dtype, np.float32))
+        for start in range(lo, hi, _BLOCK):
+            stop = min(start + _BLOCK, hi)
+            t = tmp[: stop - start]
+            if diff:
+                np.multiply(ys[start:stop], eta_g, out=t, casting="unsafe")
+            else:
+                np.subtract(ys[start:stop], xs[start:stop], out=t, casting="unsafe")
+                t *= eta_g
+            np.add(xs[start:stop], t, out=ox[start:stop], casting="unsafe")
+            np.multiply(ds[start:stop], share, out=t, casting="unsafe")
+            np.add(cs[start:stop], t, out=oc[start:stop], casting="unsafe")
+
+    _on_threads(x, run)
+
+
+_BLOCK = 1 << 15
 
 
 @dataclass
@@ -100,18 +116,36 @@ class Scaffold(FedAvg):
         _, mean_y = flatten(aggregate.params)
         c_structure, c = flatten(self._controls)
         _, dc = flatten(mean_dc)
-        new_x, new_c = scaffold_step(
-            x,
-            mean_y,
-            c,
-            dc,
+        moving = [i for i, a in enumerate(x) if a.dtype.kind == "f"]
+        diff = aggregate.params_type == ParamsType.DIFF
+        result = list(mean_y)  # integer leaves: FedAvg's update
+        if diff:
+            for i in set(range(len(x))) - set(moving):
+                result[i] = np.add(x[i], mean_y[i], dtype=x[i].dtype, casting="unsafe")
+        out_x = [
+            mean_y[i]
+            if mean_y[i].flags.writeable and mean_y[i].dtype == x[i].dtype
+            else np.empty_like(x[i])
+            for i in moving
+        ]
+        # c gets new arrays: the last tasks' messages may still reference the old ones.
+        new_c = [np.empty_like(a) if i in set(moving) else np.array(a) for i, a in enumerate(c)]
+        scaffold_step(
+            [x[i] for i in moving],
+            [mean_y[i] for i in moving],
+            [c[i] for i in moving],
+            [dc[i] for i in moving],
+            out_x,
+            [new_c[i] for i in moving],
             eta_g=self.eta_g,
             answered=aggregate.count,
             total=max(self._total, aggregate.count),
-            diff=aggregate.params_type == ParamsType.DIFF,
+            diff=diff,
         )
+        for i, value in zip(moving, out_x, strict=True):
+            result[i] = value
         self._c = unflatten(c_structure, new_c)
-        return unflatten(structure, new_x)
+        return unflatten(structure, result)
 
     def state(self) -> StrategyState:
         state = super().state()

@@ -40,6 +40,7 @@ from ..model import (
     keras_params,
     load_keras_model,
     load_safetensors,
+    map_arrays,
     save_safetensors,
     set_keras_params,
     stage_safetensors,
@@ -562,6 +563,11 @@ class RunRecorder:
         written with the model: its arrays to ``checkpoint/strategy-<k>.npz``, the rest
         into ``checkpoint.json``, which names both.
         """
+        if self._checkpoints and strategy_state:
+            # Written in the background while the strategy goes on (FedOpt updates its
+            # moments in place): the checkpoint takes a copy of them as they are now.
+            plain, trees = split_state(strategy_state)
+            strategy_state = {**plain, **{k: map_arrays(np.array, v) for k, v in trees.items()}}
         state = {
             "round_done": round_done,
             "best_round": self.best_round,

@@ -17,6 +17,7 @@ import pytest
 import fedlift.client as flare
 from fedlift.client._api import _reset_for_tests
 from fedlift.client._link import ClientContext, LocalLink, Task, set_current_link
+from fedlift.codec import Message, decode, encode, model_from_wire, model_to_wire
 from fedlift.errors import ClientAPIError, ReceiveTimeoutError
 
 CONFIG = {"job_name": "demo", "num_rounds": 3, "runner": {"script": "train.py"}}
@@ -336,6 +337,45 @@ def test_send_refuses_unsendable_params_and_weights(ready: Site) -> None:
         flare.send(flare.FLModel(metrics={"a": 1.0}, meta={"NUM_STEPS_CURRENT_ROUND": 0}))
 
 
+def test_send_accepts_meta_param_trees(ready: Site) -> None:
+    ready.link.offer(task(0, task_id="s"))
+    flare.receive()
+    c_diff = {"dense": [np.full((2, 2), -0.5), np.zeros(2)], "pool": []}
+    meta = {flare.AlgorithmConstants.SCAFFOLD_CTRL_DIFF: c_diff, "steps": np.int64(12)}
+    params = {"dense": [np.ones((2, 2)), np.ones(2)], "pool": []}
+    flare.send(flare.FLModel(params=params, meta=meta))
+    got = ready.link.wait_result("s")
+    assert got.meta["scaffold_c_diff"] is c_diff  # as the script made it
+    assert got.meta["steps"] == 12 and type(got.meta["steps"]) is int  # numpy scalar -> int
+    # and what the worker does with it: the tree travels as arrays, back as the same tree
+    fields, arrays = model_to_wire(got)
+    wire = decode(encode(Message("submit", {"model": fields}, arrays)).tobytes())
+    back = model_from_wire(wire.fields["model"], list(wire.arrays))
+    assert back.meta["steps"] == 12 and back.meta["scaffold_c_diff"]["pool"] == []
+    np.testing.assert_array_equal(back.meta["scaffold_c_diff"]["dense"][0], np.full((2, 2), -0.5))
+
+
+@pytest.mark.parametrize(
+    ("meta", "phrase"),
+    [
+        ({"note": object()}, "FLModel.meta['note'] cannot be sent"),
+        ({"c": {"w": np.ones(2), "n": 3}}, "FLModel.meta['c'] cannot be sent"),  # mixed
+        ({"c": [np.ones(2), [1 + 2j]]}, "FLModel.meta['c'] cannot be sent"),
+        ({1: "x"}, "meta keys must be strings"),
+        ({f"c{i}": np.ones(1) for i in range(17)}, "at most 16 can be sent"),
+        ({"k" * 300: np.ones(1)}, "1 to 256 characters"),
+    ],
+)
+def test_send_refuses_meta_it_cannot_send(ready: Site, meta: dict[Any, Any], phrase: str) -> None:
+    ready.link.offer(task(0, task_id="m"))
+    flare.receive()
+    with pytest.raises(ClientAPIError) as info:
+        flare.send(flare.FLModel(metrics={"a": 1.0}, meta=meta))
+    assert phrase in str(info.value)
+    flare.send(flare.FLModel(metrics={"a": 1.0}, meta={"ok": [1, 2.5, None]}))
+    assert ready.link.wait_result("m").meta == {"ok": [1, 2.5, None]}
+
+
 # ---------------------------------------------------------------- context
 
 
@@ -352,6 +392,29 @@ def test_system_info_and_context(ready: Site) -> None:
     assert config == CONFIG
     config["num_rounds"] = 99  # a copy: the site's config is unchanged
     assert flare.get_config()["num_rounds"] == 3
+
+
+def test_get_config_merges_the_current_tasks_config(ready: Site) -> None:
+    configured = task(0, task_id="c0")
+    configured.model.meta[flare.MetaKey.CONFIG] = {"fedprox_mu": 0.01, "num_rounds": 7}
+    ready.link.offer(configured)
+    assert flare.get_config() == CONFIG  # no task yet: the job's config alone
+    flare.receive()
+    merged = flare.get_config()
+    assert merged == {**CONFIG, "fedprox_mu": 0.01, "num_rounds": 7}  # the task's key wins
+    merged["runner"]["script"] = "other.py"  # a deep copy
+    assert flare.get_config()["runner"] == {"script": "train.py"}
+    flare.send(flare.FLModel(metrics={"a": 1.0}))
+    assert flare.get_config()["fedprox_mu"] == 0.01  # still the last task's until the next
+    ready.link.offer(task(1, task_id="c1"))  # a task without a config
+    flare.receive()
+    assert flare.get_config() == CONFIG
+    odd = task(2, task_id="c2")
+    odd.model.meta[flare.MetaKey.CONFIG] = [1, 2]  # not an object: ignored (and logged)
+    flare.send(flare.FLModel(metrics={"a": 1.0}))
+    ready.link.offer(odd)
+    flare.receive()
+    assert flare.get_config() == CONFIG
 
 
 # ---------------------------------------------------------------- log

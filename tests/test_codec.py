@@ -21,7 +21,7 @@ from fedlift.codec import (
     model_to_wire,
 )
 from fedlift.codec._wire import _PREFIX, MAGIC
-from fedlift.errors import ProtocolError
+from fedlift.errors import ConfigError, ProtocolError
 from fedlift.model import FLModel, ParamsType
 
 
@@ -231,6 +231,82 @@ def test_model_without_params_round_trips() -> None:
     assert back.params is None and back.optimizer_params is None and back.params_type is None
     assert back.metrics == {"accuracy": 0.5}
     assert back.current_round is None and back.start_round == 0
+
+
+def test_meta_param_trees_travel_as_arrays() -> None:
+    c_diff = {
+        "conv": [np.full((2, 2), 0.25, np.float32), np.array([-1.5], np.float32)],
+        "pool": [],
+        "dense": [np.arange(6.0).reshape(3, 2)],
+    }
+    model = FLModel(
+        params={"conv": [np.ones((2, 2), np.float32), np.zeros(1, np.float32)], "pool": []},
+        optimizer_params={"m": np.ones(1)},
+        metrics={"loss": 0.5},
+        current_round=2,
+        meta={
+            "NUM_STEPS_CURRENT_ROUND": 8,
+            "scaffold_c_diff": c_diff,
+            "config": {"fedprox_mu": 0.01, "lr": [0.1, 0.2]},
+            "counts": np.arange(3, dtype=np.int64),  # a bare array is a tree too
+            "empty": {},  # a tree without arrays is plain JSON
+            "mixed": [1.0, "a"],
+        },
+    )
+    fields, arrays = model_to_wire(model)
+    # JSON keeps the rest, in order; the trees are described by meta_arrays, in order.
+    assert fields["meta"] == {
+        "NUM_STEPS_CURRENT_ROUND": 8,
+        "config": {"fedprox_mu": 0.01, "lr": [0.1, 0.2]},
+        "empty": {},
+        "mixed": [1.0, "a"],
+    }
+    assert list(fields["meta_arrays"]) == ["scaffold_c_diff", "counts"]
+    assert fields["meta_arrays"]["scaffold_c_diff"]["count"] == 3
+    assert fields["meta_arrays"]["counts"]["count"] == 1
+    assert len(arrays) == 2 + 1 + 3 + 1  # params, optimizer, c_diff, counts
+    assert arrays[3] is c_diff["conv"][0]  # after params and optimizer params, not copied
+    wire = decode(encode(Message("submit", {"model": fields}, arrays)).tobytes())
+    back = model_from_wire(wire.fields["model"], list(wire.arrays))
+    assert list(back.meta) == [
+        "NUM_STEPS_CURRENT_ROUND", "config", "empty", "mixed", "scaffold_c_diff", "counts"
+    ]  # fmt: skip
+    tree = back.meta["scaffold_c_diff"]
+    assert list(tree) == ["conv", "pool", "dense"] and tree["pool"] == []
+    assert tree["conv"][0].dtype == np.float32 and tree["conv"][0].shape == (2, 2)
+    np.testing.assert_array_equal(tree["conv"][0], np.full((2, 2), 0.25))
+    np.testing.assert_array_equal(tree["conv"][1], [-1.5])
+    np.testing.assert_array_equal(tree["dense"][0], np.arange(6.0).reshape(3, 2))
+    assert back.meta["counts"].dtype == np.int64
+    np.testing.assert_array_equal(back.meta["counts"], [0, 1, 2])
+    assert back.meta["config"] == {"fedprox_mu": 0.01, "lr": [0.1, 0.2]}
+    np.testing.assert_array_equal(back.params["conv"][0], np.ones((2, 2)))
+    np.testing.assert_array_equal(back.optimizer_params["m"], [1.0])
+    assert back.weight() == 8.0
+
+
+def test_a_model_without_meta_trees_is_sent_as_before() -> None:
+    fields, arrays = model_to_wire(FLModel(params={"w": np.ones(2)}, meta={"a": [1, 2]}))
+    assert "meta_arrays" not in fields and len(arrays) == 1
+    assert fields["meta"] == {"a": [1, 2]}
+
+
+def test_a_tree_mixing_arrays_and_other_values_stays_json_and_is_refused() -> None:
+    fields, arrays = model_to_wire(FLModel(meta={"c": {"w": np.ones(2), "n": 3}}))
+    assert "meta_arrays" not in fields and arrays == []
+    with pytest.raises(ProtocolError, match="not JSON-serialisable"):
+        encode(Message("submit", {"model": fields}, arrays))
+
+
+def test_model_to_wire_limits_meta_trees() -> None:
+    many = {f"k{i}": np.ones(1) for i in range(17)}
+    with pytest.raises(ConfigError, match="holds 17 param trees of arrays; at most 16"):
+        model_to_wire(FLModel(meta=many))
+    model_to_wire(FLModel(meta=dict(list(many.items())[:16])))  # 16 is fine
+    with pytest.raises(ConfigError, match="1 to 256 characters"):
+        model_to_wire(FLModel(meta={"k" * 257: np.ones(1)}))
+    with pytest.raises(ConfigError, match="1 to 256 characters"):
+        model_to_wire(FLModel(meta={"": np.ones(1)}))
 
 
 # ---------------------------------------------------------------- encode rejections
@@ -481,6 +557,72 @@ def test_model_structure_disagreeing_with_count() -> None:
         model_from_wire(fields, arrays)
 
 
+def wire_model_with_meta_tree() -> tuple[dict[str, Any], list[np.ndarray]]:
+    """params a (2 arrays), optimizer m (1), then meta c: {"d": [2 arrays]}."""
+    return model_to_wire(
+        FLModel(
+            params={"a": [np.ones(2), np.zeros(3)]},
+            optimizer_params={"m": np.ones(1)},
+            meta={"n": 1, "c": {"d": [np.full(2, 0.5), np.full(1, -0.5)]}},
+        )
+    )
+
+
+def test_meta_tree_round_trips_without_the_wire() -> None:
+    fields, arrays = wire_model_with_meta_tree()
+    back = model_from_wire(fields, arrays)
+    assert back.meta["n"] == 1
+    np.testing.assert_array_equal(back.meta["c"]["d"][0], [0.5, 0.5])
+    np.testing.assert_array_equal(back.meta["c"]["d"][1], [-0.5])
+
+
+TREE = {"d": [["d", {"l": [None, None]}]]}
+
+
+@pytest.mark.parametrize(
+    ("meta_arrays", "phrase"),
+    [
+        ([1], "meta_arrays must be a JSON object"),
+        ("c", "meta_arrays must be a JSON object"),
+        ({f"k{i}": {"structure": None, "count": 1} for i in range(17)}, "names 17 trees"),
+        ({"k" * 257: {"structure": TREE, "count": 2}}, "keys must be strings of 1 to 256"),
+        ({"": {"structure": TREE, "count": 2}}, "keys must be strings of 1 to 256"),
+        ({"n": {"structure": TREE, "count": 2}}, "both a JSON meta value and a meta_arrays"),
+        ({"c": [TREE, 2]}, "must be an object with structure and count"),
+        ({"c": {"structure": TREE}}, "must be an object with structure and count"),
+        ({"c": {"structure": TREE, "count": True}}, "must be an object with structure and count"),
+        ({"c": {"structure": TREE, "count": "2"}}, "must be an object with structure and count"),
+        ({"c": {"structure": TREE, "count": -1}}, "names -1 arrays"),
+        ({"c": {"structure": TREE, "count": 3}}, "names 3 arrays; only 5 sent"),
+        ({"c": {"structure": TREE, "count": 1}}, "param structure names more arrays than"),
+        ({"c": {"structure": None, "count": 1}}, "1 unexpected arrays"),
+        ({"c": {"structure": {"x": [None]}, "count": 2}}, "bad node in param structure"),
+        ({"c": {"structure": {"d": [[1, None]]}, "count": 2}}, "bad dict entry"),
+        ({"c": {"structure": {"d": []}, "count": 0}}, "at least one array"),
+        ({"c": None}, "at least one array"),
+        ({"c": {"structure": TREE, "count": 2}, "e": {"structure": None, "count": 1}}, "only 5"),
+    ],
+)
+def test_meta_arrays_are_validated(meta_arrays: Any, phrase: str) -> None:
+    fields, arrays = wire_model_with_meta_tree()
+    assert fields["meta_arrays"] == {"c": {"structure": TREE, "count": 2}} and len(arrays) == 5
+    fields["meta_arrays"] = meta_arrays
+    with pytest.raises(ProtocolError) as info:
+        model_from_wire(fields, arrays)
+    assert phrase in str(info.value)
+
+
+def test_meta_arrays_without_their_arrays_or_with_extra_ones() -> None:
+    fields, arrays = wire_model_with_meta_tree()
+    with pytest.raises(ProtocolError, match="names 2 arrays; only 4 sent"):
+        model_from_wire(fields, arrays[:4])
+    with pytest.raises(ProtocolError, match="1 unexpected arrays"):
+        model_from_wire(fields, [*arrays, np.ones(1)])
+    del fields["meta_arrays"]  # the trees' arrays arrive, their description does not
+    with pytest.raises(ProtocolError, match="2 unexpected arrays"):
+        model_from_wire(fields, arrays)
+
+
 # ---------------------------------------------------------------- fuzzing
 
 
@@ -516,6 +658,24 @@ def test_fuzzed_frames_decode_or_raise_protocol_error_only() -> None:
     assert decoded + failed == 2000
     assert failed > 500  # most corruptions are caught
     assert decoded > 0  # flips in padding or array data still decode
+
+
+def test_fuzzed_frames_with_meta_trees_decode_or_raise_protocol_error_only() -> None:
+    rng = random.Random(20250101)
+    fields, arrays = wire_model_with_meta_tree()
+    base = encode(Message("result", {"model": fields}, arrays)).tobytes()
+    header_len = _PREFIX.unpack_from(base)[1]
+    failed = 0
+    for _ in range(1000):
+        data = bytearray(base)
+        for _ in range(rng.randint(1, 3)):  # the header: counts, keys and structures
+            data[PREFIX_BYTES + rng.randrange(header_len)] = rng.randrange(256)
+        try:
+            message = decode(bytes(data))
+            model_from_wire(message.fields.get("model") or {}, list(message.arrays))
+        except ProtocolError:
+            failed += 1
+    assert failed > 300
 
 
 def test_frame_is_a_dataclass_of_buffers() -> None:

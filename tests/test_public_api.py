@@ -13,6 +13,7 @@ import pytest
 import fedlift
 import fedlift.client
 import fedlift.errors
+import fedlift.model
 
 SRC = Path(fedlift.__file__).resolve().parent
 
@@ -30,6 +31,7 @@ EXPECTED: dict[str, list[str]] = {
         "run_simulator",
     ],
     "fedlift.client": [
+        "AlgorithmConstants",
         "AnalyticsDataType",
         "FLModel",
         "MetaKey",
@@ -52,6 +54,7 @@ EXPECTED: dict[str, list[str]] = {
         "tree_sub",
     ],
     "fedlift.model": [
+        "AlgorithmConstants",
         "FLModel",
         "MetaKey",
         "ParamTree",
@@ -314,6 +317,31 @@ def test_client_has_the_nvflare_client_api() -> None:
     assert fedlift.client.FLModel is fedlift.FLModel
     assert fedlift.client.ParamsType.FULL.value == "FULL"
     assert fedlift.client.ParamsType.DIFF.value == "DIFF"
+
+
+def test_algorithm_keys_are_nvflares() -> None:
+    constants = fedlift.client.AlgorithmConstants
+    assert constants is fedlift.model.AlgorithmConstants
+    assert constants.SCAFFOLD_CTRL_GLOBAL == "scaffold_c_global"
+    assert constants.SCAFFOLD_CTRL_DIFF == "scaffold_c_diff"
+    assert constants.FEDPROX_MU == "fedprox_mu"
+    assert fedlift.client.MetaKey.CONFIG == "config"
+
+
+def test_keras_helpers_module_api() -> None:
+    """``fedlift.client.keras`` imports TensorFlow, so it is outside EXPECTED's imports."""
+    pytest.importorskip("tensorflow")
+    module = importlib.import_module("fedlift.client.keras")
+    assert sorted(module.__all__) == [
+        "FedProxCallback",
+        "FedProxLoss",
+        "ScaffoldCallback",
+        "TFFedProxLoss",
+        "TFScaffoldHelper",
+        "fedprox_mu",
+        "get_fedprox_mu",
+    ]
+    assert all(hasattr(module, name) for name in module.__all__)
 
 
 def test_top_level_objects_are_the_subpackage_objects() -> None:

@@ -10,9 +10,12 @@ The seven changes that make a training script federated::
         ...evaluate the global model...            # 5
         ...train...
         flare.send(flare.FLModel(params=..., metrics={"accuracy": acc}))   # 6, 7
+
+Keras helpers for FedProx and SCAFFOLD live in :mod:`fedlift.client.keras` (it imports
+Keras; this package does not).
 """
 
-from ..model import FLModel, MetaKey, ParamsType, tree_add, tree_sub
+from ..model import AlgorithmConstants, FLModel, MetaKey, ParamsType, tree_add, tree_sub
 from ._api import (
     AnalyticsDataType,
     clear,
@@ -32,6 +35,7 @@ from ._api import (
 )
 
 __all__ = [
+    "AlgorithmConstants",
     "AnalyticsDataType",
     "FLModel",
     "MetaKey",

@@ -9,6 +9,8 @@ Where NVFlare is silent or loose, fedlift is strict and says how to fix the call
 
 from __future__ import annotations
 
+import copy
+import json
 import logging
 import math
 import os
@@ -16,8 +18,11 @@ import threading
 from enum import Enum
 from typing import Any
 
+import numpy as np
+
+from ..codec import model_to_wire
 from ..errors import ClientAPIError, ConfigError
-from ..model import FLModel, flatten
+from ..model import FLModel, MetaKey
 from ._link import Link, Task, current_link
 
 __all__ = [
@@ -65,6 +70,7 @@ class _State:
         self.answered = False
         self.last_round: int | None = None
         self.stopped = False
+        self.task_config: dict[str, Any] = {}
 
 
 _state = _State()
@@ -126,7 +132,24 @@ def _fetch(timeout: float | None) -> Task | None:
         return None
     _state.task = task
     _state.answered = False
+    _state.task_config = _task_config(task)
     return task
+
+
+def _task_config(task: Task) -> dict[str, Any]:
+    """The config the server's strategy sent with ``task`` (``meta["config"]``), or {}."""
+    raw = task.model.meta.get(MetaKey.CONFIG)
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        _log.warning(
+            "task %s carries meta[%r] that is a %s, not a JSON object; get_config() ignores it",
+            task.name,
+            MetaKey.CONFIG,
+            type(raw).__name__,
+        )
+        return {}
+    return raw
 
 
 def receive(timeout: float | None = None) -> FLModel | None:
@@ -150,14 +173,15 @@ def receive(timeout: float | None = None) -> FLModel | None:
 
 
 def _validate_outgoing(model: FLModel) -> None:
+    """Refuse, in the script's own call, what the site could not send (its worker would only
+    find out later, in another thread)."""
     try:
-        if model.params is not None:
-            flatten(model.params)
-        if model.optimizer_params is not None:
-            flatten(model.optimizer_params)
+        # The split the wire makes: params, optimizer params and meta param trees are arrays.
+        fields, _ = model_to_wire(model)
         model.weight()
     except ConfigError as exc:
         raise ClientAPIError(f"send() got an FLModel it cannot send: {exc}") from None
+    _validate_meta(model.meta, fields["meta"])
     for key, value in (model.metrics or {}).items():
         if not isinstance(key, str):
             raise ClientAPIError(f"metric names must be strings; received: {key!r}.")
@@ -175,6 +199,30 @@ def _validate_outgoing(model: FLModel) -> None:
             f"metric {key!r} must be a number; received: {value!r:.60} ({type(value).__name__}). "
             "Pass float(value)."
         )
+
+
+def _validate_meta(meta: dict[str, Any], json_meta: dict[str, Any]) -> None:
+    """Meta keys are strings; values that do not travel as arrays must be JSON. A numpy
+    scalar (e.g. a step count from numpy) becomes its Python number, as metrics do."""
+    for key in meta:
+        if not isinstance(key, str):
+            raise ClientAPIError(
+                f"FLModel.meta keys must be strings; received: key={key!r:.60} "
+                f"({type(key).__name__}). Use str(key)."
+            )
+    for key, value in json_meta.items():
+        if isinstance(value, np.generic):
+            value = meta[key] = json_meta[key] = value.item()
+        try:
+            json.dumps(value, allow_nan=True)
+        except (TypeError, ValueError, RecursionError):
+            raise ClientAPIError(
+                f"FLModel.meta[{key!r:.60}] cannot be sent: meta values must be JSON (str, "
+                "int, float, bool, None, lists and dicts of them) or param trees (dicts or "
+                "lists) whose leaves are all numpy arrays. Received: "
+                f"{value!r:.60} ({type(value).__name__}). Convert numbers with float() and "
+                "arrays with numpy.asarray()."
+            ) from None
 
 
 def send(model: FLModel, clear_cache: bool = True) -> None:
@@ -274,8 +322,19 @@ def get_site_name() -> str:
 
 
 def get_config() -> dict[str, Any]:
-    """The client config the server sent (job name, rounds, runner settings)."""
-    return dict(_require_init("get_config").context.config)
+    """The job's client config (job name, rounds, runner settings) merged with the config of
+    the current task, the one received last; on a key in both, the task's value wins.
+
+    A task's config is what the server's strategy sends with that round's task, in
+    ``FLModel.meta["config"]`` (:attr:`~fedlift.model.MetaKey.CONFIG`): e.g. FedProx's
+    ``get_config()["fedprox_mu"]`` once ``receive()`` returned the round's model. Before the
+    first task it is the job's config alone; it stays the last task's until the next one
+    arrives. A copy: changing it changes nothing.
+    """
+    link = _require_init("get_config")
+    with _state.lock:
+        merged = {**link.context.config, **_state.task_config}
+    return copy.deepcopy(merged)
 
 
 def log(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from ._flmodel import FLModel, MetaKey, ParamsType
+from ._flmodel import AlgorithmConstants, FLModel, MetaKey, ParamsType
 from ._ops import tree_add, tree_sub
 from ._tree import ParamTree, Structure, flat_keys, flatten, iter_with_keys, map_arrays, unflatten
 
@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from ._safetensors import load_safetensors, save_safetensors, stage_safetensors
 
 __all__ = [
+    "AlgorithmConstants",
     "FLModel",
     "MetaKey",
     "ParamTree",

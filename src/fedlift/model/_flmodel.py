@@ -10,7 +10,7 @@ from typing import Any
 from ..errors import ConfigError
 from ._tree import ParamTree
 
-__all__ = ["FLModel", "MetaKey", "ParamsType"]
+__all__ = ["AlgorithmConstants", "FLModel", "MetaKey", "ParamsType"]
 
 
 class ParamsType(str, Enum):
@@ -31,6 +31,23 @@ class MetaKey:
     JOB_ID = "job_id"
     SITE_NAME = "site_name"
     TASK_NAME = "task_name"
+    CONFIG = "config"
+    """The task's config (a JSON object) from the server's strategy, e.g. FedProx's mu;
+    ``flare.get_config()`` merges it over the job's client config."""
+
+
+class AlgorithmConstants:
+    """Meta and task-config keys of the federated algorithms (NVFlare's names and values).
+
+    SCAFFOLD's control variates travel as param trees with the model's layout (layer name ->
+    list of arrays for Keras): the server's ``c`` in the task's
+    ``meta[SCAFFOLD_CTRL_GLOBAL]``, the client's change ``delta c_i`` in its result's
+    ``meta[SCAFFOLD_CTRL_DIFF]``. FedProx's ``mu`` is a task-config key (``get_config()``).
+    """
+
+    SCAFFOLD_CTRL_GLOBAL = "scaffold_c_global"
+    SCAFFOLD_CTRL_DIFF = "scaffold_c_diff"
+    FEDPROX_MU = "fedprox_mu"
 
 
 @dataclass

@@ -624,7 +624,7 @@ class ServerRuntime:
                 prefetch_shm(event.arrays)  # queued results were mapped lazily
                 model = event.model
                 if model is not None and not lazy_results and event.read is not None:
-                    model = replace(model, params=materialize_remote(model.params))
+                    model = _materialized(model)
                 if model is not None:
                     results.append((event.site, model))
             if on_results is not None:
@@ -662,6 +662,33 @@ class ServerRuntime:
     @property
     def stopped(self) -> bool:
         return self._stop_reason is not None
+
+
+def _materialized(model: FLModel) -> FLModel:
+    """``model`` with every array read from another process's memory copied here: params,
+    optimizer params and the param trees in its meta (e.g. SCAFFOLD's control variates)."""
+    meta = {
+        key: materialize_remote(value) if _holds_remote(value) else value
+        for key, value in model.meta.items()
+    }
+    return replace(
+        model,
+        params=None if model.params is None else materialize_remote(model.params),
+        optimizer_params=(
+            None if model.optimizer_params is None else materialize_remote(model.optimizer_params)
+        ),
+        meta=meta,
+    )
+
+
+def _holds_remote(value: Any) -> bool:
+    if isinstance(value, RemoteArray):
+        return True
+    if isinstance(value, dict):
+        return any(_holds_remote(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return any(_holds_remote(v) for v in value)
+    return False
 
 
 def _dead(batch: list[_Event]) -> list[str]:

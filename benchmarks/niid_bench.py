@@ -164,6 +164,10 @@ def run_row(
         metrics=["accuracy"],
     )
     layers = [layer for layer in model.layers if layer.weights]
+    model.optimizer.build(model.trainable_variables)
+    fresh = [
+        keras.ops.convert_to_numpy(v) for v in model.optimizer.variables
+    ]  # momentum 0, lr, step 0
 
     def set_params(params: dict[str, list[np.ndarray]]) -> None:
         for layer in layers:
@@ -182,8 +186,8 @@ def run_row(
         if site == sites[0]:  # the global model this round starts from, on the test set
             _, accuracy = model.evaluate(x_test, y_test, batch_size=1000, verbose=0)
             curve.append(float(accuracy))
-        for variable in model.optimizer.variables:  # a fresh optimiser every round
-            variable.assign(np.zeros(variable.shape, variable.dtype))
+        for variable, value in zip(model.optimizer.variables, fresh, strict=True):
+            variable.assign(value)  # a fresh optimiser every round
         callbacks: list[Any] = []
         meta: dict[str, Any] = {}
         if algorithm == "fedprox":

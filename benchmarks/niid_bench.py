@@ -231,8 +231,11 @@ def run_row(
 
 
 def main(argv: list[str] | None = None) -> list[Row]:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.niid_bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.niid_bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--rows", default=",".join(list(PUBLISHED)[:4]),
                         help=f"comma-separated, from {', '.join(PUBLISHED)}")  # fmt: skip
     parser.add_argument("--rounds", type=int, default=50)

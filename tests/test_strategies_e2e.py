@@ -86,3 +86,32 @@ def test_a_job_json_with_a_bad_strategy_is_refused_with_the_options(tmp_path: Pa
     (folder / "job.json").write_text(json.dumps(config))
     with pytest.raises(ConfigError, match="must name 'module:Name'"):
         load_job(folder)
+
+
+def test_fedadam_fedmedian_and_cyclic_in_the_simulator(tmp_path: Path) -> None:
+    import math
+
+    from fedlift.server import Cyclic, FedAdam, FedAvg, FedMedian, cyclic_order
+
+    def run(strategy: Strategy, n: int, name: str) -> np.ndarray:
+        job = FedJob(name, n, 1, {"w": np.zeros(2, np.float32)}, strategy=strategy,
+                     final_evaluation=False)  # fmt: skip
+        job.to_clients(ScriptRunner(APP / "train.py", framework="numpy"))
+        folder = job.export_job(tmp_path / "jobs")
+        run_simulator(folder, tmp_path / name, quiet=True)
+        return final(tmp_path / name)
+
+    # Site i's result is x + 0.5 * (i + 1 - x); from x = 0: 0.5 * (i + 1).
+    # FedAdam, 2 sites: delta = mean = 0.75; m = 0.1 * 0.75; v = 0.99 tau^2 + 0.01 * 0.75^2.
+    tau, eta = 1e-3, 0.1
+    v = 0.99 * tau * tau + 0.01 * 0.75**2
+    expected = eta * 0.075 / (math.sqrt(v) + tau)
+    np.testing.assert_allclose(run(FedAdam(eta=eta, tau=tau), 2, "adam"), [expected] * 2,
+                               rtol=1e-6)  # fmt: skip
+    # FedMedian, 3 sites: the median of 0.5, 1.0, 1.5.
+    np.testing.assert_allclose(run(FedAvg(aggregator=FedMedian()), 3, "median"), [1.0] * 2)
+    # Cyclic, 3 sites: each pulls the model half-way to its target, in the seeded order.
+    x = 0.0
+    for site in cyclic_order(["site-1", "site-2", "site-3"], 0, seed=3, shuffle_each_round=False):
+        x = x + 0.5 * (int(site[-1]) - x)
+    np.testing.assert_allclose(run(Cyclic(seed=3), 3, "cyclic"), [x] * 2, rtol=1e-6)

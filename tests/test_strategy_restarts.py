@@ -78,3 +78,26 @@ def test_a_stateful_strategy_resumes_bit_identically(
     corrupted = differing_bytes(model, uninterrupted(job, make(), rounds))
     reliability.measure(rounds_lost=lost, bytes_corrupted=corrupted)
     assert (lost, corrupted) == (0, 0)
+
+
+def test_a_users_strategy_from_the_app_runs_deployed(tmp_path: Path) -> None:
+    app = SCRIPTS / "strategy_app"
+    sys.path.insert(0, str(app))
+    try:
+        from my_strategy import HalfStep  # type: ignore[import-not-found]
+    finally:
+        sys.path.remove(str(app))
+    job = FedJob("custom", len(SITES), 2, {"w": np.zeros(3, np.float32)},
+                 strategy=HalfStep(factor=0.25), final_evaluation=False)  # fmt: skip
+    job.to_clients(ScriptRunner(app / "train.py", framework="numpy"))
+    folder = job.export_job(tmp_path / "jobs")
+    deployment = Deployment(tmp_path, SITES, proxy=False)
+    try:
+        job_id = deployment.submit(folder)
+        status = deployment.wait(job_id, timeout=120)
+        model = final_model(deployment, job_id)
+    finally:
+        deployment.close()
+    assert status["state"] == "finished", (status, deployment.log_tail())
+    x1 = 0.125 * 1.5  # as in the simulator's test: the server moves a quarter of the way
+    np.testing.assert_allclose(model, [x1 + 0.125 * (1.5 - x1)] * 3, rtol=1e-6)

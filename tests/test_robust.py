@@ -508,3 +508,44 @@ def test_properties(updates: list[list[np.ndarray]], beta: float, data: st.DataO
     if len(updates) >= 5:
         scores = krum_scores(updates, 1)
         np.testing.assert_allclose(krum_scores(shuffled, 1), scores[order], rtol=1e-12)
+
+
+def test_the_sorting_network_sorts_every_input_by_the_zero_one_principle() -> None:
+    """A compare-exchange network sorts every input iff it sorts every 0/1 input (Knuth,
+    TAOCP 5.3.4): checked exhaustively up to 12 inputs, and by random draws beyond."""
+    import itertools
+
+    from fedlift.server._robust import _network
+
+    for n in range(1, 13):
+        pairs = _network(n)
+        for bits in itertools.product((0, 1), repeat=n):
+            x = list(bits)
+            for a, b in pairs:
+                if x[a] > x[b]:
+                    x[a], x[b] = x[b], x[a]
+            assert x == sorted(x), (n, bits)
+    rng = np.random.default_rng(0)
+    for n in (13, 17, 31, 64):
+        pairs = _network(n)
+        for _ in range(50):
+            x = list(rng.random(n))
+            for a, b in pairs:
+                if x[a] > x[b]:
+                    x[a], x[b] = x[b], x[a]
+            assert x == sorted(x)
+
+
+def test_the_fast_median_agrees_with_numpy_for_every_client_count() -> None:
+    from fedlift.server import coordinate_median, trimmed_mean
+
+    rng = np.random.default_rng(1)
+    for n in (1, 2, 3, 5, 8, 13, 64, 65):
+        updates = [[rng.standard_normal(70_001).astype(np.float32)] for _ in range(n)]
+        stack = np.stack([u[0].astype(np.float64) for u in updates])
+        np.testing.assert_allclose(coordinate_median(updates)[0], np.median(stack, axis=0),
+                                   rtol=1e-6)  # fmt: skip
+        k = int(0.2 * n)
+        expected = np.sort(stack, axis=0)[k : n - k].mean(axis=0)
+        np.testing.assert_allclose(trimmed_mean(updates, 0.2)[0], expected, rtol=1e-5,
+                                   atol=1e-6)  # fmt: skip

@@ -38,9 +38,10 @@ the model's dtypes (integer and bool leaves rounded to the nearest value).
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,7 +49,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..model import FLModel, ParamTree, Structure, flat_keys, flatten, unflatten
-from ._aggregate import Layout, check_result, weighted_mean_metrics
+from ._aggregate import Layout, _on_threads, check_result, weighted_mean_metrics
 from ._mean import check_extra
 from ._seam import Aggregate, Aggregator, Allocator, Memory
 
@@ -80,11 +81,19 @@ def coordinate_median(updates: Updates, *, out: list[np.ndarray] | None = None) 
     ``out``: arrays to write the result into (the model's dtypes, e.g. in shared memory);
     default: new arrays of the first update's dtypes.
     """
-    _check_updates(updates, out, "coordinate_median()")
+    n = _check_updates(updates, out, "coordinate_median()")
     target = _output(updates, out)
-    for i, dest in enumerate(target):
+
+    def middle(rows: list[np.ndarray]) -> np.ndarray:
+        total = rows[(n - 1) // 2].astype(np.float64)
+        total += rows[n // 2]
+        total *= 0.5
+        return total
+
+    slow = _by_network(updates, target, middle)
+    for i in slow:
         for lo, hi, stack in _blocks([u[i] for u in updates]):
-            _store(dest, lo, hi, np.median(stack, axis=0, overwrite_input=True))
+            _store(target[i], lo, hi, np.median(stack, axis=0, overwrite_input=True))
     return target
 
 
@@ -98,7 +107,16 @@ def trimmed_mean(
     k = _trim_count(beta, n)
     target = _output(updates, out)
     kth = sorted({k, n - k - 1})
-    for i, dest in enumerate(target):
+
+    def middle(rows: list[np.ndarray]) -> np.ndarray:
+        total = rows[k].astype(np.float64)
+        for row in rows[k + 1 : n - k]:
+            total += row
+        return total / (n - 2 * k)
+
+    slow = _by_network(updates, target, middle)
+    for i in slow:
+        dest = target[i]
         for lo, hi, stack in _blocks([u[i] for u in updates]):
             if k:
                 stack.partition(kth, axis=0)  # rows k .. n-k-1 now hold the middle values
@@ -234,6 +252,85 @@ def _check_m(m: object, n: int, f: int) -> int:
             f"a Byzantine one whenever there are f={f}). Received: m={m}."
         )
     return m
+
+
+_NETWORK_MAX = 64
+"""Up to this many clients, order statistics come from a sorting network (below)."""
+_NETWORK_BLOCK = 1 << 15
+
+
+@functools.lru_cache(maxsize=64)
+def _network(n: int) -> tuple[tuple[int, int], ...]:
+    """Batcher's odd-even merge sort for ``n`` inputs: compare-exchange pairs ``(a, b)``,
+    ``a < b``, after which position ``a`` holds the smaller value. Built for the next power
+    of two; pairs that touch a position >= ``n`` are dropped (those act as +inf inputs,
+    which never move, so the pairs left sort the ``n`` real ones)."""
+    size = 1
+    while size < n:
+        size *= 2
+    pairs: list[tuple[int, int]] = []
+    p = 1
+    while p < size:
+        k = p
+        while k >= 1:
+            for j in range(k % p, size - k, 2 * k):
+                for i in range(min(k, size - j - k)):
+                    a, b = i + j, i + j + k
+                    if a // (2 * p) == b // (2 * p) and b < n:
+                        pairs.append((a, b))
+            k //= 2
+        p *= 2
+    return tuple(pairs)
+
+
+def _by_network(
+    updates: Updates,
+    target: list[np.ndarray],
+    reduce: Callable[[list[np.ndarray]], np.ndarray],
+) -> list[int]:
+    """Fill ``target`` with ``reduce(sorted rows)`` per block, for every real float array,
+    when there are at most :data:`_NETWORK_MAX` clients: a block of each client's values is
+    sorted across clients by a sorting network of elementwise ``minimum``/``maximum`` (in
+    the cache, vectorised, on the fold's threads), which is ~20x faster than ``np.median``
+    along the client axis for 8 clients. Returns the indices of the arrays left to the
+    general path (other kinds, or too many clients)."""
+    n = len(updates)
+    fast = [
+        i
+        for i, dest in enumerate(target)
+        if n <= _NETWORK_MAX
+        and dest.dtype.kind == "f"
+        and dest.flags.c_contiguous
+        and all(np.asarray(u[i]).dtype.kind == "f" and np.asarray(u[i]).flags.c_contiguous
+                for u in updates)
+    ]  # fmt: skip
+    pairs = _network(n)
+    chosen = [target[i] for i in fast]
+
+    def run(j: int, lo: int, hi: int) -> None:
+        i = fast[j]
+        flats = [np.asarray(u[i]).reshape(-1) for u in updates]
+        dest = target[i].reshape(-1)
+        dtype = np.result_type(*[f.dtype for f in flats])
+        size = min(_NETWORK_BLOCK, hi - lo)
+        rows = [np.empty(size, dtype) for _ in range(n)]
+        spare = np.empty(size, dtype)
+        for start in range(lo, hi, _NETWORK_BLOCK):
+            stop = min(start + _NETWORK_BLOCK, hi)
+            m = stop - start
+            block = [r[:m] for r in rows]
+            for row, flat in zip(block, flats, strict=True):
+                np.copyto(row, flat[start:stop])
+            free = spare[:m]
+            for a, b in pairs:
+                np.minimum(block[a], block[b], out=free)
+                np.maximum(block[a], block[b], out=block[b])
+                block[a], free = free, block[a]
+            np.copyto(dest[start:stop], reduce(block), casting="unsafe")
+
+    if chosen:
+        _on_threads(chosen, run)
+    return [i for i in range(len(target)) if i not in set(fast)]
 
 
 def _output(updates: Updates, out: list[np.ndarray] | None) -> list[np.ndarray]:

@@ -74,7 +74,7 @@ def scaffold_step(
     _on_threads(x, run)
 
 
-_BLOCK = 1 << 15
+_BLOCK = 1 << 17
 
 
 @dataclass

@@ -254,6 +254,28 @@ class _Publisher:
     def _published(self, array: np.ndarray) -> bool:
         return self._made.get(id(array)) is array
 
+    def publish_with(
+        self, params: ParamTree, meta: dict[str, Any]
+    ) -> tuple[ParamTree, dict[str, Any]]:
+        """The task's model and meta, published together: a task's arrays travel by
+        reference only when they lie in one segment, so a model that goes with param trees
+        in its meta (SCAFFOLD's control variate) is copied with them into one allocation,
+        once per round (else each client's message would copy both)."""
+        trees = {k: v for k, v in meta.items() if _is_array_tree(v)}
+        if self._allocate is None or not trees:
+            return params, meta
+        parts = [params, *trees.values()]
+        flat = [flatten(tree) for tree in parts]
+        arrays = [a for _, leaves in flat for a in leaves]
+        made = self._track([(a.shape, a.dtype) for a in arrays])
+        for target, source in zip(made, arrays, strict=True):
+            np.copyto(target, source)
+        out, start = [], 0
+        for structure, leaves in flat:
+            out.append(unflatten(structure, made[start : start + len(leaves)]))
+            start += len(leaves)
+        return out[0], {**meta, **dict(zip(trees, out[1:], strict=True))}
+
     def publish(self, params: ParamTree) -> ParamTree:
         if self._allocate is None:
             return params
@@ -413,12 +435,12 @@ def run_rounds(
             available,
             strategy,
         )
-        ask = Ask(
-            ask.sites, ask.config, {k: _publish_tree(publisher, v) for k, v in ask.meta.items()}
-        )
+        sent, published = publisher.publish_with(params, ask.meta)
+        ask = Ask(ask.sites, ask.config, published)
         task = apply_task_filters(
-            task_model(params, round_number, settings, start_round, ask), settings
+            task_model(sent, round_number, settings, start_round, ask), settings
         )
+        del sent
         aggregate, answered = train_round(
             strategy, controller, params, task, ask.sites, round_number, settings, publisher
         )
@@ -486,17 +508,15 @@ def evaluate_final(
     return record.metrics
 
 
-def _publish_tree(publisher: _Publisher, value: Any) -> Any:
-    """A param tree that goes with a task (e.g. SCAFFOLD's control variate) is published
-    like the model: once, where every client maps it."""
-    if isinstance(value, dict | list | tuple | np.ndarray):
-        try:
-            _, arrays = flatten(value)
-        except ConfigError:
-            return value
-        if arrays:
-            return publisher.publish(value)
-    return value
+def _is_array_tree(value: Any) -> bool:
+    """Whether ``value`` is a non-empty param tree of numpy arrays."""
+    if not isinstance(value, dict | list | tuple | np.ndarray):
+        return False
+    try:
+        _, arrays = flatten(value)
+    except ConfigError:
+        return False
+    return bool(arrays)
 
 
 def _notify(settings: RunSettings, record: RoundRecord) -> None:

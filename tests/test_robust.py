@@ -221,7 +221,7 @@ def five_models() -> list[FLModel]:
 
 def test_fedmedian_aggregator_known_answer() -> None:
     agg = start(FedMedian(), {"w": np.zeros(3, np.float32)}, 5, extras=("cv",))
-    assert agg.streaming is False
+    assert agg.streaming is True  # reads each result during add (copies it if lazy)
     models = five_models()
     for i, m in enumerate(models):
         m.metrics = {"loss": float(i)}
@@ -549,3 +549,33 @@ def test_the_fast_median_agrees_with_numpy_for_every_client_count() -> None:
         expected = np.sort(stack, axis=0)[k : n - k].mean(axis=0)
         np.testing.assert_allclose(trimmed_mean(updates, 0.2)[0], expected, rtol=1e-5,
                                    atol=1e-6)  # fmt: skip
+
+
+def test_a_collecting_aggregator_copies_lazy_results_into_reused_buffers() -> None:
+    """Results still in a client's memory (anything with ``read_into``) are copied during
+    add; the copies are pooled: the next round's aggregator reuses the same buffers."""
+    from fedlift.server import FedMedian, Memory
+    from fedlift.server._robust import _buffers
+
+    class Lazy:
+        def __init__(self, values: np.ndarray) -> None:
+            self._values, self.shape, self.dtype = values, values.shape, values.dtype
+            self.size = values.size
+            self.reads = 0
+
+        def read_into(self, out: np.ndarray, start: int = 0) -> None:
+            self.reads += 1
+            out[...] = self._values.reshape(-1)[start : start + out.size]
+
+    _buffers.clear()
+    seen: list[int] = []
+    for _ in range(2):
+        agg = FedMedian()({"w": np.zeros(3)}, expected=3, memory=Memory(), strict=False)
+        lazy = [Lazy(np.array([v, 2 * v, 3 * v])) for v in (1.0, 5.0, 2.0)]
+        agg.add([(f"site-{i}", FLModel(params={"w": x})) for i, x in enumerate(lazy)])  # type: ignore[dict-item]
+        seen.append(len(_buffers._free.get(((3,), np.dtype(np.float64).str), [])))
+        out = agg.result()
+        np.testing.assert_allclose(out.params["w"], [2.0, 4.0, 6.0])  # the median
+        assert all(x.reads == 1 for x in lazy)
+    assert seen == [0, 0]  # every buffer in use during the round ...
+    assert len(_buffers._free[((3,), np.dtype(np.float64).str)]) == 3  # ... and back after

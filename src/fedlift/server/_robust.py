@@ -41,6 +41,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -402,8 +403,72 @@ class _Kept:
     extras: dict[str, list[np.ndarray]]
 
 
+class _Buffers:
+    """Arrays for results read from another process's memory, reused round after round.
+
+    A collecting aggregator must keep what it reads; fresh arrays for every result would
+    fault in a model's pages per client and round (40 MB: ~15 ms here, more than the copy
+    itself). Buffers go back when the aggregator is done; the pool keeps at most what the
+    largest round needed (n models), the memory a round holds anyway.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._free: dict[tuple[tuple[int, ...], str], list[np.ndarray]] = {}
+
+    def take(self, shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
+        with self._lock:
+            free = self._free.get((shape, np.dtype(dtype).str))
+            if free:
+                return free.pop()
+        return np.empty(shape, dtype)
+
+    def give(self, arrays: list[np.ndarray]) -> None:
+        with self._lock:
+            for array in arrays:
+                self._free.setdefault((array.shape, array.dtype.str), []).append(array)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._free.clear()
+
+
+_buffers = _Buffers()
+
+
+def _has_remote(value: Any) -> bool:
+    if isinstance(value, dict):
+        return any(_has_remote(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return any(_has_remote(v) for v in value)
+    return hasattr(value, "read_into") and not isinstance(value, np.ndarray)
+
+
+def _read_here(tree: Any, taken: list[np.ndarray]) -> Any:
+    """``tree`` with every leaf that is not a numpy array (a result still in its client's
+    memory, with ``read_into``) copied into a pooled buffer; the buffers go to ``taken``."""
+
+    def local(leaf: Any) -> Any:
+        if isinstance(leaf, np.ndarray):
+            return leaf
+        out = _buffers.take(tuple(leaf.shape), leaf.dtype)
+        taken.append(out)
+        leaf.read_into(out.reshape(-1), 0)
+        return out
+
+    if isinstance(tree, dict):
+        return {k: _read_here(v, taken) for k, v in tree.items()}
+    if isinstance(tree, list | tuple):
+        return type(tree)(_read_here(v, taken) for v in tree)
+    return local(tree)
+
+
 class _Collecting:
-    """Keeps a round's results and combines them in :meth:`result` (``streaming = False``).
+    """Keeps a round's results and combines them in :meth:`result`.
+
+    ``streaming = True``: a result still in its client's memory is copied during
+    :meth:`add` into a buffer of this process's (pooled across rounds, see
+    :class:`_Buffers`), so the loop need not copy every result into fresh memory first.
 
     Each result is checked on :meth:`add` as :class:`~fedlift.server.StreamingMean` checks
     it (:func:`check_result`: weight, params type, layout, shapes, dtype kinds), and always
@@ -412,7 +477,7 @@ class _Collecting:
     leaves the aggregator as it was, whether or not ``strict`` was asked.
     """
 
-    streaming = False
+    streaming = True
 
     def __init__(self, reference: ParamTree, *, memory: Memory, extras: tuple[str, ...]) -> None:
         structure, arrays = flatten(reference)
@@ -423,20 +488,38 @@ class _Collecting:
         self._extra_keys = extras
         self._extra_layouts: dict[str, Layout] = dict.fromkeys(extras, (None, [], [], None))
         self._kept: list[_Kept] = []
+        self._taken: list[np.ndarray] = []
 
     def add(self, results: list[tuple[str, FLModel]]) -> None:
         layout, extra_layouts = self._layout, dict(self._extra_layouts)
         staged: list[_Kept] = []
-        for site, model in results:
-            layout, weight, arrays = check_result(model, site, layout, finite=True)
-            extras: dict[str, list[np.ndarray]] = {}
-            for key in self._extra_keys:
-                extra_layouts[key], extras[key] = check_extra(
-                    model, site, key, extra_layouts[key], finite=True
-                )
-            staged.append(_Kept(site, model, weight, arrays, extras))
+        taken: list[np.ndarray] = []
+        try:
+            for site, model in results:
+                model = self._local(model, taken)
+                layout, weight, arrays = check_result(model, site, layout, finite=True)
+                extras: dict[str, list[np.ndarray]] = {}
+                for key in self._extra_keys:
+                    extra_layouts[key], extras[key] = check_extra(
+                        model, site, key, extra_layouts[key], finite=True
+                    )
+                staged.append(_Kept(site, model, weight, arrays, extras))
+        except BaseException:
+            _buffers.give(taken)  # refused: the aggregator is as it was
+            raise
         self._layout, self._extra_layouts = layout, extra_layouts
         self._kept.extend(staged)
+        self._taken.extend(taken)
+
+    @staticmethod
+    def _local(model: FLModel, taken: list[np.ndarray]) -> FLModel:
+        """``model`` with its arrays in this process (see :func:`_read_here`)."""
+        if not (_has_remote(model.params) or _has_remote(model.meta)):
+            return model
+        params = None if model.params is None else _read_here(model.params, taken)
+        meta = {k: _read_here(v, taken) if _has_remote(v) else v for k, v in model.meta.items()}
+        return FLModel(params_type=model.params_type, params=params, metrics=model.metrics,
+                       meta=meta)  # fmt: skip
 
     def result(self) -> Aggregate:
         carrying = [k for k in self._kept if k.params is not None]
@@ -451,7 +534,7 @@ class _Collecting:
             out = self._new(specs)
             self._combine_extra(key, out)
             meta[key] = unflatten(structure, out)
-        return Aggregate(
+        aggregate = Aggregate(
             params=params,
             params_type=self._layout[3] if carrying else None,
             metrics=weighted_mean_metrics(k.model for k in self._kept),
@@ -459,6 +542,10 @@ class _Collecting:
             count=len(self._kept),
             meta=meta,
         )
+        self._kept.clear()
+        _buffers.give(self._taken)  # the copies are read: next round reuses them
+        self._taken = []
+        return aggregate
 
     def _new(self, specs: list[tuple[tuple[int, ...], np.dtype[Any]]]) -> list[np.ndarray]:
         if self._allocate is not None:

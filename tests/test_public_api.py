@@ -124,6 +124,7 @@ EXPECTED: dict[str, list[str]] = {
     "fedlift.server": [
         "AGGREGATORS",
         "Aggregate",
+        "AggregateFn",
         "Aggregator",
         "AggregatorFactory",
         "Allocator",
@@ -133,6 +134,7 @@ EXPECTED: dict[str, list[str]] = {
         "CHECKPOINT_FILE",
         "Controller",
         "CrossSiteResult",
+        "Custom",
         "Cyclic",
         "ErrorPolicy",
         "FEDPROX_MU",

@@ -341,7 +341,9 @@ def test_fedavg_with_a_robust_aggregator_resists_two_attackers() -> None:
     assert strategy_from_spec({"type": "fedavg", "aggregator": "fedmedian"}) == FedAvg(
         aggregator=FedMedian()
     )
-    with pytest.raises(ConfigError, match="unknown aggregator type 'median'; known: fedmedian"):
+    with pytest.raises(
+        ConfigError, match="unknown aggregator type 'median'; known: custom, fedmedian"
+    ):
         strategy_from_spec({"type": "fedavg", "aggregator": "median"})
 
 
@@ -366,3 +368,40 @@ def test_every_strategy_refuses_nan_naming_the_site(name: str) -> None:
     result = run(strategy_from_spec(spec), fn, {"w": np.zeros(3)}, 3, 1, min_clients=2,
                  on_client_error="exclude")  # fmt: skip
     assert np.all(np.isfinite(result.params["w"]))
+
+
+def test_a_user_aggregation_function_and_per_round_evaluation() -> None:
+    from fedlift.server import Custom
+
+    calls: list[list[str]] = []
+
+    def largest(results: list[tuple[str, FLModel]]) -> dict[str, np.ndarray]:
+        """Element-wise maximum over the results (a rule of the user's own)."""
+        calls.append([site for site, _ in results])
+        return {"w": np.max([np.asarray(r.params["w"]) for _, r in results], axis=0)}
+
+    evaluated: list[tuple[int, float]] = []
+
+    def fn(site: str, model: FLModel) -> FLModel:
+        x = np.asarray(model.params["w"])
+        if model.meta["task_name"] == "validate":
+            evaluated.append((int(model.current_round or 0), float(x[0])))
+            return FLModel(metrics={"value": float(x[0])})
+        step = {"site-1": [1.0, 5.0], "site-2": [3.0, 2.0]}[site]
+        return FLModel(params={"w": x + np.array(step)})
+
+    strategy = FedAvg(aggregator=Custom(largest), evaluate_every=2)
+    result = run(strategy, fn, {"w": np.zeros(2)}, 2, 4)
+    # each round: max(x + [1, 5], x + [3, 2]) = x + [3, 5]
+    np.testing.assert_allclose(result.params["w"], [12.0, 20.0])
+    assert len(calls) == 4 and all(sorted(c) == ["site-1", "site-2"] for c in calls)
+    # after rounds 2 and 4 (indices 1, 3) every site evaluates the new model
+    assert sorted(evaluated) == [(1, 6.0), (1, 6.0), (3, 12.0), (3, 12.0)]
+    validate = [r for r in result.rounds if r.task == "validate"]
+    assert [(r.round, r.metrics["value"]) for r in validate] == [(1, 6.0), (3, 12.0)]
+
+    def broken(results: list[tuple[str, FLModel]]) -> dict[str, np.ndarray]:
+        return {"w": np.zeros(3)}
+
+    with pytest.raises(Exception, match=r"the aggregation function .*broken sent 'w' with shape"):
+        run(FedAvg(aggregator=Custom(broken)), fn, {"w": np.zeros(2)}, 2, 1)

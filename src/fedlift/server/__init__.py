@@ -23,6 +23,8 @@ from ._registry import (
     strategy_to_spec,
 )
 from ._robust import (
+    AggregateFn,
+    Custom,
     FedMedian,
     FedTrimmedAvg,
     Krum,
@@ -64,6 +66,8 @@ from ._strategy import (
 )
 
 __all__ = [
+    "AggregateFn",
+    "Custom",
     "FedMedian",
     "FedTrimmedAvg",
     "Krum",

@@ -86,9 +86,11 @@ class FedAvg(Strategy):
     Sampling: ``clients_per_round`` sites, or ``fraction`` of the available ones (at least
     the run's ``min_clients``), chosen by ``seed`` and the round (see :func:`sample_sites`);
     ``sample`` replaces that with a function ``(sites, round) -> sites``.
-    Early stopping: with ``patience`` the run ends when ``monitor`` (a metric of the
-    round's results) has not improved by more than ``min_delta`` for ``patience`` rounds
-    (``mode``: ``"max"`` or ``"min"``), as Keras' ``EarlyStopping`` does with epochs.
+    ``evaluate_every=k``: every site evaluates the new model after every k-th round (task
+    ``validate``, recorded beside the round). Early stopping: with ``patience`` the run ends
+    when ``monitor`` (a metric of the round's results) has not improved by more than
+    ``min_delta`` for ``patience`` rounds (``mode``: ``"max"`` or ``"min"``), as Keras'
+    ``EarlyStopping`` does with epochs.
     ``aggregator``: how results combine (default: :class:`~fedlift.server.Mean`; e.g.
     :class:`~fedlift.server.FedMedian`, or :class:`~fedlift.server.Custom` for a function
     of one's own).
@@ -104,6 +106,7 @@ class FedAvg(Strategy):
     min_delta: float = 0.0
     monitor: str = "accuracy"
     mode: Literal["max", "min"] = "max"
+    evaluate_every: int | None = None
     aggregator: AggregatorFactory = field(default_factory=Mean)
     _best: float | None = field(default=None, init=False, repr=False)
     _wait: int = field(default=0, init=False, repr=False)
@@ -125,6 +128,8 @@ class FedAvg(Strategy):
         if self.patience is not None:
             _check_number(owner, "patience", self.patience, 1, integer=True)
         _check_number(owner, "min_delta", self.min_delta, 0.0)
+        if self.evaluate_every is not None:
+            _check_number(owner, "evaluate_every", self.evaluate_every, 1, integer=True)
         if not isinstance(self.monitor, str) or not self.monitor:
             raise ConfigError(
                 f"{owner}(monitor=...) is the name of a metric; received: monitor={self.monitor!r}."
@@ -152,6 +157,13 @@ class FedAvg(Strategy):
                 seed=self.seed,
             )
         return Ask(chosen, self.task_config(round_number))
+
+    def configure_evaluate(self, round_number: int, sites: Sequence[str]) -> Ask | None:
+        """With ``evaluate_every=k``: every site evaluates the new global model after every
+        k-th round (task ``validate``)."""
+        if self.evaluate_every is None or (round_number + 1) % self.evaluate_every:
+            return None
+        return Ask(list(sites))
 
     def task_config(self, round_number: int) -> dict[str, Any]:
         """The config every training task of the round carries (FedAvg: none)."""
@@ -196,6 +208,13 @@ class FedProx(FedAvg):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_number(type(self).__name__, "mu", self.mu, 0.0)
+
+    def configure_evaluate(self, round_number: int, sites: Sequence[str]) -> Ask | None:
+        """With ``evaluate_every=k``: every site evaluates the new global model after every
+        k-th round (task ``validate``)."""
+        if self.evaluate_every is None or (round_number + 1) % self.evaluate_every:
+            return None
+        return Ask(list(sites))
 
     def task_config(self, round_number: int) -> dict[str, Any]:
         return {FEDPROX_MU: float(self.mu)}

@@ -33,7 +33,7 @@ from ._cyclic import Cyclic
 from ._fedavg import FedAvg, FedProx
 from ._fedopt import FedAdagrad, FedAdam, FedAvgM, FedYogi
 from ._mean import Mean
-from ._robust import FedMedian, FedTrimmedAvg, Krum
+from ._robust import Custom, FedMedian, FedTrimmedAvg, Krum
 from ._scaffold import Scaffold
 from ._seam import AggregatorFactory
 from ._strategy import Strategy
@@ -58,6 +58,7 @@ AGGREGATORS: dict[str, type[Any]] = {
     "fedmedian": FedMedian,
     "fedtrimmedavg": FedTrimmedAvg,
     "krum": Krum,
+    "custom": Custom,
 }
 """Aggregator factories by name (``{"type": "fedavg", "aggregator": {"type": "median"}}``)."""
 

@@ -55,6 +55,8 @@ from ._mean import check_extra
 from ._seam import Aggregate, Aggregator, Allocator, Memory
 
 __all__ = [
+    "AggregateFn",
+    "Custom",
     "FedMedian",
     "FedTrimmedAvg",
     "Krum",
@@ -715,3 +717,70 @@ class Krum:
                 f"Received: expected={expected}."
             )
         return _KrumAggregator(reference, memory=memory, extras=extras, f=self.f, m=self.m)
+
+
+AggregateFn = Callable[[list[tuple[str, FLModel]]], ParamTree]
+"""``fn([(site, result), ...]) -> params``: a round's combined params from its results."""
+
+
+class _CustomAggregator(_Collecting):
+    """Hands the round's checked results to a user's function; its output must have the
+    global model's layout, shapes and dtype kinds, and be finite (else InvalidResultError)."""
+
+    def __init__(
+        self, reference: ParamTree, *, memory: Memory, extras: tuple[str, ...], fn: AggregateFn
+    ) -> None:
+        super().__init__(reference, memory=memory, extras=extras)
+        self._fn = fn
+
+    def _combine(self, carrying: list[_Kept], out: list[np.ndarray]) -> None:
+        results = [
+            (k.site, FLModel(params_type=k.model.params_type,
+                             params=unflatten(self._structure, list(k.params or [])),
+                             metrics=k.model.metrics, meta=k.model.meta))
+            for k in carrying
+        ]  # fmt: skip
+        combined = self._fn(results)
+        name = getattr(self._fn, "__qualname__", repr(self._fn))
+        check = FLModel(params=combined, meta={"NUM_STEPS_CURRENT_ROUND": 1.0})
+        _, _, arrays = check_result(check, f"the aggregation function {name}",
+                                    self._layout, finite=True)  # fmt: skip
+        if arrays is None:
+            raise ConfigError(f"the aggregation function {name} returned no params.")
+        for target, value in zip(out, arrays, strict=True):
+            np.copyto(target, value, casting="unsafe")
+
+    def _combine_extra(self, key: str, out: list[np.ndarray]) -> None:
+        raise ConfigError(
+            f"Custom(fn=...) combines params only; this strategy also needs meta[{key!r}] "
+            "combined (e.g. SCAFFOLD): use Mean() or a robust aggregator."
+        )
+
+
+@dataclass(frozen=True)
+class Custom:
+    """Aggregator factory for a function of one's own: ``fn([(site, result), ...]) ->
+    params``, called once a round with every result (checked as any result is: layout,
+    shapes, kinds, weight, no NaN or Inf; numpy arrays). What it returns is checked the same
+    way. In ``job.json``: ``{"aggregator": {"type": "custom", "fn": "my_module:combine"}}``,
+    the module in the job's app folder. Holds every result, like the robust aggregators."""
+
+    fn: AggregateFn
+
+    def __post_init__(self) -> None:
+        if not callable(self.fn):
+            raise ConfigError(
+                "Custom(fn=...) must be a function [(site, FLModel), ...] -> params; "
+                f"received: fn={self.fn!r:.80}."
+            )
+
+    def __call__(
+        self,
+        reference: ParamTree,
+        *,
+        expected: int,
+        memory: Memory,
+        strict: bool,
+        extras: tuple[str, ...] = (),
+    ) -> Aggregator:
+        return _CustomAggregator(reference, memory=memory, extras=extras, fn=self.fn)

@@ -33,7 +33,7 @@ import numpy as np
 
 from ..errors import ClientFailedError, ConfigError
 from ..model import FLModel, MetaKey, ParamsType, ParamTree, flatten, unflatten
-from ._aggregate import ErrorPolicy, _ResultLost, check_error_policy
+from ._aggregate import ErrorPolicy, _ResultLost, check_error_policy, weighted_mean_metrics
 from ._mean import Mean
 from ._seam import Aggregate, AggregatorFactory, Allocator, Ask, FastPath, Filter, Memory
 from ._store import RoundRecord, RunRecorder
@@ -181,6 +181,16 @@ class Strategy:
     def start(self, params: ParamTree) -> None:
         """Called once before the first round of a run (or of a resumed run, after
         :meth:`load_state`) with the global model, e.g. to shape state after it."""
+
+    def configure_evaluate(self, round_number: int, sites: Sequence[str]) -> Ask | None:
+        """Which sites evaluate the new global model after round ``round_number`` (task
+        ``validate``), or None for no evaluation then. Default: none (a run's final
+        evaluation is :attr:`RunSettings.final_evaluation`)."""
+        return None
+
+    def aggregate_evaluate(self, results: list[tuple[str, FLModel]]) -> dict[str, float]:
+        """The round's evaluation metrics from the sites' (default: their weighted mean)."""
+        return weighted_mean_metrics(result for _, result in results)
 
     def after_round(self, record: RoundRecord) -> bool:
         """Called with each training round's record; True stops the run after it."""
@@ -461,6 +471,10 @@ def run_rounds(
         )
         params = new_params
         del aggregate
+        evaluation = strategy.configure_evaluate(round_number, controller.registered_sites())
+        if evaluation is not None:
+            evaluate_round(strategy, controller, params, evaluation, recorder, settings,
+                           round_number, start_round)  # fmt: skip
         stop = strategy.after_round(record)
         last = stop or round_number == settings.num_rounds - 1
         recorder.save_global(params, round_number, final=last, strategy_state=strategy.state())
@@ -474,6 +488,47 @@ def run_rounds(
     return RunResult(
         params, recorder.records, final_metrics, recorder.best_round, recorder.best_value
     )
+
+
+def evaluate_round(
+    strategy: Strategy,
+    controller: Controller,
+    params: ParamTree,
+    ask: Ask,
+    recorder: RunRecorder,
+    settings: RunSettings,
+    round_number: int,
+    start_round: int,
+) -> RoundRecord:
+    """The sites ``ask`` names evaluate ``params`` (task ``validate``); the strategy
+    combines their metrics; recorded as the round's ``validate`` line."""
+    started = time.monotonic()
+    available = controller.registered_sites()
+    unknown = [s for s in ask.sites if s not in set(available)]
+    if not ask.sites or unknown:
+        raise ConfigError(
+            f"{type(strategy).__name__}.configure_evaluate must choose among the available "
+            f"sites ({', '.join(available)}); received: sites={ask.sites!r:.200}."
+        )
+    results: list[tuple[str, FLModel]] = []
+    answered = controller.run_task(
+        "validate",
+        apply_task_filters(task_model(params, round_number, settings, start_round, ask), settings),
+        ask.sites,
+        on_result=lambda site, result: results.append(
+            (site, FLModel(metrics=result.metrics, meta=result.meta))
+        ),
+        timeout=settings.round_timeout,
+        min_responses=min(settings.min_clients, len(ask.sites)),
+        on_client_error=settings.on_client_error,
+    )
+    record = recorder.record(
+        RoundRecord(round_number, "validate", answered, strategy.aggregate_evaluate(results),
+                    time.monotonic() - started),
+        evaluated_params=params,
+    )  # fmt: skip
+    _notify(settings, record)
+    return record
 
 
 def evaluate_final(

@@ -298,7 +298,9 @@ class Deployment:
         proxy: bool = True,
         start_sites: bool = True,
         workspace: Path | None = None,
+        server_args: tuple[str, ...] = (),
     ) -> None:
+        self.server_args = server_args
         self.root = root
         self.session = secrets.token_hex(6)
         """Shared-memory session of every process started here (``shm_segments``)."""
@@ -323,7 +325,7 @@ class Deployment:
 
     def start_server(self) -> subprocess.Popen[bytes]:
         args = ["server", "start", str(self.kits["server"]), "--workspace", str(self.workspace),
-                "--address", f"127.0.0.1:{self.server_port}"]  # fmt: skip
+                "--address", f"127.0.0.1:{self.server_port}", *self.server_args]  # fmt: skip
         process = _start(args, self.logs / "server.log", self.session)
         if hasattr(self, "started"):
             self.started.append(process)

@@ -91,7 +91,14 @@ def test_a_users_strategy_from_the_app_runs_deployed(tmp_path: Path) -> None:
                  strategy=HalfStep(factor=0.25), final_evaluation=False)  # fmt: skip
     job.to_clients(ScriptRunner(app / "train.py", framework="numpy"))
     folder = job.export_job(tmp_path / "jobs")
-    deployment = Deployment(tmp_path, SITES, proxy=False)
+    # By default a deployed server runs no code from a job: the submission is refused.
+    refusing = Deployment(tmp_path / "default", SITES, proxy=False, start_sites=False)
+    try:
+        with pytest.raises(Exception, match="--allow-app-code"):
+            refusing.submit(folder)
+    finally:
+        refusing.close()
+    deployment = Deployment(tmp_path, SITES, proxy=False, server_args=("--allow-app-code",))
     try:
         job_id = deployment.submit(folder)
         status = deployment.wait(job_id, timeout=120)

@@ -153,6 +153,12 @@ def _add_server(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         default=None,
         help="host:port to listen on (default: 0.0.0.0 and the port of the kit's address)",
     )
+    start.add_argument(
+        "--allow-app-code",
+        action="store_true",
+        help="let jobs name strategies or functions from their app folder; that code runs in "
+        "the server's process, with its key (default: refused)",
+    )
 
 
 def _check_port_free(address: str) -> None:
@@ -202,7 +208,9 @@ def _server(args: argparse.Namespace) -> int:
         done.set()
 
     try:
-        server = DeployServer(kit, workspace, address=args.address)
+        server = DeployServer(
+            kit, workspace, address=args.address, allow_app_code=args.allow_app_code
+        )
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         print(f"fedlift server: listening on {server.address}, workspace {workspace}", flush=True)

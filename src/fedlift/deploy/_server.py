@@ -209,7 +209,11 @@ class DeployServer:
         workspace: str | os.PathLike[str],
         *,
         address: str | None = None,
+        allow_app_code: bool = False,
     ) -> None:
+        self.allow_app_code = allow_app_code
+        """Whether jobs may name strategies (or functions) from their app folder: that code
+        runs in this process, with the server's key. Off unless the operator opts in."""
         self.kit = kit if isinstance(kit, Kit) else load_kit(kit)
         if self.kit.role != "server":
             raise ConfigError(
@@ -425,7 +429,7 @@ class DeployServer:
         folder = self.jobs_dir / job_id
         try:
             unpack_app(request.arrays[0], folder / "job")
-            config, _ = load_job(folder / "job", label="<job>")
+            config, _ = load_job(folder / "job", label="<job>", allow_app_code=self.allow_app_code)
             self._check_config(config)
         except OSError as exc:  # StorageError too: a full or read-only disk
             shutil.rmtree(folder, ignore_errors=True)
@@ -644,7 +648,9 @@ class DeployServer:
     def _run(self, job: _Job) -> None:
         server_dir = job.folder / "server"
         try:
-            config, root = load_job(job.folder / "job", label="<job>")
+            config, root = load_job(
+                job.folder / "job", label="<job>", allow_app_code=self.allow_app_code
+            )
         except FedliftError as exc:
             with self._cond:
                 self._save_end(job, str(exc), state="failed", finished_at=time.time(),
@@ -691,7 +697,9 @@ class DeployServer:
                 checkpoints=True,
                 resume=job.resume,
             )
-            strategy = config.workflow.strategy(root / config.app, where="<job>/job.json")
+            strategy = config.workflow.strategy(
+                root / config.app, where="<job>/job.json", allow_app_code=self.allow_app_code
+            )
             settings = config.workflow.settings(on_round=lambda record: self._on_round(job, record))
             start_round = 0
             resumed = recorder.load_checkpoint()

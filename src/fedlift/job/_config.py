@@ -97,10 +97,17 @@ class WorkflowConfig:
         """The strategy's spec: ``{"type": ..., **options}``."""
         return {"type": self.type, **self.options}
 
-    def strategy(self, app_dir: Path | None, where: str = "workflow") -> Strategy:
-        """Build the strategy (options checked; ``module:Name`` imported from ``app_dir``)."""
+    def strategy(
+        self, app_dir: Path | None, where: str = "workflow", *, allow_app_code: bool = True
+    ) -> Strategy:
+        """Build the strategy (options checked; ``module:Name`` imported from ``app_dir``
+        unless ``allow_app_code`` is False)."""
         return strategy_from_spec(
-            self.spec(), app_dir, where=where, besides=tuple(sorted(_LOOP_KEYS - {"type"}))
+            self.spec(),
+            app_dir,
+            where=where,
+            besides=tuple(sorted(_LOOP_KEYS - {"type"})),
+            allow_app_code=allow_app_code,
         )
 
     def settings(
@@ -176,7 +183,9 @@ def _require(data: dict[str, Any], key: str, kind: type | tuple[type, ...], wher
     return value
 
 
-def load_job(folder: str | Path, *, label: str | None = None) -> tuple[JobConfig, Path]:
+def load_job(
+    folder: str | Path, *, label: str | None = None, allow_app_code: bool = True
+) -> tuple[JobConfig, Path]:
     """Read and validate ``folder/job.json``; returns the config and the folder.
 
     Every path the config names stays in the job folder: ``app`` is a folder inside it,
@@ -184,7 +193,8 @@ def load_job(folder: str | Path, *, label: str | None = None) -> tuple[JobConfig
     (no absolute paths, no ``..``, no symlink that leads out; see
     :func:`fedlift._paths.resolve_inside`). ``label`` is how messages name the folder
     (default: the path as given); a server passes a name of its own so that no path of
-    its disk reaches a client.
+    its disk reaches a client. ``allow_app_code=False`` refuses a strategy (or function)
+    named from the app folder (a deployed server that runs no job code).
     """
     root = Path(folder)
     shown = str(root) if label is None else label
@@ -255,7 +265,8 @@ def load_job(folder: str | Path, *, label: str | None = None) -> tuple[JobConfig
         folder_files(app_dir)
     except ConfigError as exc:
         raise ConfigError(f"{where}: the app folder {app!r} cannot be shipped: {exc}") from None
-    workflow.strategy(app_dir, where=f"{where}: workflow")  # its options, checked once here
+    # The strategy and its options, checked once here.
+    workflow.strategy(app_dir, where=f"{where}: workflow", allow_app_code=allow_app_code)
     script = resolve_inside(
         app_dir, runner.script, f"{where}: 'runner.script'", f"the app folder ({app!r})"
     )

@@ -121,10 +121,12 @@ def _is_callable(kind: Any) -> bool:
 
 
 class _App:
-    """Imports ``module:Name`` references from the job's app folder (once per module)."""
+    """Imports ``module:Name`` references from the job's app folder (once per module);
+    ``allowed=False`` refuses them (a deployed server that runs no code from jobs)."""
 
-    def __init__(self, folder: Path | None) -> None:
+    def __init__(self, folder: Path | None, allowed: bool = True) -> None:
         self.folder = folder
+        self.allowed = allowed
         self._modules: dict[str, types.ModuleType] = {}
 
     def load(self, ref: str, where: str) -> Any:
@@ -137,6 +139,13 @@ class _App:
             raise ConfigError(
                 f"{where} must name 'module:Name' of a module in the job's app folder; "
                 f"received: {ref!r}."
+            )
+        if not self.allowed:
+            raise ConfigError(
+                f"{where} names {ref!r}: code from the job's app folder, which this server "
+                "does not run (it would run with the server's key and see every job). Use "
+                "a built-in strategy, or start the server with `fedlift server start "
+                "--allow-app-code` to let admins' jobs bring their own."
             )
         if self.folder is None:
             raise ConfigError(
@@ -295,11 +304,13 @@ def strategy_from_spec(
     *,
     where: str = "workflow",
     besides: tuple[str, ...] = (),
+    allow_app_code: bool = True,
 ) -> Strategy:
     """Build the strategy ``spec`` names (``{"type": ..., **options}``); ``app_dir``: the
     job's app folder, for ``module:Name`` references; ``besides``: the settings accepted
-    next to the options where the spec comes from (named when an option is unknown)."""
-    built = _build(spec, STRATEGIES, "strategy", where, _App(app_dir), besides)
+    next to the options where the spec comes from (named when an option is unknown);
+    ``allow_app_code=False`` refuses every ``module:Name`` (see :class:`_App`)."""
+    built = _build(spec, STRATEGIES, "strategy", where, _App(app_dir, allow_app_code), besides)
     if not isinstance(built, Strategy):
         raise ConfigError(f"{where}: {spec.get('type')!r} did not build a Strategy.")
     return built

@@ -209,13 +209,6 @@ class FedProx(FedAvg):
         super().__post_init__()
         _check_number(type(self).__name__, "mu", self.mu, 0.0)
 
-    def configure_evaluate(self, round_number: int, sites: Sequence[str]) -> Ask | None:
-        """With ``evaluate_every=k``: every site evaluates the new global model after every
-        k-th round (task ``validate``)."""
-        if self.evaluate_every is None or (round_number + 1) % self.evaluate_every:
-            return None
-        return Ask(list(sites))
-
     def task_config(self, round_number: int) -> dict[str, Any]:
         return {FEDPROX_MU: float(self.mu)}
 

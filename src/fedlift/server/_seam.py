@@ -148,7 +148,8 @@ class Filter(Protocol):
     aggregator sees it; a filter raises :class:`~fedlift.errors.InvalidResultError` to
     refuse a result (the error policy applies). This is where compression (decoding
     quantised or sparse results) and privacy (clipping, noise) plug in, for every strategy
-    alike; their client-side halves run in the worker.
+    alike. Their client-side halves (encoding a result before it is sent) are to run in the
+    site's worker, symmetric to these; none exists yet.
     """
 
     def on_task(self, task: FLModel) -> FLModel:

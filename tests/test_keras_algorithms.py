@@ -310,3 +310,25 @@ def test_fedprox_mu_is_the_tasks(monkeypatch: pytest.MonkeyPatch) -> None:
         set_current_link(None)
         _reset_for_tests()
     assert fk.get_fedprox_mu is fk.fedprox_mu
+
+
+def test_scaffold_a_round_run_again_starts_from_the_same_c_i(
+    model: Any, helper: TFScaffoldHelper
+) -> None:
+    """After a server restart the same round comes again; c_i must not move twice."""
+    reset(model)
+    helper.load_global_controls({"scaffold_c_global": C_GLOBAL, "current_round": 0})
+    fit(model, 2, [helper.callback()])
+    first = helper.result_meta()["scaffold_c_diff"]
+    reset(model)
+    helper.load_global_controls({"scaffold_c_global": C_GLOBAL, "current_round": 0})  # again
+    fit(model, 2, [helper.callback()])
+    again = helper.result_meta()["scaffold_c_diff"]
+    np.testing.assert_array_equal(again["d"][0], first["d"][0])  # from the same c_i (0)
+    np.testing.assert_array_equal(again["d"][1], first["d"][1])
+    _, c_local = helper.get_params()
+    np.testing.assert_array_equal(c_local["d"][1], [0.0])
+    reset(model)
+    helper.load_global_controls({"scaffold_c_global": C_GLOBAL, "current_round": 1})  # next
+    _, c_local = helper.get_params()
+    np.testing.assert_allclose(c_local["d"][1], first["d"][1], atol=1e-6)  # now c_i = c_i+

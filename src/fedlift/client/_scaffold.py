@@ -86,6 +86,7 @@ class TFScaffoldHelper:
         self._steps = 0
         self._rate_sum = 0.0
         self._reported = False
+        self._round: Any = None  # the round of the controls loaded last (from the meta)
 
     # ------------------------------------------------------------------ the script's calls
     def init(self, model: Any) -> None:
@@ -107,10 +108,17 @@ class TFScaffoldHelper:
                 "Is the server running SCAFFOLD?"
             )
         parsed = None if self._layers is None else self._parse(raw)  # fails before any change
-        if self._c_local_next is not None and self._reported:
-            # c_i moves on only once its delta was taken for the server.
+        round_number = (
+            meta_or_controls.get("current_round") if isinstance(meta_or_controls, Mapping) else None
+        )
+        again = round_number is not None and round_number == self._round
+        if self._c_local_next is not None and self._reported and not again:
+            # c_i moves on only once its delta was taken for the server -- and not when the
+            # same round comes again (the server restarted and runs it anew: its c is the
+            # one from before that round, so c_i must be too).
             self._c_local = self._c_local_next
         self._c_local_next = None
+        self._round = round_number
         self._raw_global = raw
         self._c_global = parsed
         self._delta = None

@@ -205,12 +205,11 @@ def _convert(owner: str, name: str, kind: Any, value: Any, app: _App) -> Any:
     if kind is Any:
         return value
     if origin in (Union, types.UnionType):
-        errors = []
         for option in get_args(kind):
             try:
                 return _convert(owner, name, option, value, app)
-            except ConfigError as exc:
-                errors.append(str(exc))
+            except ConfigError:
+                continue
         raise _wrong(where, kind, value)
     if kind is type(None):
         if value is None:

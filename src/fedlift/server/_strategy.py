@@ -36,7 +36,7 @@ from ..model import FLModel, MetaKey, ParamsType, ParamTree, flatten, unflatten
 from ._aggregate import ErrorPolicy, _ResultLost, check_error_policy, weighted_mean_metrics
 from ._mean import Mean
 from ._seam import Aggregate, AggregatorFactory, Allocator, Ask, FastPath, Filter, Memory
-from ._store import RoundRecord, RunRecorder
+from ._store import RoundRecord, RunRecorder, _is_array_tree
 
 __all__ = [
     "Controller",
@@ -561,17 +561,6 @@ def evaluate_final(
     )
     _notify(settings, record)
     return record.metrics
-
-
-def _is_array_tree(value: Any) -> bool:
-    """Whether ``value`` is a non-empty param tree of numpy arrays."""
-    if not isinstance(value, dict | list | tuple | np.ndarray):
-        return False
-    try:
-        _, arrays = flatten(value)
-    except ConfigError:
-        return False
-    return bool(arrays)
 
 
 def _notify(settings: RunSettings, record: RoundRecord) -> None:

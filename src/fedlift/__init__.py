@@ -2,7 +2,7 @@
 
 * ``import fedlift.client as flare`` in the training script (the Client API),
 * :class:`FedAvgJob` + :class:`ScriptRunner` in the job script,
-* ``fedlift simulator`` (or ``job.simulator_run``) to run it.
+* ``fedlift simulator`` (or ``job.run(SimEnv())``, ``PocEnv()``, ``ProdEnv(kit=...)``) to run it.
 
 The job and simulator names here load on first use (PEP 562): a training script's
 ``import fedlift.client`` runs this file too, and must not pay for the server, the
@@ -31,8 +31,9 @@ from .errors import FedliftError
 from .model import FLModel, MetaKey, ParamsType
 
 if TYPE_CHECKING:
+    from .deploy import PocEnv, ProdEnv
     from .job import FedAvgJob, FedJob, ScriptRunner
-    from .simulator import SimulationResult, run_simulator
+    from .simulator import SimEnv, SimulationResult, run_simulator
 
 __all__ = [
     "FLModel",
@@ -41,7 +42,10 @@ __all__ = [
     "FedliftError",
     "MetaKey",
     "ParamsType",
+    "PocEnv",
+    "ProdEnv",
     "ScriptRunner",
+    "SimEnv",
     "SimulationResult",
     "__version__",
     "run_simulator",
@@ -51,6 +55,9 @@ _LAZY = {
     "FedAvgJob": "job",
     "FedJob": "job",
     "ScriptRunner": "job",
+    "SimEnv": "simulator",
+    "PocEnv": "deploy",
+    "ProdEnv": "deploy",
     "SimulationResult": "simulator",
     "run_simulator": "simulator",
 }

@@ -15,6 +15,7 @@ __all__ = [
     "FedliftError",
     "InvalidResultError",
     "JobAbortedError",
+    "JobFailedError",
     "PermissionDeniedError",
     "ProtocolError",
     "ReceiveTimeoutError",
@@ -76,6 +77,11 @@ class JobAbortedError(FedliftError):
     """The job was stopped before it finished (by a failure elsewhere or by a user)."""
 
 
+class JobFailedError(FedliftError):
+    """A job ended failed (a site's error under ``on_client_error="fail"``, too few sites
+    in a round, a server error), so it has no result; the message holds the reason."""
+
+
 class InvalidResultError(ClientFailedError, ValueError):
     """A site's result cannot be aggregated: NaN or Inf values, keys, shapes or dtypes that
     differ from the global model, or a weight that is not a finite number > 0. The message
@@ -113,6 +119,7 @@ _BY_NAME: dict[str, type[FedliftError]] = {
         ClientFailedError,
         RoundTimeoutError,
         JobAbortedError,
+        JobFailedError,
         PermissionDeniedError,
         InvalidResultError,
         ResourceLimitError,

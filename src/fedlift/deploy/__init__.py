@@ -4,10 +4,12 @@
 serves with ``server_credentials(kit)``, sites and admins connect with
 ``channel_credentials(kit)``, and every request a TLS :class:`~fedlift.transport.GrpcListener`
 hands its handler carries ``peer`` and ``peer_role`` from the client's verified certificate
-(never from the wire).
+(never from the wire). ``job.run(PocEnv(...))`` runs a job on a POC it starts and stops on
+this machine; ``job.run(ProdEnv(kit=ADMIN_KIT))`` submits it to a deployed server.
 """
 
 from ._commands import add_revoke_command, add_site_commands, run_revoke, run_site_command
+from ._env import PocEnv, ProdEnv
 from ._identity import ROLES
 from ._provision import provision, revoke
 from ._server import DeployServer
@@ -16,6 +18,8 @@ from ._tls import Kit, Revocations, channel_credentials, load_kit, server_creden
 __all__ = [
     "ROLES",
     "DeployServer",
+    "PocEnv",
+    "ProdEnv",
     "Kit",
     "Revocations",
     "add_revoke_command",

@@ -45,6 +45,13 @@ def _free_port() -> int:
 
 def _alive(pid: int) -> bool:
     try:
+        # A POC that PocEnv started from this process is this process's children: one that
+        # exited is a zombie until reaped, and a zombie still answers kill(pid, 0).
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:
+        pass  # not a child of this process (`fedlift poc start` started it): kill(pid, 0)
+    try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False

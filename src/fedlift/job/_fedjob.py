@@ -20,6 +20,7 @@ from ._config import (
     folder_files,
     is_seconds,
 )
+from ._run import Env, JobRun
 from ._simulate import SimulationOutcome, simulate
 
 __all__ = ["FedAvgJob", "FedJob", "ScriptRunner"]
@@ -279,6 +280,19 @@ class FedJob:
         tree = _as_arrays(self.initial_model)
         save_safetensors(tree, folder / name)
         return name
+
+    def run(self, env: Env) -> JobRun:
+        """Start the job in ``env`` and return its run: ``SimEnv(n_clients=, threads=,
+        gpu=)`` (the simulator), ``PocEnv(n_clients=)`` (a POC started and stopped on this
+        machine) or ``ProdEnv(kit=)`` (a deployed server). The run's ``status()``,
+        ``wait()``, ``result()`` and ``download(dir)`` are the same in every env, so the
+        job moves from one place to the next by changing this one argument."""
+        if not isinstance(env, Env):
+            raise ConfigError(
+                f"job.run(env) takes a SimEnv, PocEnv or ProdEnv (fedlift.job.Env). "
+                f"Received: env={env!r:.80}."
+            )
+        return env.start(self)
 
     def simulator_run(
         self,

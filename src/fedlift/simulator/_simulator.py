@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -111,13 +112,15 @@ def run_simulator(
     terminal: TextIO | None = None,
     quiet: bool = False,
     shared_memory: bool = True,
+    on_start: Callable[[ServerRuntime], None] | None = None,
 ) -> SimulationResult:
     """Run an exported job with ``n_clients`` local clients, ``threads`` of them at once.
 
     Raises :class:`~fedlift.errors.ClientFailedError` (with the client's traceback) when a
     client script fails, and other :class:`~fedlift.errors.FedliftError` for bad input.
     Models move between the processes through shared memory (``/dev/shm``) unless
-    ``shared_memory=False``; control messages always go over gRPC.
+    ``shared_memory=False``; control messages always go over gRPC. ``on_start`` is called
+    with the job's runtime once it exists (``SimEnv``'s run stops the job through it).
     """
     started = time.monotonic()
     config, root = load_job(job_dir)
@@ -165,6 +168,8 @@ def run_simulator(
         on_log=recorder.client_log,
         allocate=None if pool is None else pool.allocate,
     )
+    if on_start is not None:
+        on_start(runtime)
     strategy = config.workflow.strategy(root / config.app)
     settings = config.workflow.settings(
         min_clients=min_clients,

@@ -31,7 +31,7 @@ from .errors import FedliftError
 from .model import FLModel, MetaKey, ParamsType
 
 if TYPE_CHECKING:
-    from .job import FedAvgJob, FedJob, ScriptRunner
+    from .job import FedAvgJob, FedJob, FrameworkType, ScriptRunner
     from .simulator import SimulationResult, run_simulator
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "FedAvgJob",
     "FedJob",
     "FedliftError",
+    "FrameworkType",
     "MetaKey",
     "ParamsType",
     "ScriptRunner",
@@ -50,6 +51,7 @@ __all__ = [
 _LAZY = {
     "FedAvgJob": "job",
     "FedJob": "job",
+    "FrameworkType": "job",
     "ScriptRunner": "job",
     "SimulationResult": "simulator",
     "run_simulator": "simulator",

@@ -140,7 +140,7 @@ def test_a_job_runs_on_two_sites_and_its_results_download(
     np.testing.assert_allclose(params["w"], np.full(1000, 3 * 5 / 3), rtol=1e-6)
     metrics = [json.loads(x) for x in next(results.rglob("metrics.jsonl")).read_text().split("\n")
                if x]  # fmt: skip
-    assert [m["task"] for m in metrics] == ["train", "train", "train", "validate"]
+    assert [m["task"] for m in metrics] == ["train", "train", "train"]  # no final evaluation
     listing = fedlift("job", "list", "--kit", deployment.admin)
     assert job_id in listing.stdout and "finished" in listing.stdout
     site_log = fedlift("job", "logs", job_id, "--site", "site-1", "--kit", deployment.admin)

@@ -29,7 +29,8 @@ def test_one_client_fl_equals_centralised_training(
     initial = build_model()
     initial_weights = [w.copy() for w in initial.get_weights()]
 
-    job = FedAvgJob("keras-1client", n_clients=1, num_rounds=ROUNDS, initial_model=initial)
+    job = FedAvgJob("keras-1client", n_clients=1, num_rounds=ROUNDS, initial_model=initial,
+                    final_evaluation=True)  # fmt: skip
     job.to_clients(ScriptRunner(SCRIPTS / "keras_client.py", script_args="--diff" if diff else ""))
     result = job.simulator_run(tmp_path / "ws")
 

@@ -52,7 +52,7 @@ def expected_shift(n_clients: int, weights: list[float], rounds: int) -> float:
 
 @pytest.mark.parametrize("diff", [False, True], ids=["FULL", "DIFF"])
 def test_fedavg_aggregates_the_hand_computed_weighted_mean(tmp_path: Path, diff: bool) -> None:
-    job = make_job(3, "--diff" if diff else "")
+    job = make_job(3, "--diff" if diff else "", final_evaluation=True)
     result = job.simulator_run(tmp_path / "ws")
 
     shift = expected_shift(3, [1.0, 2.0, 3.0], N_ROUNDS)  # weights: site_index + 1
@@ -165,7 +165,7 @@ def test_min_clients_lets_the_round_go_on_without_a_silent_client(tmp_path: Path
 
 
 def test_cli_runs_an_exported_job_and_reports_a_failure(tmp_path: Path) -> None:
-    good = make_job(2).export_job(tmp_path / "jobs")
+    good = make_job(2, final_evaluation=True).export_job(tmp_path / "jobs")
     run = subprocess.run(
         [
             sys.executable,
@@ -230,5 +230,7 @@ def test_a_script_run_outside_a_job_says_how_to_run_it() -> None:
 def test_an_in_process_script_runs_in_the_main_thread_and_may_install_signal_handlers(
     tmp_path: Path,
 ) -> None:
-    result = make_job(1, "--signal-handler", num_rounds=1).simulator_run(tmp_path / "ws")
+    result = make_job(1, "--signal-handler", num_rounds=1, final_evaluation=True).simulator_run(
+        tmp_path / "ws"
+    )
     assert result.final_metrics["accuracy"] == pytest.approx(1.0 + 1)

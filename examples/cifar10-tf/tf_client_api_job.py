@@ -58,6 +58,9 @@ def main() -> int:
             num_rounds=args.num_rounds,
             initial_model=TFNet(input_shape=(32, 32, 3)),
             key_metric="accuracy",
+            # The script answers is_evaluate() with metrics only, so the final model can be
+            # evaluated on every site (off by default, as in NVFlare).
+            final_evaluation=True,
         )
         job.to_clients(
             ScriptRunner(

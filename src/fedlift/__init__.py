@@ -32,7 +32,7 @@ from .model import FLModel, MetaKey, ParamsType
 
 if TYPE_CHECKING:
     from .deploy import PocEnv, ProdEnv
-    from .job import FedAvgJob, FedJob, ScriptRunner
+    from .job import FedAvgJob, FedJob, FrameworkType, ScriptRunner
     from .simulator import SimEnv, SimulationResult, run_simulator
 
 __all__ = [
@@ -40,6 +40,7 @@ __all__ = [
     "FedAvgJob",
     "FedJob",
     "FedliftError",
+    "FrameworkType",
     "MetaKey",
     "ParamsType",
     "PocEnv",
@@ -54,6 +55,7 @@ __all__ = [
 _LAZY = {
     "FedAvgJob": "job",
     "FedJob": "job",
+    "FrameworkType": "job",
     "ScriptRunner": "job",
     "SimEnv": "simulator",
     "PocEnv": "deploy",

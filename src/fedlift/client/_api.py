@@ -31,6 +31,7 @@ __all__ = [
     "get_config",
     "get_job_id",
     "get_site_name",
+    "get_task_name",
     "init",
     "is_evaluate",
     "is_running",
@@ -71,6 +72,7 @@ class _State:
         self.last_round: int | None = None
         self.stopped = False
         self.task_config: dict[str, Any] = {}
+        self.file_config: dict[str, Any] = {}
 
 
 _state = _State()
@@ -98,15 +100,26 @@ def _require_init(call: str) -> Link:
     return link
 
 
-def init(rank: str | int | None = None) -> None:
+def init(rank: str | int | None = None, config_file: str | os.PathLike[str] | None = None) -> None:
     """Connect this script to its site. Call once, before any other Client API function.
 
     ``rank`` is the process's rank in a multi-process launch (default: env ``RANK``, else 0).
+
+    ``config_file`` (NVFlare's argument) names a JSON file of the job's, e.g. one shipped
+    in the app folder: a relative path is looked up from the current folder, then from the
+    script's. Its JSON object becomes part of :func:`get_config` (beneath the job's config
+    and the task's: on a key in more than one, theirs wins). fedlift takes nothing else
+    from it: where the site is, the job's settings and the connection come from the job
+    that runs the script, never from a file. NVFlare generates such a file for each job
+    (``config/client_api_config.json``) and fedlift does not, so a file that does not
+    exist is logged and skipped; one that exists but is not a JSON object raises
+    :class:`~fedlift.errors.ClientAPIError`.
     """
     with _state.lock:
         if _state.link is not None:
             _log.debug("init() called again; ignored")
             return
+        file_config = {} if config_file is None else _read_config_file(config_file)
         resolved = str(
             rank if rank is not None else os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))
         )
@@ -121,6 +134,45 @@ def init(rank: str | int | None = None) -> None:
             raise ClientAPIError(NOT_IN_A_JOB.format(script=_script_name()))
         _state.link = link
         _state.rank = resolved
+        _state.file_config = file_config
+
+
+def _read_config_file(config_file: str | os.PathLike[str]) -> dict[str, Any]:
+    """The JSON object in ``config_file`` (see :func:`init`); {} when there is no such file."""
+    import sys
+
+    if not isinstance(config_file, str | os.PathLike):
+        raise ClientAPIError(
+            "init(config_file=...) takes the path of a JSON file; received: "
+            f"config_file={config_file!r:.80} ({type(config_file).__name__})."
+        )
+    path = os.fspath(config_file)
+    candidates = [path]
+    if not os.path.isabs(path) and sys.argv and sys.argv[0]:
+        candidates.append(os.path.join(os.path.dirname(os.path.abspath(sys.argv[0])), path))
+    found = next((c for c in candidates if os.path.isfile(c)), None)
+    if found is None:
+        _log.warning(
+            "init(config_file=%r): no such file (looked at %s); skipped. fedlift gets the "
+            "job's config from the job itself, so nothing is missing; get_config() holds it.",
+            path,
+            ", ".join(os.path.abspath(c) for c in candidates),
+        )
+        return {}
+    try:
+        with open(found, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ClientAPIError(
+            f"init(config_file=...) could not read {found} as JSON ({exc}). Fix the file or "
+            f"leave config_file out. Received: config_file={path!r}."
+        ) from None
+    if not isinstance(data, dict):
+        raise ClientAPIError(
+            f"init(config_file=...): {found} must hold a JSON object (its keys join "
+            f"get_config()); it holds a {type(data).__name__}. Received: config_file={path!r}."
+        )
+    return data
 
 
 def _fetch(timeout: float | None) -> Task | None:
@@ -286,6 +338,13 @@ def _task_name(call: str) -> str:
     return task.name
 
 
+def get_task_name() -> str:
+    """The name of the current task: ``"train"``, ``"validate"`` or ``"submit_model"``
+    (NVFlare's names). Like ``is_train()`` it waits for the next task when the last one was
+    answered, and it is ``""`` once the job has ended."""
+    return _task_name("get_task_name")
+
+
 def is_train() -> bool:
     """True if the current task asks for training (``train``)."""
     return _task_name("is_train") == "train"
@@ -329,11 +388,12 @@ def get_config() -> dict[str, Any]:
     ``FLModel.meta["config"]`` (:attr:`~fedlift.model.MetaKey.CONFIG`): e.g. FedProx's
     ``get_config()["fedprox_mu"]`` once ``receive()`` returned the round's model. Before the
     first task it is the job's config alone; it stays the last task's until the next one
-    arrives. A copy: changing it changes nothing.
+    arrives. A copy: changing it changes nothing. With ``init(config_file=...)`` the file's
+    keys are there too, beneath both.
     """
     link = _require_init("get_config")
     with _state.lock:
-        merged = {**link.context.config, **_state.task_config}
+        merged = {**_state.file_config, **link.context.config, **_state.task_config}
     return copy.deepcopy(merged)
 
 

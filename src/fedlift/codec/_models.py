@@ -174,6 +174,11 @@ def model_from_wire(fields: dict[str, Any], arrays: list[np.ndarray] | tuple[Any
         meta[key] = tree
     if position != len(arrays):
         raise ProtocolError(f"model message carries {len(arrays) - position} unexpected arrays.")
+    if params_type is not None and trees["params"] is None:
+        # FLModel refuses this too (a ConfigError); from the wire it is the peer's lie.
+        raise ProtocolError(
+            f"model params_type is {params_type.value} but the message carries no params."
+        )
     return FLModel(
         params_type=params_type,
         params=trees["params"],

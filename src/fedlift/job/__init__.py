@@ -3,6 +3,7 @@
 
 from ._config import CONFIG_NAME, JobConfig, RunnerConfig, WorkflowConfig, load_job, zip_dir
 from ._fedjob import FedAvgJob, FedJob, ScriptRunner
+from ._framework import FrameworkType
 from ._run import RUN_STATES, Env, JobResult, JobRun, RunStatus, read_rounds
 from ._simulate import SimulationOutcome
 
@@ -12,6 +13,7 @@ __all__ = [
     "Env",
     "FedAvgJob",
     "FedJob",
+    "FrameworkType",
     "JobConfig",
     "JobResult",
     "JobRun",

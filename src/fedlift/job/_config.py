@@ -80,7 +80,9 @@ class WorkflowConfig:
     higher_is_better: bool = True
     round_timeout: float = 3600.0
     register_timeout: float = 600.0
-    final_evaluation: bool = True
+    final_evaluation: bool = False
+    """A last ``validate`` task after training (opt-in, as in NVFlare: scripts that never
+    check ``is_evaluate()`` would train on it)."""
     save_interval: float = 1.0
     """Seconds: the global model is written at most this often, and after the last round."""
     type: str = "fedavg"

@@ -10,7 +10,14 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError
-from ..model import flatten, is_keras_model, plain_keras_copy, save_safetensors
+from ..model import (
+    build_keras_model,
+    flatten,
+    is_keras_model,
+    plain_keras_copy,
+    save_safetensors,
+    tree_from_lists,
+)
 from ..server import ErrorPolicy, FedAvg, RunSettings, Strategy, strategy_to_spec
 from ._config import (
     CONFIG_NAME,
@@ -20,12 +27,11 @@ from ._config import (
     folder_files,
     is_seconds,
 )
+from ._framework import FRAMEWORKS, FrameworkType
 from ._run import Env, JobRun
 from ._simulate import SimulationOutcome, simulate
 
 __all__ = ["FedAvgJob", "FedJob", "ScriptRunner"]
-
-_FRAMEWORKS = ("tensorflow", "pytorch", "numpy")
 
 
 @dataclass
@@ -39,24 +45,31 @@ class ScriptRunner:
     mean the worker's own interpreter. The subprocess must call ``flare.init()`` within
     ``init_timeout`` seconds; when the job ends it gets ``stop_timeout`` seconds to return
     before it is terminated. ``app_dir`` is the folder shipped to the clients with the job
-    (default: the script's folder); ``script`` may be relative to it.
+    (default: the script's folder); ``script`` may be relative to it. ``framework`` is a
+    :class:`~fedlift.job.FrameworkType` or its value (``"tensorflow"``, ``"pytorch"``,
+    ``"numpy"``, ``"raw"``), as in NVFlare.
     """
 
     script: str | Path
     script_args: str = ""
     launch_external_process: bool = False
     command: str = "python3 -u"
-    framework: str = "tensorflow"
+    framework: str | FrameworkType = "tensorflow"
     app_dir: str | Path | None = None
     init_timeout: float = 300.0
     stop_timeout: float = 60.0
 
     def __post_init__(self) -> None:
-        if self.framework not in _FRAMEWORKS:
+        # A FrameworkType or its value, stored as the plain string job.json holds.
+        framework = self.framework
+        if isinstance(framework, FrameworkType):
+            framework = framework.value
+        if not isinstance(framework, str) or framework.lower() not in FRAMEWORKS:
             raise ConfigError(
-                f"ScriptRunner(framework=...) must be one of {_FRAMEWORKS}; "
+                f"ScriptRunner(framework=...) must be a FrameworkType or one of {FRAMEWORKS}; "
                 f"received: framework={self.framework!r}."
             )
+        self.framework = framework.lower()
         if not (isinstance(self.init_timeout, int | float) and self.init_timeout > 0):
             raise ConfigError(
                 "ScriptRunner(init_timeout=...) must be seconds > 0; "
@@ -106,9 +119,20 @@ class FedJob:
     script's folder), so that the server can import it from the exported job.
     ``cross_site_eval``: after training, every site's final local model and the global
     one are evaluated on every site's data.
+    ``final_evaluation=True``: after the last round a ``validate`` task asks every site to
+    evaluate the final global model (``result.final_metrics``). Off by default, as in
+    NVFlare: a script that never checks ``flare.is_evaluate()`` would train once more on
+    that task, and the params it trained would be dropped. Turn it on for scripts that
+    answer ``is_evaluate()`` with metrics only.
 
     ``initial_model`` is a Keras model (saved as ``.keras``; global models are written as
-    ``.weights.h5``) or a params tree of numpy arrays (saved as ``.safetensors``).
+    ``.weights.h5``) or a params tree of numpy arrays (saved as ``.safetensors``). An
+    unbuilt Keras model is built from its ``_input_shape`` (as NVFlare's persistor does;
+    e.g. NVFlare's ``TFNet(input_shape=(None, 32, 32, 3))``), else refused with a
+    ConfigError naming ``model.build(...)``. Nested lists of numbers are arrays (float32,
+    as NVFlare's NumPy recipe makes them): a top-level list such as ``[[1, 2, 3], [4, 5,
+    6]]`` becomes ``{"numpy_key": array}`` (NVFlare's ``NPConstants.NUMPY_KEY``, what its
+    NumPy scripts read), a dict of lists ``{"w": [[1, 2], [3, 4]]}`` a dict of arrays.
     ``save_interval``: the simulator writes the global model at most this often (seconds;
     0: after every round) and always after the last round, so sub-second rounds do not
     spend their time on the disk; ``state.json`` names the round the file holds.
@@ -130,7 +154,7 @@ class FedJob:
         higher_is_better: bool = True,
         round_timeout: float = 3600.0,
         register_timeout: float = 600.0,
-        final_evaluation: bool = True,
+        final_evaluation: bool = False,
         save_interval: float = 1.0,
         on_client_error: ErrorPolicy = "fail",
         strategy: Strategy | None = None,
@@ -178,8 +202,10 @@ class FedJob:
                 f"model is written (0: every round); received: {save_interval!r}."
             )
         if is_keras_model(initial_model):
+            build_keras_model(initial_model, f"{kind}(initial_model=...)")
             self._model_kind = "keras"
         else:
+            initial_model = tree_from_lists(initial_model, f"{kind}(initial_model=...)")
             try:
                 flatten(initial_model)
             except ConfigError as exc:
@@ -257,7 +283,7 @@ class FedJob:
                     script_args=self.runner.script_args,
                     launch_external_process=self.runner.launch_external_process,
                     command=self.runner.command,
-                    framework=self.runner.framework,
+                    framework=FrameworkType(self.runner.framework).value,
                     init_timeout=float(self.runner.init_timeout),
                     stop_timeout=float(self.runner.stop_timeout),
                 ),
@@ -311,8 +337,10 @@ class FedAvgJob(FedJob):
     :class:`~fedlift.server.FedAvg`.
 
     ``initial_model`` is a Keras model (saved as ``.keras``; global models are written as
-    ``.weights.h5``) or a params tree of numpy arrays (saved as ``.safetensors``).
-    ``save_interval``: the simulator writes the global model at most this often (seconds;
+    ``.weights.h5``; an unbuilt one is built from ``_input_shape``), a params tree of numpy
+    arrays (saved as ``.safetensors``) or nested lists of numbers (see :class:`FedJob`).
+    ``final_evaluation`` is off by default, as in NVFlare (see :class:`FedJob`).
+    ``save_interval: the simulator writes the global model at most this often (seconds;
     0: after every round) and always after the last round, so sub-second rounds do not
     spend their time on the disk; ``state.json`` names the round the file holds.
     ``on_client_error``: ``"fail"`` (default) stops the job when a site's script raises or

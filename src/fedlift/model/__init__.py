@@ -11,11 +11,13 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from ._flmodel import AlgorithmConstants, FLModel, MetaKey, ParamsType
+from ._lists import NUMPY_KEY, tree_from_lists
 from ._ops import tree_add, tree_sub
 from ._tree import ParamTree, Structure, flat_keys, flatten, iter_with_keys, map_arrays, unflatten
 
 if TYPE_CHECKING:
     from ._keras import (
+        build_keras_model,
         is_keras_model,
         keras_params,
         load_keras_model,
@@ -28,9 +30,11 @@ __all__ = [
     "AlgorithmConstants",
     "FLModel",
     "MetaKey",
+    "NUMPY_KEY",
     "ParamTree",
     "ParamsType",
     "Structure",
+    "build_keras_model",
     "flat_keys",
     "flatten",
     "is_keras_model",
@@ -44,11 +48,13 @@ __all__ = [
     "set_keras_params",
     "stage_safetensors",
     "tree_add",
+    "tree_from_lists",
     "tree_sub",
     "unflatten",
 ]
 
 _LAZY = {
+    "build_keras_model": "_keras",
     "is_keras_model": "_keras",
     "keras_params": "_keras",
     "load_keras_model": "_keras",

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+import numpy as np
+
 from ..errors import ConfigError
 from ._tree import ParamTree
 
@@ -56,7 +58,11 @@ class FLModel:
 
     The argument order follows NVFlare's ``FLModel`` so positional and keyword calls of
     scripts written for it keep working. ``params_type`` defaults to ``FULL`` when
-    ``params`` is given.
+    ``params`` is given. As strict as NVFlare's: ``FULL`` or ``DIFF`` without ``params`` and
+    a negative (or non-integer) ``start_round``/``current_round``/``total_rounds`` raise
+    :class:`~fedlift.errors.ConfigError` here, where the script made the mistake, instead of
+    reaching the server as a result that says nothing. A metrics-only result (evaluation)
+    leaves both ``params`` and ``params_type`` None.
     """
 
     params_type: ParamsType | None = None
@@ -86,6 +92,15 @@ class FLModel:
                     f"FLModel.params_type must be ParamsType.FULL or ParamsType.DIFF; "
                     f"received: params_type={self.params_type!r}."
                 ) from None
+        if self.params_type is not None and self.params is None:
+            kind = self.params_type.value
+            raise ConfigError(
+                f"FLModel(params_type={kind}) needs params: {kind} describes the params, and "
+                "there are none. Pass params=..., or leave params_type out for a result of "
+                f"metrics only. Received: params=None, params_type={kind}."
+            )
+        for name in ("start_round", "current_round", "total_rounds"):
+            setattr(self, name, _round_number(name, getattr(self, name)))
         if self.metrics is not None and not isinstance(self.metrics, dict):
             raise ConfigError(
                 f"FLModel.metrics must be a dict of str to number; received: "
@@ -125,3 +140,20 @@ class FLModel:
             f"{self.params_type.value if self.params_type else '-'}, {size}, "
             f"metrics={self.metrics})"
         )
+
+
+def _round_number(name: str, value: Any) -> int | None:
+    """``value`` as a round number: None or an int >= 0 (a numpy integer becomes an int)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise ConfigError(
+            f"FLModel({name}=...) must be an int >= 0 or None; received: {name}={value!r:.60} "
+            f"({type(value).__name__})."
+        )
+    if value < 0:
+        raise ConfigError(
+            f"FLModel({name}=...) counts rounds from 0 and cannot be negative; received: "
+            f"{name}={value!r}."
+        )
+    return int(value)

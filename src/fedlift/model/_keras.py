@@ -11,6 +11,7 @@ from ..errors import ConfigError
 from ._tree import ParamTree
 
 __all__ = [
+    "build_keras_model",
     "is_keras_model",
     "keras_params",
     "load_keras_model",
@@ -28,6 +29,41 @@ def is_keras_model(obj: Any) -> bool:
             for c in type(obj).__mro__
         )
     return hasattr(obj, "layers") and hasattr(obj, "get_weights")
+
+
+def build_keras_model(model: Any, owner: str = "initial_model") -> None:
+    """Build ``model`` in place if it is not built yet, as NVFlare's TF persistor does.
+
+    An unbuilt model has no weights to send: every client would fail in round 0 loading a
+    weight list of length 0. NVFlare's persistor builds such a model from the input shape
+    it keeps, ``model._input_shape`` (NVFlare's TF CIFAR-10 example:
+    ``TFNet(input_shape=(None, 32, 32, 3))`` stores it), with ``model.build(...)``; so does
+    this. A model built already (a Sequential that starts with ``keras.Input``, a functional
+    model, one that was called on data) is left as it is. Without a known input shape it
+    raises a ConfigError that names ``model.build(...)``.
+    """
+    if getattr(model, "built", True):
+        return
+    shape = getattr(model, "_input_shape", None)
+    if shape is None:
+        raise ConfigError(
+            f"{owner}: the Keras model {type(model).__name__} is not built, so it has no "
+            "weights to send and every client would fail in round 0. Build it before "
+            "passing it: model.build(input_shape=(None, ...)) with your input's shape, or "
+            "start a Sequential with keras.Input(shape=...), or keep the shape on the model "
+            "(self._input_shape = (None, 32, 32, 3) in its __init__, as NVFlare's TF models "
+            "do) so that fedlift builds it. Received: an unbuilt "
+            f"{type(model).__name__} without _input_shape."
+        )
+    try:
+        model.build(input_shape=tuple(shape) if isinstance(shape, list) else shape)
+    except Exception as exc:  # Keras raises many types here; report them as one
+        raise ConfigError(
+            f"{owner}: building the Keras model {type(model).__name__} with its "
+            f"_input_shape failed ({type(exc).__name__}: {exc}). _input_shape is the shape "
+            "model.build(...) takes, batch dimension first, e.g. (None, 32, 32, 3). "
+            f"Received: _input_shape={shape!r}."
+        ) from exc
 
 
 def keras_params(model: Any) -> dict[str, list[np.ndarray]]:

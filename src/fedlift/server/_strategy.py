@@ -102,15 +102,17 @@ class RunSettings:
     """What every strategy's run shares: rounds, clients, time limits, error policy.
 
     ``min_clients``: the fewest results a round goes on with; ``final_evaluation``: a last
-    ``validate`` task asks the sites to evaluate the final global model; ``on_round`` is
-    called with each round's record (e.g. to print it).
+    ``validate`` task asks the sites to evaluate the final global model (off by default, as
+    in NVFlare: a script that never checks ``is_evaluate()`` would train on that task, a
+    round more than asked, and its params would be dropped); ``on_round`` is called with
+    each round's record (e.g. to print it).
     """
 
     num_rounds: int
     min_clients: int
     round_timeout: float = 3600.0
     register_timeout: float = 600.0
-    final_evaluation: bool = True
+    final_evaluation: bool = False
     on_client_error: ErrorPolicy = "fail"
     on_round: Callable[[RoundRecord], None] | None = field(default=None, repr=False)
     filters: tuple[Filter, ...] = ()

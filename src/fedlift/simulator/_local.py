@@ -35,7 +35,7 @@ import numpy as np
 from rich.console import Console
 
 from ..errors import ClientFailedError, ConfigError, InvalidResultError, RoundTimeoutError
-from ..model import FLModel, MetaKey, ParamTree, Structure, flatten, unflatten
+from ..model import FLModel, MetaKey, ParamsType, ParamTree, Structure, flatten, unflatten
 from ..server import (
     ArraysFormat,
     ErrorPolicy,
@@ -73,17 +73,21 @@ class TaskSpec:
     containers (dicts, lists, meta) over read-only views of them."""
 
     name: str
-    model: FLModel  # the workflow's model; only read
+    model: FLModel  # the workflow's model without its trees; only read
     params: tuple[Structure, list[np.ndarray]] | None
     optimizer_params: tuple[Structure, list[np.ndarray]] | None
+    params_type: ParamsType | None = None
+    """The model's (FLModel refuses a params_type without params, so ``model`` has none)."""
 
     @classmethod
     def of(cls, name: str, model: FLModel) -> TaskSpec:
         def split(tree: ParamTree | None) -> tuple[Structure, list[np.ndarray]] | None:
             return None if tree is None else flatten(tree)
 
-        bare = replace(model, params=None, optimizer_params=None)
-        return cls(name, bare, split(model.params), split(model.optimizer_params))
+        bare = replace(model, params_type=None, params=None, optimizer_params=None)
+        return cls(
+            name, bare, split(model.params), split(model.optimizer_params), model.params_type
+        )
 
     def model_for(self, site: str) -> FLModel:
         """The model ``site`` receives."""
@@ -98,7 +102,7 @@ class TaskSpec:
         meta[MetaKey.TASK_NAME] = self.name
         meta[MetaKey.SITE_NAME] = site
         return FLModel(
-            params_type=self.model.params_type,
+            params_type=self.params_type,
             params=tree(self.params),
             optimizer_params=tree(self.optimizer_params),
             start_round=self.model.start_round,

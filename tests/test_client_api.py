@@ -21,17 +21,15 @@ from fedlift.codec import Message, decode, encode, model_from_wire, model_to_wir
 from fedlift.errors import ClientAPIError, ReceiveTimeoutError
 
 CONFIG = {"job_name": "demo", "num_rounds": 3, "runner": {"script": "train.py"}}
-LogCall = tuple[str, float, str, "int | None"]
 
 
 class Site:
     """A LocalLink plus what it forwarded to the worker."""
 
     def __init__(self) -> None:
-        self.logs: list[LogCall] = []
+        self.logs: list[dict[str, Any]] = []
         self.link = LocalLink(
-            ClientContext("job-42", "site-2", 1, 3, dict(CONFIG)),
-            on_log=lambda *args: self.logs.append(args),
+            ClientContext("job-42", "site-2", 1, 3, dict(CONFIG)), on_log=self.logs.append
         )
 
 
@@ -424,13 +422,15 @@ def test_log_forwards_scalars(ready: Site) -> None:
     flare.log("loss", 0.25, global_step=3)
     flare.log("acc", np.float32(0.5), data_type=flare.AnalyticsDataType.METRIC)
     flare.log("train", {"loss": 1, "acc": np.float64(0.75)}, data_type="scalars", global_step=2)
+    tb = {"writer": "TORCH_TB", "path": None}
     assert ready.logs == [
-        ("loss", 0.25, "SCALAR", 3),
-        ("acc", 0.5, "METRIC", None),
-        ("train/loss", 1.0, "SCALARS", 2),
-        ("train/acc", 0.75, "SCALARS", 2),
-    ]
-    assert all(type(call[1]) is float for call in ready.logs)
+        {"key": "loss", "value": 0.25, "data_type": "SCALAR", "step": 3, **tb},
+        {"key": "acc", "value": 0.5, "data_type": "METRIC", "step": None, **tb},
+        {"key": "train", "value": {"loss": 1.0, "acc": 0.75}, "data_type": "SCALARS", "step": 2,
+         **tb},
+    ]  # fmt: skip
+    assert type(ready.logs[1]["value"]) is float
+    assert all(type(v) is float for v in ready.logs[2]["value"].values())
 
 
 def test_log_rejects_bad_values(ready: Site) -> None:

@@ -16,7 +16,7 @@ import math
 import os
 import threading
 from enum import Enum
-from typing import Any
+from typing import Any, SupportsIndex
 
 import numpy as np
 
@@ -24,6 +24,7 @@ from ..codec import model_to_wire
 from ..errors import ClientAPIError, ConfigError
 from ..model import FLModel, MetaKey
 from ._link import Link, Task, current_link
+from ._records import build_record
 
 __all__ = [
     "AnalyticsDataType",
@@ -60,6 +61,11 @@ class AnalyticsDataType(str, Enum):
     SCALARS = "SCALARS"
     METRIC = "METRIC"
     METRICS = "METRICS"
+    PARAMETER = "PARAMETER"
+    PARAMETERS = "PARAMETERS"
+    TAG = "TAG"
+    TAGS = "TAGS"
+    TEXT = "TEXT"
 
 
 class _State:
@@ -401,40 +407,27 @@ def log(
     key: str,
     value: Any,
     data_type: AnalyticsDataType | str = AnalyticsDataType.SCALAR,
-    global_step: int | None = None,
+    global_step: SupportsIndex | None = None,
     **kwargs: Any,
 ) -> None:
-    """Stream a metric to the server's TensorBoard (under ``SITE/key``).
+    """Stream a value to the server, which writes it for this site (TensorBoard always;
+    MLflow or W&B with the job's ``tracking``). :mod:`fedlift.client.tracking`'s writers
+    call this.
 
-    ``SCALAR``/``METRIC`` take a number; ``SCALARS``/``METRICS`` a dict of numbers.
+    ``SCALAR``/``METRIC`` take a number; ``SCALARS``/``METRICS`` a dict of numbers
+    (``SCALARS`` are named ``key/name``, ``METRICS`` by their names alone);
+    ``PARAMETER``/``TAG`` a value (sent as a string), ``PARAMETERS``/``TAGS`` a dict of them;
+    ``TEXT`` a string saved as the artifact ``path=``. ``writer=`` names the writer
+    (``TORCH_TB``, ``MLFLOW``, ``WANDB``). Only rank 0 reports.
     """
     link = _require_init("log")
     kind = data_type.value if isinstance(data_type, AnalyticsDataType) else str(data_type).upper()
     step = kwargs.pop("step", global_step)
-    if step is not None and not isinstance(step, int):
-        raise ClientAPIError(f"log(global_step=...) takes an int; received: {step!r}.")
-    if kind in ("SCALARS", "METRICS"):
-        if not isinstance(value, dict):
-            raise ClientAPIError(
-                f"log(data_type={kind}) takes a dict of numbers; received: {value!r:.60}."
-            )
-        items = list(value.items())
-    elif kind in ("SCALAR", "METRIC"):
-        items = [(key, value)]
-    else:
-        raise ClientAPIError(
-            f"log() supports data_type SCALAR, SCALARS, METRIC, METRICS; received: {data_type!r}."
-        )
-    for name, raw in items:
-        try:
-            number = float(raw)
-        except (TypeError, ValueError):
-            raise ClientAPIError(
-                f"log() value for {name!r} must be a number; received: {raw!r:.60}."
-            ) from None
-        full = name if kind in ("SCALAR", "METRIC") else f"{key}/{name}"
-        if _state.rank == "0":
-            link.log(full, number, kind, step)
+    writer = kwargs.pop("writer", "TORCH_TB")
+    writer = writer.value if isinstance(writer, Enum) else writer
+    record = build_record(key, value, kind, step, writer, kwargs.pop("path", None))
+    if _state.rank == "0":
+        link.log(record)
 
 
 def clear() -> None:

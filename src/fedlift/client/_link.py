@@ -51,7 +51,9 @@ class Link(Protocol):
 
     def submit(self, task_id: str, model: FLModel) -> None: ...
 
-    def log(self, key: str, value: float, data_type: str, step: int | None) -> None: ...
+    def log(self, record: dict[str, Any]) -> None:
+        """Forward a checked log record (:func:`fedlift.codec.check_log_record`)."""
+        ...
 
     def close(self) -> None: ...
 
@@ -62,7 +64,7 @@ class LocalLink:
     def __init__(
         self,
         context: ClientContext,
-        on_log: Callable[[str, float, str, int | None], None] | None = None,
+        on_log: Callable[[dict[str, Any]], None] | None = None,
         *,
         wait_delivery: bool = False,
     ) -> None:
@@ -180,9 +182,9 @@ class LocalLink:
                 self._sending = None
             self._cond.notify_all()
 
-    def log(self, key: str, value: float, data_type: str, step: int | None) -> None:
+    def log(self, record: dict[str, Any]) -> None:
         if self._on_log is not None:
-            self._on_log(key, value, data_type, step)
+            self._on_log(record)
 
     def close(self) -> None:
         """The script called ``shutdown()``: it will take no more tasks."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Any
 
 from ..codec import Message, model_from_wire, model_to_wire, shm_available
 from ..errors import ClientAPIError, ConnectionLostError, ReceiveTimeoutError
@@ -70,8 +71,8 @@ class RemoteLink:
         fields, arrays = model_to_wire(model)
         self._call("submit", {"task_id": task_id, "model": fields}, list(arrays), timeout=3600)
 
-    def log(self, key: str, value: float, data_type: str, step: int | None) -> None:
-        self._call("log", {"key": key, "value": value, "data_type": data_type, "step": step})
+    def log(self, record: dict[str, Any]) -> None:
+        self._call("log", record)
 
     def close(self) -> None:
         try:

@@ -36,7 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-from ..codec import Message, model_from_wire, model_to_wire, shm_available
+from ..codec import Message, check_log_record, model_from_wire, model_to_wire, shm_available
 from ..errors import ConfigError, ProtocolError
 from ..transport import GrpcListener
 from ._link import LocalLink, Task
@@ -104,16 +104,7 @@ class ScriptService:
                 )
             return Message("ok")
         if request.op == "log":
-            key, value = fields.get("key"), fields.get("value")
-            if not isinstance(key, str) or not isinstance(value, int | float):
-                raise ProtocolError("log needs a string key and a numeric value.")
-            step = fields.get("step")
-            self._link.log(
-                key,
-                float(value),
-                str(fields.get("data_type", "SCALAR")),
-                step if isinstance(step, int) else None,
-            )
+            self._link.log(check_log_record(fields))
             return Message("ok")
         if request.op == "bye":
             if rank == "0":

@@ -288,8 +288,9 @@ class Worker:
         except FedliftError as exc:
             log.error("could not report the failure to the server: %s", exc)
 
-    def _send_log(self, key: str, value: float, data_type: str, step: int | None) -> None:
-        fields = {"key": key, "value": value, "data_type": data_type, "step": step}
+    def _send_log(self, record: dict[str, Any]) -> None:
+        # The record's own fields only: the routing (which site, which job) is the worker's.
+        fields = {k: v for k, v in record.items() if k not in ("site", "job_id")}
         self._call("log", fields, timeout=30)
 
     def register(self, timeout: float) -> tuple[ClientContext, Message]:

@@ -3,9 +3,22 @@
 Besides the format, the two ways arrays travel between processes of one host without
 passing through the socket, named for the layers above that use them: shared-memory
 segments (``shm_*``, :class:`SegmentPool`) and reads out of the sender's memory
-(:class:`RemoteArray`, ``*_remote_*``).
+(:class:`RemoteArray`, ``*_remote_*``). And the one set of rules for what a script logs
+(:func:`check_log_record`), checked in the script and again on the server.
 """
 
+from ._analytics import (
+    LOG_DATA_TYPES,
+    LOG_WRITERS,
+    MAX_LOG_ENTRIES,
+    MAX_LOG_NAME_CHARS,
+    MAX_LOG_PARAM_CHARS,
+    MAX_LOG_STRINGS,
+    MAX_LOG_TAG_CHARS,
+    MAX_LOG_TEXT_CHARS,
+    check_log_name,
+    check_log_record,
+)
 from ._models import model_from_wire, model_to_wire
 from ._remote import RemoteArray
 from ._remote import check_probe as check_remote_probe
@@ -33,6 +46,14 @@ from ._wire import (
 __all__ = [
     "ALLOWED_DTYPES",
     "DEFAULT_MAX_MESSAGE_BYTES",
+    "LOG_DATA_TYPES",
+    "LOG_WRITERS",
+    "MAX_LOG_ENTRIES",
+    "MAX_LOG_NAME_CHARS",
+    "MAX_LOG_PARAM_CHARS",
+    "MAX_LOG_STRINGS",
+    "MAX_LOG_TAG_CHARS",
+    "MAX_LOG_TEXT_CHARS",
     "PREFIX_BYTES",
     "REMOTE_MIN_BYTES",
     "SHM_SESSION_ENV",
@@ -40,6 +61,8 @@ __all__ = [
     "Message",
     "RemoteArray",
     "SegmentPool",
+    "check_log_name",
+    "check_log_record",
     "check_remote_probe",
     "decode",
     "decode_frame",

@@ -23,7 +23,9 @@ Site operations (role ``site``; the site is the certificate's name)::
 
 Store layout (``WORKSPACE/jobs/<job_id>/``): ``job/`` (the unpacked job), ``meta.json``
 (state, sites, times; written atomically), ``server/`` (models, metrics.jsonl, state.json,
-tensorboard/, log.txt, checkpoint/ + checkpoint.json) and ``sites/<site>/log.txt``.
+tensorboard/ with a folder per site for what its script logged, mlflow.db and
+mlflow-artifacts/ or wandb/ by the job's ``tracking``, log.txt, checkpoint/ +
+checkpoint.json) and ``sites/<site>/log.txt``.
 
 What admins are told is what is on disk: a job's meta is written first and only then changed
 in memory. When a job ends and its new state cannot be written (disk full, read-only
@@ -68,6 +70,7 @@ from ..server import (
     RoundRecord,
     RunRecorder,
     ServerRuntime,
+    Tracking,
     cross_site_evaluate,
     load_initial_model,
 )
@@ -668,8 +671,19 @@ class DeployServer:
             sites = assigned
         handler: logging.Handler | None = None
         recorder: RunRecorder | None = None
+        tracking: Tracking | None = None
+        finished = False
         try:
             handler = _file_logging(server_dir / "log.txt")
+            # The sites' logs, per site, under the job's folder (this server must have what
+            # the job's tracking writes with: the job fails here, saying what to install).
+            tracking = Tracking(
+                server_dir,
+                tracking=config.tracking,
+                experiment=config.name,
+                job_id=job.job_id,
+                resume=job.resume,
+            )
             # The runtime first: sites that reconnect after a restart are served at once
             # ("wait") while the model and checkpoint load.
             runtime = ServerRuntime(
@@ -677,7 +691,7 @@ class DeployServer:
                 sites,
                 config.client_config(),
                 zip_dir(root / config.app),
-                on_log=lambda record: None if recorder is None else recorder.client_log(record),
+                on_log=tracking.record,
             )
             with self._cond:
                 if job.abort_requested or self._stopping:
@@ -721,6 +735,7 @@ class DeployServer:
             with self._cond:  # first on disk: a restart after this never waits for the sites
                 self._save_meta(job, state="finished", finished_at=time.time(), error=None)
             runtime.stop("the job finished")
+            finished = True
             log.info("job %s finished", job.job_id)
         except Exception as exc:
             self._ended_badly(job, exc)
@@ -730,6 +745,8 @@ class DeployServer:
                     recorder.close()
                 except Exception as exc:  # a model write that failed in the background
                     log.error("job %s: writing its results failed: %s", job.job_id, exc)
+            if tracking is not None:
+                tracking.close(failed=not finished)
             if handler is not None:
                 logging.getLogger("fedlift").removeHandler(handler)
                 handler.close()

@@ -27,6 +27,7 @@ from ..server import (
     RoundRecord,
     RunSettings,
     Strategy,
+    check_tracking,
     strategy_from_spec,
 )
 
@@ -150,6 +151,9 @@ class JobConfig:
     app: str = "app"
     format: str = FORMAT
     notes: dict[str, Any] = field(default_factory=dict)
+    tracking: str | None = None
+    """Where the server also writes the sites' logs (``"mlflow"``, ``"wandb"``,
+    ``"tensorboard"``; None: TensorBoard alone); see :func:`fedlift.server.check_tracking`."""
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -256,6 +260,9 @@ def load_job(
         initial_model=_require(data, "initial_model", str, where),
         app=app,
         notes=notes,
+        # The value is checked here, where it enters; the packages where they are used
+        # (the server that writes), since the machine reading job.json may not need them.
+        tracking=check_tracking(data.get("tracking"), f"{where}: 'tracking'", packages=False),
     )
     app_dir = resolve_inside(root, app, f"{where}: 'app'", "the job folder")
     if not app_dir.is_dir():

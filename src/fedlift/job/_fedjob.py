@@ -18,7 +18,7 @@ from ..model import (
     save_safetensors,
     tree_from_lists,
 )
-from ..server import ErrorPolicy, FedAvg, RunSettings, Strategy, strategy_to_spec
+from ..server import ErrorPolicy, FedAvg, RunSettings, Strategy, check_tracking, strategy_to_spec
 from ._config import (
     CONFIG_NAME,
     JobConfig,
@@ -140,6 +140,12 @@ class FedJob:
     its result cannot be aggregated (NaN or Inf, wrong keys, shapes or dtypes, a bad
     weight); ``"exclude"`` leaves that site out of the round, logged with the error, while
     ``min_clients`` still answer. A site whose process dies is left out under either.
+    ``tracking``: where the server writes what the sites' scripts log (``flare.log``,
+    :mod:`fedlift.client.tracking`) besides TensorBoard, per site: ``"mlflow"`` (an MLflow
+    store in the server folder), ``"wandb"`` (offline W&B runs) or ``"tensorboard"``
+    (TensorBoard required); None (default): TensorBoard when installed. The packages it
+    needs must be installed where the job is built and on the server (ConfigError names
+    the pip extra otherwise).
     """
 
     def __init__(
@@ -159,8 +165,10 @@ class FedJob:
         on_client_error: ErrorPolicy = "fail",
         strategy: Strategy | None = None,
         cross_site_eval: bool = False,
+        tracking: str | None = None,
     ) -> None:
         kind = type(self).__name__
+        self.tracking = check_tracking(tracking, f"{kind}(tracking=...)")
         if strategy is None:
             strategy = FedAvg()
         if not isinstance(strategy, Strategy):
@@ -288,6 +296,7 @@ class FedJob:
                     stop_timeout=float(self.runner.stop_timeout),
                 ),
                 initial_model=model_file,
+                tracking=self.tracking,
             )
             config.write(staging)
             shutil.rmtree(folder, ignore_errors=True)

@@ -64,6 +64,7 @@ from ._strategy import (
     apply_in_place,
     run_rounds,
 )
+from ._tracking import TRACKING_CHOICES, Tracking, check_tracking
 
 __all__ = [
     "AggregateFn",
@@ -84,6 +85,7 @@ __all__ = [
     "SCAFFOLD_CTRL_GLOBAL",
     "SERVER_MODEL",
     "STRATEGIES",
+    "TRACKING_CHOICES",
     "Aggregate",
     "Aggregator",
     "AggregatorFactory",
@@ -117,10 +119,12 @@ __all__ = [
     "Strategy",
     "StrategyState",
     "StreamingMean",
+    "Tracking",
     "all_clients",
     "apply_in_place",
     "apply_update",
     "check_error_policy",
+    "check_tracking",
     "cross_site_evaluate",
     "cyclic_order",
     "fedopt_step",

@@ -39,6 +39,7 @@ import numpy as np
 from ..codec import (
     Message,
     RemoteArray,
+    check_log_record,
     check_remote_probe,
     materialize_remote,
     model_from_wire,
@@ -69,13 +70,39 @@ _OPS = frozenset({"get_task", "submit", "client_error", "log"})
 
 @dataclass(frozen=True)
 class LogRecord:
-    """A value a site's script logged with ``flare.log``."""
+    """What a site's script logged with ``flare.log`` or a tracking writer, checked
+    (:func:`fedlift.codec.check_log_record`): ``value`` is a float (SCALAR, METRIC), a dict
+    of floats (SCALARS, METRICS), a str (PARAMETER, TAG, TEXT) or a dict of str
+    (PARAMETERS, TAGS); ``path`` names a TEXT record's artifact file."""
 
     site: str
     key: str
-    value: float
+    value: float | str | dict[str, float] | dict[str, str]
     data_type: str
     step: int | None
+    writer: str = "TORCH_TB"
+    path: str | None = None
+
+    def numbers(self) -> list[tuple[str, float]]:
+        """The record's numbers by name: ``key`` (SCALAR, METRIC), ``key/name`` (SCALARS,
+        as TensorBoard's ``add_scalars``), ``name`` (METRICS, as ``mlflow.log_metrics``)."""
+        value = self.value
+        if isinstance(value, float):
+            return [(self.key, value)]
+        if self.data_type == "SCALARS" and isinstance(value, dict):
+            return [(f"{self.key}/{name}", float(v)) for name, v in value.items()]
+        if self.data_type == "METRICS" and isinstance(value, dict):
+            return [(name, float(v)) for name, v in value.items()]
+        return []
+
+    def strings(self) -> dict[str, str]:
+        """The params (PARAMETER, PARAMETERS) or tags (TAG, TAGS) of the record by name."""
+        value = self.value
+        if self.data_type in ("PARAMETER", "TAG") and isinstance(value, str):
+            return {self.key: value}
+        if self.data_type in ("PARAMETERS", "TAGS") and isinstance(value, dict):
+            return {name: str(v) for name, v in value.items()}
+        return {}
 
 
 @dataclass
@@ -317,16 +344,8 @@ class ServerRuntime:
                 self._cond.wait(remaining)
 
     def _log(self, site: _Site, fields: dict[str, Any]) -> None:
-        key = _str_field(fields, "key")
-        value = fields.get("value")
-        step = fields.get("step")
-        if not isinstance(value, int | float) or isinstance(value, bool):
-            raise ProtocolError(f"log value for {key!r} must be a number; got {value!r:.40}")
-        if step is not None and not isinstance(step, int):
-            raise ProtocolError(f"log step must be an int; got {step!r:.40}")
-        record = LogRecord(
-            site.name, key, float(value), str(fields.get("data_type", "SCALAR")), step
-        )
+        """A log record from a peer: checked in full (raises ProtocolError), then handed on."""
+        record = LogRecord(site.name, **check_log_record(fields))
         if self._on_log is not None:
             self._on_log(record)
 

@@ -46,7 +46,6 @@ from ..model import (
     stage_safetensors,
     unflatten,
 )
-from ._runtime import LogRecord
 
 __all__ = [
     "CHECKPOINT_DIR",
@@ -646,9 +645,6 @@ class RunRecorder:
     def flush(self) -> None:
         """Wait until every model handed over so far is on disk."""
         self._writer.flush()
-
-    def client_log(self, record: LogRecord) -> None:
-        self._tb.scalar(f"{record.site}/{record.key}", record.value, record.step or 0)
 
     def close(self) -> None:
         try:

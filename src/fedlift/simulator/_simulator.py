@@ -3,7 +3,7 @@
 The server runtime runs in this process and serves the client protocol over gRPC on
 loopback; each client is a worker process of its own (``WORKSPACE/site-N``), exactly the
 code a real site runs. Outputs land in ``WORKSPACE/server`` (models, metrics.jsonl,
-TensorBoard events, log.txt) and ``WORKSPACE/site-N/log.txt``.
+TensorBoard events, the sites' logs per site, log.txt) and ``WORKSPACE/site-N/log.txt``.
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ from ..server import (
     RoundRecord,
     RunRecorder,
     ServerRuntime,
+    Tracking,
+    check_tracking,
     cross_site_evaluate,
     load_initial_model,
 )
@@ -124,6 +126,8 @@ def run_simulator(
     """
     started = time.monotonic()
     config, root = load_job(job_dir)
+    # This process writes the sites' logs: it must have what the job's tracking needs.
+    check_tracking(config.tracking, f"job {config.name}")
     n = config.n_clients if n_clients is None else n_clients
     if not isinstance(n, int) or n < 1:
         raise ConfigError(f"-n (n_clients) must be an int >= 1; received: {n!r}.")
@@ -155,6 +159,7 @@ def run_simulator(
         config.workflow.higher_is_better,
         save_interval=config.workflow.save_interval,
     )
+    tracking = Tracking(server_dir, tracking=config.tracking, experiment=config.name, job_id=job_id)
     shared = shared_memory and shm_available()
     # Spares up to 256 MiB: a small model's segment that slow clients still map when the
     # next aggregate starts is not traded for fresh pages every round.
@@ -165,7 +170,7 @@ def run_simulator(
         config.client_config(),
         zip_dir(root / config.app),
         max_concurrent=threads,
-        on_log=recorder.client_log,
+        on_log=tracking.record,
         allocate=None if pool is None else pool.allocate,
     )
     if on_start is not None:
@@ -241,6 +246,7 @@ def run_simulator(
         )
         + f", {config.workflow.num_rounds} rounds, workspace {ws}"
     )
+    failed = False
     try:
         for site in sites:
             with lock:
@@ -253,6 +259,7 @@ def run_simulator(
         runtime.stop("the job finished")
         stop_workers(grace=30)
     except BaseException as exc:
+        failed = True
         runtime.stop(f"the job failed: {exc}", failed=True)
         stop_workers(grace=10)
         if isinstance(exc, ClientFailedError):
@@ -261,7 +268,10 @@ def run_simulator(
     finally:
         listener.stop(grace=1)
         try:
-            recorder.close()
+            try:
+                recorder.close()
+            finally:
+                tracking.close(failed=failed)
         finally:
             leftovers = sweep_shm(session_id)
             if leftovers:
@@ -274,6 +284,11 @@ def run_simulator(
             handler.close()
     elapsed = time.monotonic() - started
     _print_summary(console, result.rounds, recorder, elapsed)
+    if config.tracking == "mlflow":
+        store = f"sqlite:///{server_dir / 'mlflow.db'}"
+        console.print(f"MLflow: {store} (mlflow ui --backend-store-uri {store})")
+    elif config.tracking == "wandb":
+        console.print(f"W&B (offline): {server_dir / 'wandb'} (wandb sync)")
     return SimulationResult(
         job_id=job_id,
         workspace=ws,

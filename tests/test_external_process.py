@@ -40,7 +40,9 @@ def assert_no_leftovers(workspace: Path) -> None:
 
 
 def make_job(script_args: str = "", n_clients: int = 2, num_rounds: int = 3, **runner: object):
-    job = FedAvgJob("ext", n_clients, num_rounds, {"w": np.zeros(4, np.float32)})
+    job = FedAvgJob(
+        "ext", n_clients, num_rounds, {"w": np.zeros(4, np.float32)}, final_evaluation=True
+    )
     job.to_clients(
         ScriptRunner(
             SCRIPTS / "numpy_client.py",

@@ -10,8 +10,23 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError
-from ..model import flatten, is_keras_model, plain_keras_copy, save_safetensors
-from ..server import ErrorPolicy, FedAvg, RunSettings, Strategy, strategy_to_spec
+from ..model import (
+    flatten,
+    is_keras_model,
+    is_torch_module,
+    keras_params,
+    plain_keras_copy,
+    save_safetensors,
+    torch_params,
+)
+from ..server import (
+    ErrorPolicy,
+    FedAvg,
+    RunSettings,
+    Strategy,
+    keras_params_path,
+    strategy_to_spec,
+)
 from ._config import (
     CONFIG_NAME,
     JobConfig,
@@ -39,6 +54,11 @@ class ScriptRunner:
     ``init_timeout`` seconds; when the job ends it gets ``stop_timeout`` seconds to return
     before it is terminated. ``app_dir`` is the folder shipped to the clients with the job
     (default: the script's folder); ``script`` may be relative to it.
+
+    ``framework="pytorch"``: ``flare.receive()`` gives the params as CPU ``torch.Tensor``s
+    (views of the received buffers, no copy), ready for ``model.load_state_dict``; torch is
+    imported in the client only then. ``flare.send()`` takes tensors (a ``state_dict()``)
+    under every framework.
     """
 
     script: str | Path
@@ -107,7 +127,10 @@ class FedJob:
     one are evaluated on every site's data.
 
     ``initial_model`` is a Keras model (saved as ``.keras``; global models are written as
-    ``.weights.h5``) or a params tree of numpy arrays (saved as ``.safetensors``).
+    ``.weights.h5``), a ``torch.nn.Module`` (its ``state_dict()`` saved as
+    ``.safetensors``, which the server reads without torch; clients get the params by
+    state_dict key, for ``model.load_state_dict(input_model.params)``) or a params tree of
+    numpy arrays (saved as ``.safetensors``).
     ``save_interval``: the simulator writes the global model at most this often (seconds;
     0: after every round) and always after the last round, so sub-second rounds do not
     spend their time on the disk; ``state.json`` names the round the file holds.
@@ -178,13 +201,16 @@ class FedJob:
             )
         if is_keras_model(initial_model):
             self._model_kind = "keras"
+        elif is_torch_module(initial_model):
+            torch_params(initial_model)  # an empty model is refused here, not at export
+            self._model_kind = "torch"
         else:
             try:
                 flatten(initial_model)
             except ConfigError as exc:
                 raise ConfigError(
-                    f"{kind}(initial_model=...) must be a Keras model or a params tree of "
-                    f"numpy arrays; {exc}"
+                    f"{kind}(initial_model=...) must be a Keras model, a torch.nn.Module or a "
+                    f"params tree of numpy arrays; {exc}"
                 ) from None
             self._model_kind = "arrays"
         self.name = name
@@ -273,9 +299,17 @@ class FedJob:
     def _save_initial_model(self, folder: Path) -> str:
         if self._model_kind == "keras":
             name = "initial_model.keras"
-            plain_keras_copy(self.initial_model).save(str(folder / name))
+            plain = plain_keras_copy(self.initial_model)
+            plain.save(str(folder / name))
+            # The same weights as a params tree, for a server without Keras (it then runs
+            # the job from them and writes .safetensors global models).
+            save_safetensors(keras_params(plain), keras_params_path(folder / name))
             return name
         name = "initial_model.safetensors"
+        if self._model_kind == "torch":
+            # The state_dict as it is now, keys and order kept: what load_state_dict takes.
+            save_safetensors(torch_params(self.initial_model), folder / name)
+            return name
         tree = _as_arrays(self.initial_model)
         save_safetensors(tree, folder / name)
         return name
@@ -297,7 +331,10 @@ class FedAvgJob(FedJob):
     :class:`~fedlift.server.FedAvg`.
 
     ``initial_model`` is a Keras model (saved as ``.keras``; global models are written as
-    ``.weights.h5``) or a params tree of numpy arrays (saved as ``.safetensors``).
+    ``.weights.h5``), a ``torch.nn.Module`` (its ``state_dict()`` saved as
+    ``.safetensors``, which the server reads without torch; clients get the params by
+    state_dict key, for ``model.load_state_dict(input_model.params)``) or a params tree of
+    numpy arrays (saved as ``.safetensors``).
     ``save_interval``: the simulator writes the global model at most this often (seconds;
     0: after every round) and always after the last round, so sub-second rounds do not
     spend their time on the disk; ``state.json`` names the round the file holds.

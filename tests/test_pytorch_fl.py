@@ -58,10 +58,9 @@ def pytorch_job(
     torch.manual_seed(0)
     net = Net().to(torch.bfloat16) if bf16 else Net()
     job = FedAvgJob(name, n_clients=2, num_rounds=rounds, initial_model=net)
-    runner = ScriptRunner(
+    runner = ScriptRunner(  # framework: "pytorch", the nn.Module's (NVFlare's default)
         SCRIPTS / "torch_client.py",
         script_args="--diff" if diff else "",
-        framework="pytorch",
         launch_external_process=external,
     )
     job.to_clients(runner)

@@ -204,12 +204,22 @@ def test_pytorch_scripts_receive_cpu_tensors_that_view_the_received_buffers(
     assert torch.equal(fresh.weight, layer.weight)
 
 
-def _answer(link: LocalLink, task_id: str) -> list[FLModel]:
-    """The worker's side: waits for the script's result in a thread."""
-    results: list[FLModel] = []
-    thread = threading.Thread(target=lambda: results.append(link.wait_result(task_id)))  # type: ignore[arg-type]
-    thread.start()
-    return results
+class _Answer(threading.Thread):
+    """The worker's side: waits for the script's result to ``task_id``."""
+
+    def __init__(self, link: LocalLink, task_id: str) -> None:
+        super().__init__(daemon=True)
+        self.link, self.task_id = link, task_id
+        self.result: FLModel | None = None
+        self.start()
+
+    def run(self) -> None:
+        self.result = self.link.wait_result(self.task_id)
+
+    def get(self) -> FLModel:
+        self.join(10)
+        assert self.result is not None, "the script's send() reached no worker"
+        return self.result
 
 
 def test_numpy_scripts_receive_arrays_and_may_send_tensors() -> None:
@@ -221,11 +231,9 @@ def test_numpy_scripts_receive_arrays_and_may_send_tensors() -> None:
         link.offer(Task("t0", "train", FLModel(params={"w": np.ones(2)}, current_round=0)))
         model = flare.receive()
         assert model is not None and isinstance(model.params["w"], np.ndarray)
-        results = _answer(link, "t0")
+        answer = _Answer(link, "t0")
         flare.send(flare.FLModel(params={"w": torch.tensor([2.0, 3.0], dtype=torch.float16)}))
-        while not results:
-            threading.Event().wait(0.01)
-        sent = results[0].params["w"]
+        sent = answer.get().params["w"]
         assert isinstance(sent, np.ndarray) and sent.dtype == np.float16
         assert sent.tolist() == [2.0, 3.0]
     finally:
@@ -246,11 +254,9 @@ def test_send_takes_a_state_dict_and_copies_nothing_on_the_cpu(pytorch_site: Loc
         metrics={"loss": torch.tensor(0.5)},
         meta={"c": {"w": control}, "NUM_STEPS_CURRENT_ROUND": 4},
     )
-    results = _answer(pytorch_site, "t0")
+    answer = _Answer(pytorch_site, "t0")
     flare.send(script_model)
-    while not results:
-        threading.Event().wait(0.01)
-    got = results[0]
+    got = answer.get()
     for key, tensor in net.state_dict().items():
         assert isinstance(got.params[key], np.ndarray)
         assert got.params[key].ctypes.data == tensor.data_ptr(), key  # read where it lies
@@ -271,11 +277,9 @@ def test_a_diff_of_tensors_is_sent_as_arrays(pytorch_site: LocalLink) -> None:
     assert received is not None
     trained = {"w": received.params["w"] + 0.5, "n": received.params["n"] + 2}
     diff = {key: trained[key] - received.params[key] for key in trained}
-    results = _answer(pytorch_site, "t0")
+    answer = _Answer(pytorch_site, "t0")
     flare.send(flare.FLModel(params_type=flare.ParamsType.DIFF, params=diff))
-    while not results:
-        threading.Event().wait(0.01)
-    got = results[0]
+    got = answer.get()
     assert got.params_type == ParamsType.DIFF
     assert got.params["w"].tolist() == [0.5, 0.5] and int(got.params["n"]) == 2
     assert got.params["n"].dtype == np.int64
@@ -383,11 +387,14 @@ def test_an_nn_module_is_exported_as_safetensors_the_server_reads(tmp_path: Path
     torch.manual_seed(0)
     net = Net()
     job = FedAvgJob("pt", n_clients=2, num_rounds=1, initial_model=net)
-    job.to_clients(ScriptRunner(SCRIPTS / "torch_client.py", framework="pytorch"))
+    job.to_clients(ScriptRunner(SCRIPTS / "torch_client.py"))  # as NVFlare's hello-pt job
     folder = job.export_job(tmp_path / "jobs")
     config = json.loads((folder / "job.json").read_text())
     assert config["initial_model"] == "initial_model.safetensors"
-    assert config["runner"]["framework"] == "pytorch"
+    assert config["runner"]["framework"] == "pytorch"  # the nn.Module's, by default
+    job.to_clients(ScriptRunner(SCRIPTS / "torch_client.py", framework="numpy"))
+    again = json.loads((job.export_job(tmp_path / "jobs") / "job.json").read_text())
+    assert again["runner"]["framework"] == "numpy"  # a framework named is kept
     theirs = st.load_file(str(folder / "initial_model.safetensors"))  # a standard file
     model_format, params = load_initial_model(folder / "initial_model.safetensors")
     assert isinstance(model_format, ArraysFormat)

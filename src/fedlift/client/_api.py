@@ -190,8 +190,10 @@ def receive(timeout: float | None = None) -> FLModel | None:
     for ``model.load_state_dict(input_model.params)``: views of the received buffers, not
     copies (``torch.from_numpy``). Those buffers are this site's own (a private receive
     buffer, or a copy-on-write mapping of the server's shared memory), so the tensors are
-    writable, and writing into them changes this script's copy only, never the server's
-    model nor another site's. ``load_state_dict`` copies them into the model anyway.
+    writable, and writing into them changes this site's copy only, never the server's
+    model nor another site's. ``load_state_dict`` copies them into the model anyway; a
+    script that sends a DIFF should leave them as received (the change is taken against
+    them).
     """
     if timeout is not None and (not isinstance(timeout, int | float) or timeout < 0):
         raise ClientAPIError(

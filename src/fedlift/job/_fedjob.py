@@ -58,23 +58,25 @@ class ScriptRunner:
     ``framework="pytorch"``: ``flare.receive()`` gives the params as CPU ``torch.Tensor``s
     (views of the received buffers, no copy), ready for ``model.load_state_dict``; torch is
     imported in the client only then. ``flare.send()`` takes tensors (a ``state_dict()``)
-    under every framework.
+    under every framework. The default (None) is ``"pytorch"`` for a job whose initial
+    model is a ``torch.nn.Module`` (as NVFlare's ScriptRunner defaults to PyTorch, so its
+    hello-pt job runs unchanged) and ``"tensorflow"`` otherwise.
     """
 
     script: str | Path
     script_args: str = ""
     launch_external_process: bool = False
     command: str = "python3 -u"
-    framework: str = "tensorflow"
+    framework: str | None = None
     app_dir: str | Path | None = None
     init_timeout: float = 300.0
     stop_timeout: float = 60.0
 
     def __post_init__(self) -> None:
-        if self.framework not in _FRAMEWORKS:
+        if self.framework is not None and self.framework not in _FRAMEWORKS:
             raise ConfigError(
-                f"ScriptRunner(framework=...) must be one of {_FRAMEWORKS}; "
-                f"received: framework={self.framework!r}."
+                f"ScriptRunner(framework=...) must be one of {_FRAMEWORKS}, or None for the "
+                f"initial model's; received: framework={self.framework!r}."
             )
         if not (isinstance(self.init_timeout, int | float) and self.init_timeout > 0):
             raise ConfigError(
@@ -282,7 +284,7 @@ class FedJob:
                     script_args=self.runner.script_args,
                     launch_external_process=self.runner.launch_external_process,
                     command=self.runner.command,
-                    framework=self.runner.framework,
+                    framework=self.runner.framework or self._default_framework(),
                     init_timeout=float(self.runner.init_timeout),
                     stop_timeout=float(self.runner.stop_timeout),
                 ),
@@ -295,6 +297,10 @@ class FedJob:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         return folder
+
+    def _default_framework(self) -> str:
+        """The runner's framework when the ScriptRunner names none: the initial model's."""
+        return "pytorch" if self._model_kind == "torch" else "tensorflow"
 
     def _save_initial_model(self, folder: Path) -> str:
         if self._model_kind == "keras":

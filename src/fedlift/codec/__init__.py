@@ -31,6 +31,7 @@ from ._shm import prefetch as prefetch_shm
 from ._shm import sweep as sweep_shm
 from ._wire import (
     ALLOWED_DTYPES,
+    BFLOAT16_CODE,
     DEFAULT_MAX_MESSAGE_BYTES,
     PREFIX_BYTES,
     REMOTE_MIN_BYTES,
@@ -41,10 +42,13 @@ from ._wire import (
     encode,
     frame_length,
     frame_op,
+    wire_code,
+    wire_dtype,
 )
 
 __all__ = [
     "ALLOWED_DTYPES",
+    "BFLOAT16_CODE",
     "DEFAULT_MAX_MESSAGE_BYTES",
     "LOG_DATA_TYPES",
     "LOG_WRITERS",
@@ -76,4 +80,6 @@ __all__ = [
     "prefetch_shm",
     "shm_available",
     "sweep_shm",
+    "wire_code",
+    "wire_dtype",
 ]

@@ -14,11 +14,22 @@ from ..model import (
     build_keras_model,
     flatten,
     is_keras_model,
+    is_torch_module,
+    keras_params,
     plain_keras_copy,
     save_safetensors,
+    torch_params,
     tree_from_lists,
 )
-from ..server import ErrorPolicy, FedAvg, RunSettings, Strategy, check_tracking, strategy_to_spec
+from ..server import (
+    ErrorPolicy,
+    FedAvg,
+    RunSettings,
+    Strategy,
+    check_tracking,
+    keras_params_path,
+    strategy_to_spec,
+)
 from ._config import (
     CONFIG_NAME,
     JobConfig,
@@ -48,28 +59,38 @@ class ScriptRunner:
     (default: the script's folder); ``script`` may be relative to it. ``framework`` is a
     :class:`~fedlift.job.FrameworkType` or its value (``"tensorflow"``, ``"pytorch"``,
     ``"numpy"``, ``"raw"``), as in NVFlare.
+
+    ``framework="pytorch"``: ``flare.receive()`` gives the params as CPU ``torch.Tensor``s
+    (views of the received buffers, no copy), ready for ``model.load_state_dict``; torch is
+    imported in the client only then. ``flare.send()`` takes tensors (a ``state_dict()``)
+    under every framework. The default (None) is ``"pytorch"`` for a job whose initial
+    model is a ``torch.nn.Module`` (as NVFlare's ScriptRunner defaults to PyTorch, so its
+    hello-pt job runs unchanged) and ``"tensorflow"`` otherwise.
     """
 
     script: str | Path
     script_args: str = ""
     launch_external_process: bool = False
     command: str = "python3 -u"
-    framework: str | FrameworkType = "tensorflow"
+    framework: str | FrameworkType | None = None
     app_dir: str | Path | None = None
     init_timeout: float = 300.0
     stop_timeout: float = 60.0
 
     def __post_init__(self) -> None:
-        # A FrameworkType or its value, stored as the plain string job.json holds.
+        # A FrameworkType or its value, stored as the plain string job.json holds; None:
+        # the initial model's (decided at export).
         framework = self.framework
         if isinstance(framework, FrameworkType):
             framework = framework.value
-        if not isinstance(framework, str) or framework.lower() not in FRAMEWORKS:
+        if framework is not None and (
+            not isinstance(framework, str) or framework.lower() not in FRAMEWORKS
+        ):
             raise ConfigError(
-                f"ScriptRunner(framework=...) must be a FrameworkType or one of {FRAMEWORKS}; "
-                f"received: framework={self.framework!r}."
+                f"ScriptRunner(framework=...) must be a FrameworkType, one of {FRAMEWORKS}, "
+                f"or None for the initial model's; received: framework={self.framework!r}."
             )
-        self.framework = framework.lower()
+        self.framework = None if framework is None else framework.lower()
         if not (isinstance(self.init_timeout, int | float) and self.init_timeout > 0):
             raise ConfigError(
                 "ScriptRunner(init_timeout=...) must be seconds > 0; "
@@ -126,13 +147,16 @@ class FedJob:
     answer ``is_evaluate()`` with metrics only.
 
     ``initial_model`` is a Keras model (saved as ``.keras``; global models are written as
-    ``.weights.h5``) or a params tree of numpy arrays (saved as ``.safetensors``). An
-    unbuilt Keras model is built from its ``_input_shape`` (as NVFlare's persistor does;
-    e.g. NVFlare's ``TFNet(input_shape=(None, 32, 32, 3))``), else refused with a
-    ConfigError naming ``model.build(...)``. Nested lists of numbers are arrays (float32,
-    as NVFlare's NumPy recipe makes them): a top-level list such as ``[[1, 2, 3], [4, 5,
-    6]]`` becomes ``{"numpy_key": array}`` (NVFlare's ``NPConstants.NUMPY_KEY``, what its
-    NumPy scripts read), a dict of lists ``{"w": [[1, 2], [3, 4]]}`` a dict of arrays.
+    ``.weights.h5``; an unbuilt one is built from its ``_input_shape``, as NVFlare's
+    persistor does, e.g. NVFlare's ``TFNet(input_shape=(None, 32, 32, 3))``, else refused
+    with a ConfigError naming ``model.build(...)``), a ``torch.nn.Module`` (its
+    ``state_dict()`` saved as ``.safetensors``, which the server reads without torch;
+    clients get the params by state_dict key, for ``model.load_state_dict(input_model.
+    params)``) or a params tree of numpy arrays (saved as ``.safetensors``). Nested lists
+    of numbers are arrays (float32, as NVFlare's NumPy recipe makes them): a top-level list
+    such as ``[[1, 2, 3], [4, 5, 6]]`` becomes ``{"numpy_key": array}`` (NVFlare's
+    ``NPConstants.NUMPY_KEY``, what its NumPy scripts read), a dict of lists
+    ``{"w": [[1, 2], [3, 4]]}`` a dict of arrays.
     ``save_interval``: the simulator writes the global model at most this often (seconds;
     0: after every round) and always after the last round, so sub-second rounds do not
     spend their time on the disk; ``state.json`` names the round the file holds.
@@ -212,14 +236,17 @@ class FedJob:
         if is_keras_model(initial_model):
             build_keras_model(initial_model, f"{kind}(initial_model=...)")
             self._model_kind = "keras"
+        elif is_torch_module(initial_model):
+            torch_params(initial_model)  # an empty model is refused here, not at export
+            self._model_kind = "torch"
         else:
             initial_model = tree_from_lists(initial_model, f"{kind}(initial_model=...)")
             try:
                 flatten(initial_model)
             except ConfigError as exc:
                 raise ConfigError(
-                    f"{kind}(initial_model=...) must be a Keras model or a params tree of "
-                    f"numpy arrays; {exc}"
+                    f"{kind}(initial_model=...) must be a Keras model, a torch.nn.Module or a "
+                    f"params tree of numpy arrays; {exc}"
                 ) from None
             self._model_kind = "arrays"
         self.name = name
@@ -291,7 +318,7 @@ class FedJob:
                     script_args=self.runner.script_args,
                     launch_external_process=self.runner.launch_external_process,
                     command=self.runner.command,
-                    framework=FrameworkType(self.runner.framework).value,
+                    framework=self.runner.framework or self._default_framework(),
                     init_timeout=float(self.runner.init_timeout),
                     stop_timeout=float(self.runner.stop_timeout),
                 ),
@@ -306,12 +333,24 @@ class FedJob:
             raise
         return folder
 
+    def _default_framework(self) -> str:
+        """The runner's framework when the ScriptRunner names none: the initial model's."""
+        return "pytorch" if self._model_kind == "torch" else "tensorflow"
+
     def _save_initial_model(self, folder: Path) -> str:
         if self._model_kind == "keras":
             name = "initial_model.keras"
-            plain_keras_copy(self.initial_model).save(str(folder / name))
+            plain = plain_keras_copy(self.initial_model)
+            plain.save(str(folder / name))
+            # The same weights as a params tree, for a server without Keras (it then runs
+            # the job from them and writes .safetensors global models).
+            save_safetensors(keras_params(plain), keras_params_path(folder / name))
             return name
         name = "initial_model.safetensors"
+        if self._model_kind == "torch":
+            # The state_dict as it is now, keys and order kept: what load_state_dict takes.
+            save_safetensors(torch_params(self.initial_model), folder / name)
+            return name
         tree = _as_arrays(self.initial_model)
         save_safetensors(tree, folder / name)
         return name
@@ -346,10 +385,12 @@ class FedAvgJob(FedJob):
     :class:`~fedlift.server.FedAvg`.
 
     ``initial_model`` is a Keras model (saved as ``.keras``; global models are written as
-    ``.weights.h5``; an unbuilt one is built from ``_input_shape``), a params tree of numpy
-    arrays (saved as ``.safetensors``) or nested lists of numbers (see :class:`FedJob`).
-    ``final_evaluation`` is off by default, as in NVFlare (see :class:`FedJob`).
-    ``save_interval: the simulator writes the global model at most this often (seconds;
+    ``.weights.h5``; an unbuilt one is built from ``_input_shape``), a ``torch.nn.Module``
+    (its ``state_dict()`` saved as ``.safetensors``, read by the server without torch), a
+    params tree of numpy arrays (saved as ``.safetensors``) or nested lists of numbers (see
+    :class:`FedJob`). ``final_evaluation`` is off by default, as in NVFlare (see
+    :class:`FedJob`).
+    ``save_interval``: the simulator writes the global model at most this often (seconds;
     0: after every round) and always after the last round, so sub-second rounds do not
     spend their time on the disk; ``state.json`` names the round the file holds.
     ``on_client_error``: ``"fail"`` (default) stops the job when a site's script raises or

@@ -167,9 +167,9 @@ def test_script_runner_takes_a_framework_type_or_its_value(
     assert config.runner.framework == stored
 
 
-@pytest.mark.parametrize("bad", ["jax", 3, None])
+@pytest.mark.parametrize("bad", ["jax", 3, b"numpy"])
 def test_script_runner_refuses_other_frameworks(bad: Any) -> None:
-    with pytest.raises(ConfigError, match="must be a FrameworkType or one of") as info:
+    with pytest.raises(ConfigError, match="must be a FrameworkType, one of") as info:
         ScriptRunner(SCRIPTS / "nvflare_style_client.py", framework=bad)
     assert f"framework={bad!r}" in str(info.value)
 

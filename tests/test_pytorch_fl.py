@@ -57,7 +57,8 @@ def pytorch_job(
 ) -> FedAvgJob:
     torch.manual_seed(0)
     net = Net().to(torch.bfloat16) if bf16 else Net()
-    job = FedAvgJob(name, n_clients=2, num_rounds=rounds, initial_model=net)
+    # The script answers is_evaluate(): the final evaluation (opt-in) scores the last model.
+    job = FedAvgJob(name, n_clients=2, num_rounds=rounds, initial_model=net, final_evaluation=True)
     runner = ScriptRunner(  # framework: "pytorch", the nn.Module's (NVFlare's default)
         SCRIPTS / "torch_client.py",
         script_args="--diff" if diff else "",
@@ -138,7 +139,9 @@ def test_keras_job_runs_on_a_server_without_tensorflow(
 
     monkeypatch.setenv("FEDLIFT_TEST_FASHION", str(DATA))  # the clients' copy finds it
 
-    job = FedAvgJob("keras-no-tf", n_clients=2, num_rounds=1, initial_model=build_model())
+    job = FedAvgJob(
+        "keras-no-tf", 2, num_rounds=1, initial_model=build_model(), final_evaluation=True
+    )
     job.to_clients(ScriptRunner(SCRIPTS / "keras_client.py"))
     out = run_without_frameworks(job.export_job(tmp_path / "jobs"), tmp_path / "ws")
     assert out["loaded"] == []

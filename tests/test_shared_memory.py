@@ -62,10 +62,13 @@ def test_large_payloads_travel_in_shared_memory_and_are_unlinked() -> None:
 
 def test_owned_arrays_go_by_reference_to_every_receiver() -> None:
     pool = _shm.SegmentPool(keep=0)  # keeps no free segment: unlinked once unused
+    others = segments()  # other processes' segments (/dev/shm is shared) are not ours
     arrays = pool.allocate([((1000,), np.dtype(np.float32)), ((3, 4), np.dtype(np.float64))])
     arrays[0][:] = 7.0
     arrays[1][:] = 2.5
     before = segments()
+    ours = before - others
+    assert ours, "allocate() made no segment"
     frame = encode(Message("task", {}, arrays), shm_min_bytes=1)
     assert frame.shm_name is None  # a reference, no new segment
     assert len(frame.tobytes()) < 1000  # the frame is only the header
@@ -74,10 +77,9 @@ def test_owned_arrays_go_by_reference_to_every_receiver() -> None:
     first.arrays[0][0] = -1.0  # receivers get private, writable copies-on-write
     assert arrays[0][0] == 7.0 and second.arrays[0][0] == 7.0
     np.testing.assert_array_equal(second.arrays[1], np.full((3, 4), 2.5))
-    name = next(iter(before))
     del arrays, frame, first, second
     gc.collect()
-    assert name not in segments()  # unlinked once no array uses it
+    assert ours & segments() == set()  # unlinked once no array uses it
 
 
 @pytest.mark.parametrize(

@@ -32,7 +32,7 @@ import atheris
 with atheris.instrument_imports(include=["fedlift"]):
     import numpy as np
 
-    from fedlift.codec import ALLOWED_DTYPES, Message, decode, encode, model_from_wire
+    from fedlift.codec import ALLOWED_DTYPES, Message, decode, encode, model_from_wire, wire_code
     from fedlift.codec import model_to_wire as _to_wire
     from fedlift.errors import ProtocolError
     from fedlift.model import FLModel
@@ -218,7 +218,7 @@ def check_one(frame: bytes, allow_shm: bool = False) -> bool:
     for array in message.arrays:
         if allow_shm and not isinstance(array, np.ndarray):
             continue  # a RemoteArray: a reference, read (and checked) only when used
-        if not isinstance(array, np.ndarray) or array.dtype.str not in ALLOWED_DTYPES:
+        if not isinstance(array, np.ndarray) or wire_code(array.dtype) not in ALLOWED_DTYPES:
             raise AssertionError(f"decoded a non-allowed array: {type(array)} {array.dtype}")
         if array.nbytes > len(view):
             raise AssertionError(f"decoded {array.nbytes} bytes out of a {len(view)}-byte frame")

@@ -6,6 +6,7 @@ import json
 import random
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -19,6 +20,7 @@ from fedlift.codec import (
     frame_length,
     model_from_wire,
     model_to_wire,
+    wire_code,
 )
 from fedlift.codec._wire import _PREFIX, MAGIC
 from fedlift.errors import ConfigError, ProtocolError
@@ -54,6 +56,7 @@ ALL_DTYPES = [
     np.float16,
     np.float32,
     np.float64,
+    ml_dtypes.bfloat16,
 ]
 
 
@@ -85,7 +88,7 @@ def test_every_allowed_dtype_round_trips() -> None:
             arrays.append(np.array([info.min, 0, 1, info.max], dtype=dtype))
         else:
             arrays.append(rng.standard_normal((2, 3)).astype(dtype))
-    assert {a.dtype.str for a in arrays} == set(ALLOWED_DTYPES)
+    assert {wire_code(a.dtype) for a in arrays} == set(ALLOWED_DTYPES)
     message = Message("all", {"k": "v", "n": 1.5}, arrays)
     frame = encode(message)
     data = frame.tobytes()

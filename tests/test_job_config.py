@@ -64,7 +64,7 @@ def files_under(folder: Path) -> list[str]:
         ({"name": ""}, "must be a plain folder name"),
         ({"name": ".hidden"}, "must be a plain folder name"),
         ({"name": None}, "must be a plain folder name"),
-        ({"initial_model": "model.keras"}, "must be a Keras model or a params tree"),
+        ({"initial_model": "model.keras"}, "a torch.nn.Module or a params tree"),
         ({"initial_model": {"w": [1.0, "x"]}}, "'w/0'"),
         ({"initial_model": {3: np.ones(1)}}, "keys must be strings"),
         ({"save_interval": -1}, "FedAvgJob(save_interval=...) is the most often, in seconds"),

@@ -63,9 +63,15 @@ EXPECTED: dict[str, list[str]] = {
         "ParamTree",
         "ParamsType",
         "Structure",
+        "arrays_to_tensors",
+        "bfloat16_dtype",
         "flat_keys",
         "flatten",
+        "is_bfloat16",
+        "is_float_dtype",
         "is_keras_model",
+        "is_torch_module",
+        "is_torch_tensor",
         "iter_with_keys",
         "keras_params",
         "load_keras_model",
@@ -75,12 +81,16 @@ EXPECTED: dict[str, list[str]] = {
         "save_safetensors",
         "set_keras_params",
         "stage_safetensors",
+        "tensor_to_numpy",
+        "tensors_to_arrays",
+        "torch_params",
         "tree_add",
         "tree_sub",
         "unflatten",
     ],
     "fedlift.codec": [
         "ALLOWED_DTYPES",
+        "BFLOAT16_CODE",
         "DEFAULT_MAX_MESSAGE_BYTES",
         "Frame",
         "Message",
@@ -102,6 +112,8 @@ EXPECTED: dict[str, list[str]] = {
         "prefetch_shm",
         "shm_available",
         "sweep_shm",
+        "wire_code",
+        "wire_dtype",
     ],
     "fedlift.transport": [
         "DEFAULT_CHUNK_BYTES",
@@ -180,6 +192,7 @@ EXPECTED: dict[str, list[str]] = {
         "cross_site_evaluate",
         "cyclic_order",
         "fedopt_step",
+        "keras_params_path",
         "krum_scores",
         "load_initial_model",
         "multikrum",
@@ -355,6 +368,20 @@ def test_keras_helpers_module_api() -> None:
         "TFScaffoldHelper",
         "fedprox_mu",
         "get_fedprox_mu",
+    ]
+    assert all(hasattr(module, name) for name in module.__all__)
+
+
+def test_pytorch_helpers_module_api() -> None:
+    """``fedlift.client.pytorch`` imports torch, so it is outside EXPECTED's imports."""
+    pytest.importorskip("torch")
+    module = importlib.import_module("fedlift.client.pytorch")
+    assert sorted(module.__all__) == [
+        "PTFedProxLoss",
+        "PTScaffoldHelper",
+        "fedprox_mu",
+        "get_fedprox_mu",
+        "get_lr_values",
     ]
     assert all(hasattr(module, name) for name in module.__all__)
 

@@ -12,7 +12,9 @@ The seven changes that make a training script federated::
         flare.send(flare.FLModel(params=..., metrics={"accuracy": acc}))   # 6, 7
 
 Keras helpers for FedProx and SCAFFOLD live in :mod:`fedlift.client.keras` (it imports
-Keras; this package does not).
+Keras; this package does not), PyTorch ones in :mod:`fedlift.client.pytorch` (it imports
+torch). With ``ScriptRunner(framework="pytorch")`` ``receive()`` gives CPU tensors, and
+``send()`` takes a ``state_dict()`` under every framework.
 """
 
 from ..model import AlgorithmConstants, FLModel, MetaKey, ParamsType, tree_add, tree_sub

@@ -10,6 +10,7 @@ Where NVFlare is silent or loose, fedlift is strict and says how to fix the call
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -22,7 +23,7 @@ import numpy as np
 
 from ..codec import model_to_wire
 from ..errors import ClientAPIError, ConfigError
-from ..model import FLModel, MetaKey
+from ..model import FLModel, MetaKey, arrays_to_tensors, tensors_to_arrays
 from ._link import Link, Task, current_link
 
 __all__ = [
@@ -131,11 +132,38 @@ def _fetch(timeout: float | None) -> Task | None:
         _state.stopped = True
         _state.task = None
         return None
+    if task.model.params is not None and _framework(link) == "pytorch":
+        # A new FLModel: the worker's own task (in-process, the same object) keeps arrays.
+        tensors = dataclasses.replace(task.model, params=arrays_to_tensors(task.model.params))
+        task = Task(task.task_id, task.name, tensors)
     _state.task = task
     _state.answered = False
     _state.received = False
     _state.task_config = _task_config(task)
     return task
+
+
+def _framework(link: Link) -> str | None:
+    """The job's ``ScriptRunner(framework=...)``, from the client config the server sent."""
+    runner = link.context.config.get("runner")
+    framework = runner.get("framework") if isinstance(runner, dict) else None
+    return framework if isinstance(framework, str) else None
+
+
+def _on_host(model: FLModel) -> FLModel:
+    """``model`` with its tensors (params, optimizer params, meta trees) as numpy arrays:
+    a CPU tensor's memory as it is, one device-to-host copy of any other (see
+    :func:`fedlift.model.tensor_to_numpy`). The script's FLModel is left as it was."""
+    params = tensors_to_arrays(model.params)
+    optimizer = tensors_to_arrays(model.optimizer_params)
+    meta = {key: tensors_to_arrays(value) for key, value in model.meta.items()}
+    if (
+        params is model.params
+        and optimizer is model.optimizer_params
+        and all(meta[key] is value for key, value in model.meta.items())
+    ):
+        return model
+    return dataclasses.replace(model, params=params, optimizer_params=optimizer, meta=meta)
 
 
 def _task_config(task: Task) -> dict[str, Any]:
@@ -159,6 +187,15 @@ def receive(timeout: float | None = None) -> FLModel | None:
 
     Calling it again before ``send()`` returns the same model. With ``timeout`` (seconds) it
     raises :class:`~fedlift.errors.ReceiveTimeoutError` if no model came in time.
+
+    With ``ScriptRunner(framework="pytorch")`` the params are CPU ``torch.Tensor``s, ready
+    for ``model.load_state_dict(input_model.params)``: views of the received buffers, not
+    copies (``torch.from_numpy``). Those buffers are this site's own (a private receive
+    buffer, or a copy-on-write mapping of the server's shared memory), so the tensors are
+    writable, and writing into them changes this site's copy only, never the server's
+    model nor another site's. ``load_state_dict`` copies them into the model anyway; a
+    script that sends a DIFF should leave them as received (the change is taken against
+    them).
     """
     if timeout is not None and (not isinstance(timeout, int | float) or timeout < 0):
         raise ClientAPIError(
@@ -232,7 +269,15 @@ def _validate_meta(meta: dict[str, Any], json_meta: dict[str, Any]) -> None:
 
 
 def send(model: FLModel, clear_cache: bool = True) -> None:
-    """Send this round's result (trained params and/or metrics) back to the server."""
+    """Send this round's result (trained params and/or metrics) back to the server.
+
+    ``params`` may be a PyTorch ``state_dict()`` (any framework): tensors on any device,
+    with or without gradients, are sent as numpy arrays with one device-to-host copy each
+    (none for CPU tensors); bfloat16, float16 and integer buffers (BatchNorm's
+    ``num_batches_tracked``) keep their dtype. Tensors in ``optimizer_params`` and in meta
+    values are sent the same way. Until ``send()`` returns, the arrays are read where they
+    are: change the model only after it returned.
+    """
     if not isinstance(model, FLModel):
         raise ClientAPIError(
             f"send() takes an FLModel; received: {type(model).__name__}. Wrap the result: "
@@ -257,6 +302,7 @@ def send(model: FLModel, clear_cache: bool = True) -> None:
             if clear_cache:
                 _state.task = None
             return
+        model = _on_host(model)
         _validate_outgoing(model)
         task = _state.task
         if model.current_round is None:

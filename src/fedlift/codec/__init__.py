@@ -18,6 +18,7 @@ from ._shm import prefetch as prefetch_shm
 from ._shm import sweep as sweep_shm
 from ._wire import (
     ALLOWED_DTYPES,
+    BFLOAT16_CODE,
     DEFAULT_MAX_MESSAGE_BYTES,
     PREFIX_BYTES,
     REMOTE_MIN_BYTES,
@@ -28,10 +29,13 @@ from ._wire import (
     encode,
     frame_length,
     frame_op,
+    wire_code,
+    wire_dtype,
 )
 
 __all__ = [
     "ALLOWED_DTYPES",
+    "BFLOAT16_CODE",
     "DEFAULT_MAX_MESSAGE_BYTES",
     "PREFIX_BYTES",
     "REMOTE_MIN_BYTES",
@@ -53,4 +57,6 @@ __all__ = [
     "prefetch_shm",
     "shm_available",
     "sweep_shm",
+    "wire_code",
+    "wire_dtype",
 ]

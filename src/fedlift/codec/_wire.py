@@ -10,8 +10,9 @@ Layout of one encoded message (all integers little-endian)::
     ..  arrays     each one's raw C-order bytes at its 64-byte aligned offset
 
 Nothing is ever unpickled: the header is JSON, arrays are raw bytes of dtypes on an
-allowlist, and :func:`decode` checks every size, shape and offset before it makes
-(zero-copy) array views on the received buffer.
+allowlist (numpy's codes, plus ``"bfloat16"``: see :data:`BFLOAT16_CODE`), and
+:func:`decode` checks every size, shape and offset before it makes (zero-copy) array views
+on the received buffer.
 """
 
 from __future__ import annotations
@@ -24,11 +25,13 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ProtocolError
+from ..errors import ConfigError, ProtocolError
+from ..model import bfloat16_dtype, is_bfloat16
 from . import _remote, _shm
 
 __all__ = [
     "ALLOWED_DTYPES",
+    "BFLOAT16_CODE",
     "DEFAULT_MAX_MESSAGE_BYTES",
     "Frame",
     "Message",
@@ -39,6 +42,8 @@ __all__ = [
     "encode",
     "frame_length",
     "frame_op",
+    "wire_code",
+    "wire_dtype",
 ]
 
 MAGIC = b"FLW1"
@@ -53,8 +58,12 @@ REMOTE_MIN_BYTES = 1 << 20
 """Payloads from this size on are read from the sender's memory where allowed (``remote_pid``);
 smaller ones are copied (a message, or a shared-memory segment)."""
 
+BFLOAT16_CODE = "bfloat16"
+"""The wire's name for bfloat16 (numpy's own codes would call it ``<V2``, a bare 2-byte void):
+its arrays travel as their raw 2-byte payloads and decode to ``ml_dtypes.bfloat16``."""
 ALLOWED_DTYPES: frozenset[str] = frozenset(
     ["|b1", "|i1", "|u1", "<i2", "<u2", "<i4", "<u4", "<i8", "<u8", "<f2", "<f4", "<f8"]
+    + [BFLOAT16_CODE]
 )
 _PAD = bytes(_ALIGN)
 _HEADER_KEYS = frozenset({"op", "fields", "arrays", "shm", "remote", "accept_shm"})
@@ -169,12 +178,12 @@ def encode(
         array = _wire_dtype(raw)
         if not array.flags.c_contiguous:
             array = array.copy(order="C")
-        dtype = array.dtype.str
+        dtype = wire_code(array.dtype)
         if dtype not in ALLOWED_DTYPES:
             raise ProtocolError(
                 f"array {i} of message {message.op!r} has dtype {array.dtype} which the wire "
-                f"format does not carry; allowed: bool, int8-64, uint8-64, float16/32/64. "
-                "Cast it (e.g. array.astype('float32'))."
+                f"format does not carry; allowed: bool, int8-64, uint8-64, float16/32/64, "
+                "bfloat16. Cast it (e.g. array.astype('float32'))."
             )
         specs.append([dtype, list(array.shape), offset])
         payload.append(array)
@@ -233,11 +242,34 @@ def encode(
         if target_at > position:
             buffers.append(memoryview(_PAD)[: target_at - position])
         if array.nbytes:
-            buffers.append(array.data.cast("B"))
+            buffers.append(_bytes_of(array))
         position = target_at + array.nbytes
     if total > position:
         buffers.append(memoryview(_PAD)[: total - position])
     return Frame(buffers, total, shm_name, keep)
+
+
+def wire_code(dtype: np.dtype[Any]) -> str:
+    """The code the wire names ``dtype`` by: numpy's (``"<f4"``), or ``"bfloat16"``."""
+    return BFLOAT16_CODE if is_bfloat16(dtype) else dtype.str
+
+
+def wire_dtype(code: str) -> np.dtype[Any]:
+    """The dtype of a wire code in :data:`ALLOWED_DTYPES` (bfloat16 loads ``ml_dtypes``)."""
+    if code == BFLOAT16_CODE:
+        try:
+            return bfloat16_dtype()
+        except ConfigError as exc:
+            raise ProtocolError(f"the peer sent a bfloat16 array, which needs: {exc}") from None
+    return np.dtype(code)
+
+
+def _bytes_of(array: np.ndarray) -> memoryview:
+    """A C-contiguous array's bytes, uncopied (as bytes: numpy exports no buffer of a
+    dtype that Python's buffer protocol cannot name, such as bfloat16)."""
+    if is_bfloat16(array.dtype):
+        return array.reshape(-1).view(np.uint8).data
+    return array.data.cast("B")
 
 
 def _copy_into(segment: Any, offset: int, array: np.ndarray) -> None:
@@ -423,7 +455,7 @@ def _spec_parts(i: int, spec: Any) -> tuple[np.dtype[Any], list[int], Any, int]:
     for d in shape:
         count *= d
         nonzero *= d or 1
-    dtype = np.dtype(dtype_str)
+    dtype = wire_dtype(dtype_str)
     if nonzero * dtype.itemsize >= _MAX_ARRAY_BYTES:  # numpy's own limit, even with a 0 dim
         raise ProtocolError(
             f"array {i}: shape {shape!r:.80} of {dtype} is larger than any array can be "

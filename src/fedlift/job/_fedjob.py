@@ -10,8 +10,23 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError
-from ..model import flatten, is_keras_model, plain_keras_copy, save_safetensors
-from ..server import ErrorPolicy, FedAvg, RunSettings, Strategy, strategy_to_spec
+from ..model import (
+    flatten,
+    is_keras_model,
+    is_torch_module,
+    keras_params,
+    plain_keras_copy,
+    save_safetensors,
+    torch_params,
+)
+from ..server import (
+    ErrorPolicy,
+    FedAvg,
+    RunSettings,
+    Strategy,
+    keras_params_path,
+    strategy_to_spec,
+)
 from ._config import (
     CONFIG_NAME,
     JobConfig,
@@ -40,22 +55,29 @@ class ScriptRunner:
     ``init_timeout`` seconds; when the job ends it gets ``stop_timeout`` seconds to return
     before it is terminated. ``app_dir`` is the folder shipped to the clients with the job
     (default: the script's folder); ``script`` may be relative to it.
+
+    ``framework="pytorch"``: ``flare.receive()`` gives the params as CPU ``torch.Tensor``s
+    (views of the received buffers, no copy), ready for ``model.load_state_dict``; torch is
+    imported in the client only then. ``flare.send()`` takes tensors (a ``state_dict()``)
+    under every framework. The default (None) is ``"pytorch"`` for a job whose initial
+    model is a ``torch.nn.Module`` (as NVFlare's ScriptRunner defaults to PyTorch, so its
+    hello-pt job runs unchanged) and ``"tensorflow"`` otherwise.
     """
 
     script: str | Path
     script_args: str = ""
     launch_external_process: bool = False
     command: str = "python3 -u"
-    framework: str = "tensorflow"
+    framework: str | None = None
     app_dir: str | Path | None = None
     init_timeout: float = 300.0
     stop_timeout: float = 60.0
 
     def __post_init__(self) -> None:
-        if self.framework not in _FRAMEWORKS:
+        if self.framework is not None and self.framework not in _FRAMEWORKS:
             raise ConfigError(
-                f"ScriptRunner(framework=...) must be one of {_FRAMEWORKS}; "
-                f"received: framework={self.framework!r}."
+                f"ScriptRunner(framework=...) must be one of {_FRAMEWORKS}, or None for the "
+                f"initial model's; received: framework={self.framework!r}."
             )
         if not (isinstance(self.init_timeout, int | float) and self.init_timeout > 0):
             raise ConfigError(
@@ -108,7 +130,10 @@ class FedJob:
     one are evaluated on every site's data.
 
     ``initial_model`` is a Keras model (saved as ``.keras``; global models are written as
-    ``.weights.h5``) or a params tree of numpy arrays (saved as ``.safetensors``).
+    ``.weights.h5``), a ``torch.nn.Module`` (its ``state_dict()`` saved as
+    ``.safetensors``, which the server reads without torch; clients get the params by
+    state_dict key, for ``model.load_state_dict(input_model.params)``) or a params tree of
+    numpy arrays (saved as ``.safetensors``).
     ``save_interval``: the simulator writes the global model at most this often (seconds;
     0: after every round) and always after the last round, so sub-second rounds do not
     spend their time on the disk; ``state.json`` names the round the file holds.
@@ -179,13 +204,16 @@ class FedJob:
             )
         if is_keras_model(initial_model):
             self._model_kind = "keras"
+        elif is_torch_module(initial_model):
+            torch_params(initial_model)  # an empty model is refused here, not at export
+            self._model_kind = "torch"
         else:
             try:
                 flatten(initial_model)
             except ConfigError as exc:
                 raise ConfigError(
-                    f"{kind}(initial_model=...) must be a Keras model or a params tree of "
-                    f"numpy arrays; {exc}"
+                    f"{kind}(initial_model=...) must be a Keras model, a torch.nn.Module or a "
+                    f"params tree of numpy arrays; {exc}"
                 ) from None
             self._model_kind = "arrays"
         self.name = name
@@ -257,7 +285,7 @@ class FedJob:
                     script_args=self.runner.script_args,
                     launch_external_process=self.runner.launch_external_process,
                     command=self.runner.command,
-                    framework=self.runner.framework,
+                    framework=self.runner.framework or self._default_framework(),
                     init_timeout=float(self.runner.init_timeout),
                     stop_timeout=float(self.runner.stop_timeout),
                 ),
@@ -271,12 +299,24 @@ class FedJob:
             raise
         return folder
 
+    def _default_framework(self) -> str:
+        """The runner's framework when the ScriptRunner names none: the initial model's."""
+        return "pytorch" if self._model_kind == "torch" else "tensorflow"
+
     def _save_initial_model(self, folder: Path) -> str:
         if self._model_kind == "keras":
             name = "initial_model.keras"
-            plain_keras_copy(self.initial_model).save(str(folder / name))
+            plain = plain_keras_copy(self.initial_model)
+            plain.save(str(folder / name))
+            # The same weights as a params tree, for a server without Keras (it then runs
+            # the job from them and writes .safetensors global models).
+            save_safetensors(keras_params(plain), keras_params_path(folder / name))
             return name
         name = "initial_model.safetensors"
+        if self._model_kind == "torch":
+            # The state_dict as it is now, keys and order kept: what load_state_dict takes.
+            save_safetensors(torch_params(self.initial_model), folder / name)
+            return name
         tree = _as_arrays(self.initial_model)
         save_safetensors(tree, folder / name)
         return name
@@ -311,7 +351,10 @@ class FedAvgJob(FedJob):
     :class:`~fedlift.server.FedAvg`.
 
     ``initial_model`` is a Keras model (saved as ``.keras``; global models are written as
-    ``.weights.h5``) or a params tree of numpy arrays (saved as ``.safetensors``).
+    ``.weights.h5``), a ``torch.nn.Module`` (its ``state_dict()`` saved as
+    ``.safetensors``, which the server reads without torch; clients get the params by
+    state_dict key, for ``model.load_state_dict(input_model.params)``) or a params tree of
+    numpy arrays (saved as ``.safetensors``).
     ``save_interval``: the simulator writes the global model at most this often (seconds;
     0: after every round) and always after the last round, so sub-second rounds do not
     spend their time on the disk; ``state.json`` names the round the file holds.

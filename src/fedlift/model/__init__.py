@@ -1,5 +1,6 @@
 """Models and param trees: :class:`FLModel` and flatten/unflatten with stable keys; param
-trees on disk (safetensors) and out of Keras models (Keras itself is imported lazily).
+trees on disk (safetensors) and out of Keras and PyTorch models (both imported lazily);
+bfloat16 as a float dtype (``ml_dtypes``, imported where such an array is made).
 
 The file and Keras helpers load on first use (PEP 562): the Client API imports this
 package, and a training script's ``import fedlift.client`` has no use for them.
@@ -10,8 +11,17 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from ._dtypes import bfloat16_dtype, is_bfloat16, is_float_dtype
 from ._flmodel import AlgorithmConstants, FLModel, MetaKey, ParamsType
 from ._ops import tree_add, tree_sub
+from ._torch import (
+    arrays_to_tensors,
+    is_torch_module,
+    is_torch_tensor,
+    tensor_to_numpy,
+    tensors_to_arrays,
+    torch_params,
+)
 from ._tree import ParamTree, Structure, flat_keys, flatten, iter_with_keys, map_arrays, unflatten
 
 if TYPE_CHECKING:
@@ -31,9 +41,15 @@ __all__ = [
     "ParamTree",
     "ParamsType",
     "Structure",
+    "arrays_to_tensors",
+    "bfloat16_dtype",
     "flat_keys",
     "flatten",
+    "is_bfloat16",
+    "is_float_dtype",
     "is_keras_model",
+    "is_torch_module",
+    "is_torch_tensor",
     "iter_with_keys",
     "keras_params",
     "load_keras_model",
@@ -43,6 +59,9 @@ __all__ = [
     "save_safetensors",
     "set_keras_params",
     "stage_safetensors",
+    "tensor_to_numpy",
+    "tensors_to_arrays",
+    "torch_params",
     "tree_add",
     "tree_sub",
     "unflatten",

@@ -4,7 +4,7 @@ Layout: an 8-byte little-endian header length, a JSON header naming every tensor
 shape and byte range (padded with spaces to 8 bytes), then the raw little-endian bytes.
 Keys are the tree's flat paths (``"dense_1/0"``); the tree's structure is kept in
 ``__metadata__`` so :func:`load_safetensors` rebuilds the exact tree. No checksum pass and
-no copy: writing a model costs what the disk costs.
+no copy: writing a model costs what the disk costs. bfloat16 (``ml_dtypes``) is ``BF16``.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import numpy as np
 
 from .._atomic import StagedFile
 from ..errors import ConfigError
+from ._dtypes import bfloat16_dtype, is_bfloat16
 from ._tree import ParamTree, flat_keys, flatten, unflatten
 
 __all__ = ["load_safetensors", "save_safetensors", "stage_safetensors"]
@@ -46,7 +47,7 @@ def stage_safetensors(params: ParamTree, path: Path, *, recycle: bool = False) -
         array = raw.astype(raw.dtype.newbyteorder("<"), copy=False)
         if not array.flags.c_contiguous:
             array = array.copy(order="C")  # (np.ascontiguousarray would make 0-d arrays 1-d)
-        code = _TO_ST.get(array.dtype.str)
+        code = "BF16" if is_bfloat16(array.dtype) else _TO_ST.get(array.dtype.str)
         if code is None:
             raise ConfigError(f"cannot save {key!r}: dtype {array.dtype} has no safetensors code.")
         header[key] = {
@@ -94,7 +95,8 @@ def load_safetensors(path: Path) -> ParamTree:
     named: dict[str, np.ndarray] = {}
     for key, spec in header.items():
         try:
-            dtype = np.dtype(_FROM_ST[spec["dtype"]])
+            code = spec["dtype"]
+            dtype = bfloat16_dtype() if code == "BF16" else np.dtype(_FROM_ST[code])
             shape = [int(d) for d in spec["shape"]]
             start, end = (int(x) for x in spec["data_offsets"])
             count = int(np.prod(shape, dtype=np.int64))

@@ -21,6 +21,7 @@ from typing import Any, TypeAlias
 import numpy as np
 
 from ..errors import ConfigError, ProtocolError
+from ._torch import is_torch_tensor, tensor_to_numpy
 
 __all__ = [
     "ParamTree",
@@ -49,6 +50,8 @@ def _leaf(value: Any, path: str) -> np.ndarray:
         return value  # type: ignore[no-any-return]
     if isinstance(value, np.generic):
         return np.asarray(value)
+    if is_torch_tensor(value):  # on any device, with gradients, bfloat16: see _torch
+        return tensor_to_numpy(value, path)
     # Framework tensors (tf.Variable, torch.Tensor) expose __array__ / .numpy().
     numpy_method = getattr(value, "numpy", None)
     if callable(numpy_method):

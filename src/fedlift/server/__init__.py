@@ -53,6 +53,7 @@ from ._store import (
     ModelFormat,
     RoundRecord,
     RunRecorder,
+    keras_params_path,
     load_initial_model,
 )
 from ._strategy import (
@@ -124,6 +125,7 @@ __all__ = [
     "cross_site_evaluate",
     "cyclic_order",
     "fedopt_step",
+    "keras_params_path",
     "load_initial_model",
     "options_of",
     "register_aggregator",

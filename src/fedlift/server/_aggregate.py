@@ -31,6 +31,8 @@ from ..model import (
     Structure,
     flat_keys,
     flatten,
+    is_bfloat16,
+    is_float_dtype,
     unflatten,
 )
 from ._seam import Allocator
@@ -136,8 +138,11 @@ def _finite(block: np.ndarray) -> bool:
 
     ``dot(x, x)`` is NaN or Inf when any value is (both propagate) and costs well under an
     addition over the block; only when it is not finite (or the squares overflow, |x| >
-    ~1.8e19 in float32) is the block checked element by element."""
-    if block.dtype.kind != "f":
+    ~1.8e19 in float32) is the block checked element by element. bfloat16 is checked in
+    float32 (exact: every bfloat16 value is a float32 one)."""
+    if is_bfloat16(block.dtype):
+        block = block.astype(np.float32)
+    elif block.dtype.kind != "f":
         return True
     if math.isfinite(np.dot(block, block)):
         return True
@@ -146,7 +151,9 @@ def _finite(block: np.ndarray) -> bool:
 
 def _first_bad(block: np.ndarray, start: int) -> tuple[int, float] | None:
     """The offset and value of the first element of ``block`` that is not finite."""
-    if block.dtype.kind != "f":
+    if is_bfloat16(block.dtype):
+        block = block.astype(np.float32)
+    elif block.dtype.kind != "f":
         return None
     bad = np.flatnonzero(~np.isfinite(block))
     return (start + int(bad[0]), float(block[bad[0]])) if bad.size else None
@@ -200,7 +207,7 @@ def scan_finite(arrays: Sequence[Any]) -> None:
 
     def run(i: int, lo: int, hi: int) -> None:
         x = arrays[i]
-        if np.dtype(x.dtype).kind != "f":
+        if not is_float_dtype(x.dtype):
             return
         block = max(1024, _BLOCK_BYTES // x.dtype.itemsize)
         flat = x.reshape(-1) if isinstance(x, np.ndarray) else None
@@ -426,7 +433,8 @@ def check_result(
                 f"{source} sent {key!r} with shape {array.shape}; the global model has "
                 f"{shape}. Did the script change the model's architecture?"
             )
-        if not np.issubdtype(array.dtype, np.number) and array.dtype != np.bool_:
+        numeric = np.issubdtype(array.dtype, np.number) or is_bfloat16(array.dtype)
+        if not numeric and array.dtype != np.bool_:
             raise InvalidResultError(f"{source} sent {key!r} with non-numeric dtype {array.dtype}.")
         if _kind(array.dtype) != _kind(dtype):
             raise InvalidResultError(
@@ -653,7 +661,10 @@ class StreamingMean:
 
 
 def _kind(dtype: np.dtype[Any]) -> str:
-    """What values a leaf holds: float, integer, bool or complex (widths may differ)."""
+    """What values a leaf holds: float, integer, bool or complex (widths may differ; a
+    bfloat16 leaf is a float one)."""
+    if is_float_dtype(dtype):
+        return "float"
     kind = np.dtype(dtype).kind
     return {"f": "float", "i": "integer", "u": "integer", "b": "bool", "c": "complex"}.get(
         kind, kind
@@ -675,8 +686,11 @@ def _weight(model: FLModel, source: str) -> float:
 
 
 def _acc_dtype(dtype: np.dtype[Any]) -> np.dtype[Any]:
-    """float32 and wider sum in their own type; float16 in float32 (its range is too small
-    for weighted sums), the rest in float64."""
+    """float32 and wider sum in their own type; float16 and bfloat16 in float32 (float16's
+    range is too small for weighted sums, bfloat16's 8-bit mantissa too coarse: each fold
+    would round), the rest in float64. The mean is rounded to the leaf's dtype once."""
+    if is_bfloat16(dtype):
+        return np.dtype(np.float32)
     if np.issubdtype(dtype, np.floating):
         return dtype if dtype.itemsize >= 4 else np.dtype(np.float32)
     return np.dtype(np.float64)
@@ -686,6 +700,11 @@ def _cast_back(acc: np.ndarray, dtype: np.dtype[Any]) -> np.ndarray:
     source = np.rint(acc) if np.issubdtype(dtype, np.integer) or dtype == np.bool_ else acc
     out: np.ndarray = source.astype(dtype)
     return out
+
+
+def _is_numeric(dtype: np.dtype[Any]) -> bool:
+    """Whether a leaf of ``dtype`` takes part in the maths (numbers, bfloat16 included)."""
+    return bool(np.issubdtype(dtype, np.number)) or is_bfloat16(dtype)
 
 
 def weighted_mean(models: Iterable[FLModel]) -> StreamingMean:
@@ -719,7 +738,7 @@ def apply_update(
     if g_structure != u_structure:
         raise ConfigError("a DIFF update must have the global model's layout.")
     summed = [
-        np.add(g, u, dtype=g.dtype, casting="unsafe") if np.issubdtype(g.dtype, np.number) else g
+        np.add(g, u, dtype=g.dtype, casting="unsafe") if _is_numeric(g.dtype) else g
         for g, u in zip(g_arrays, u_arrays, strict=True)
     ]
     return unflatten(g_structure, summed)

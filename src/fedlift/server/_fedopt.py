@@ -31,7 +31,7 @@ from typing import ClassVar, Literal
 import numpy as np
 
 from ..errors import ConfigError
-from ..model import ParamsType, ParamTree, flatten, unflatten
+from ..model import ParamsType, ParamTree, flatten, is_float_dtype, unflatten
 from ._aggregate import _on_threads
 from ._fedavg import FedAvg, _check_number
 from ._seam import Aggregate
@@ -167,7 +167,7 @@ class FedOpt(FedAvg):
             return params
         structure, x = flatten(params)
         _, mean = flatten(aggregate.params)
-        moving = [i for i, a in enumerate(x) if a.dtype.kind == "f"]
+        moving = [i for i, a in enumerate(x) if is_float_dtype(a.dtype)]
         xs = [x[i] for i in moving]
         if self._m is None:
             self._m, self._v = new_moments(self.rule, xs, self.tau)

@@ -24,7 +24,7 @@ from typing import ClassVar
 import numpy as np
 
 from ..errors import ConfigError
-from ..model import ParamsType, ParamTree, flatten, unflatten
+from ..model import ParamsType, ParamTree, flatten, is_float_dtype, unflatten
 from ._aggregate import _on_threads
 from ._fedavg import FedAvg, _check_number, zeros_like
 from ._seam import Aggregate, Ask
@@ -116,7 +116,7 @@ class Scaffold(FedAvg):
         _, mean_y = flatten(aggregate.params)
         c_structure, c = flatten(self._controls)
         _, dc = flatten(mean_dc)
-        moving = [i for i, a in enumerate(x) if a.dtype.kind == "f"]
+        moving = [i for i, a in enumerate(x) if is_float_dtype(a.dtype)]
         diff = aggregate.params_type == ParamsType.DIFF
         result = list(mean_y)  # integer leaves: FedAvg's update
         if diff:

@@ -57,6 +57,7 @@ __all__ = [
     "ModelFormat",
     "RoundRecord",
     "RunRecorder",
+    "keras_params_path",
     "load_initial_model",
     "load_npz",
     "load_params",
@@ -173,17 +174,55 @@ class KerasWeightsFormat:
         return keras_params(self._model)
 
 
+def keras_params_path(model_path: Path) -> Path:
+    """Where a job keeps its Keras initial model's weights as a params tree (layer name ->
+    weights, ``.safetensors``): beside the ``.keras`` file, which a server without Keras
+    cannot read."""
+    return model_path.with_name(model_path.name.removesuffix(".keras") + ".params.safetensors")
+
+
 def load_initial_model(path: Path) -> tuple[ModelFormat, ParamTree]:
-    """The initial model of an exported job: ``.keras`` or ``.npz``."""
+    """The initial model of an exported job: ``.keras``, ``.safetensors`` or ``.npz``.
+
+    The server needs neither TensorFlow nor PyTorch. A PyTorch model is a
+    ``.safetensors`` file (read here with numpy). A Keras model is read with Keras where
+    Keras can be imported, and global models are then written as ``.weights.h5``; where it
+    cannot, the job runs from the same weights as a params tree that the export wrote
+    beside it (:func:`keras_params_path`), and global models are ``.safetensors`` files of
+    that tree (``fedlift.model.set_keras_params`` loads one into the model).
+    """
     if not path.is_file():
         raise ConfigError(f"the initial model {path} does not exist.")
     if path.name.endswith(".keras"):
-        return KerasWeightsFormat.from_file(path)
+        try:
+            return KerasWeightsFormat.from_file(path)
+        except ImportError as exc:
+            return _keras_without_keras(path, exc)
     if path.suffix in (".npz", ".safetensors"):
         return ArraysFormat(), load_params(path)
     raise ConfigError(
-        f"the initial model {path.name} has an unknown format; expected .keras or .npz."
+        f"the initial model {path.name} has an unknown format; expected .keras, .safetensors "
+        "or .npz."
     )
+
+
+def _keras_without_keras(path: Path, exc: ImportError) -> tuple[ModelFormat, ParamTree]:
+    params_file = keras_params_path(path)
+    if params_file.is_symlink() or not params_file.is_file():
+        raise ConfigError(
+            f"the initial model {path.name} is a Keras model, and Keras cannot be imported in "
+            f"the server's process ({exc}). Install it there (pip install 'fedlift[tf]'), or "
+            f"export the job again with this fedlift: it writes {params_file.name} beside "
+            f"it, which a server without Keras runs from. Received: {path.name} alone."
+        ) from None
+    log.warning(
+        "Keras cannot be imported in the server's process (%s): the job runs from %s, and "
+        "global models are written as .safetensors params trees (layer name -> weights; "
+        "fedlift.model.set_keras_params loads one into the model)",
+        exc,
+        params_file.name,
+    )
+    return ArraysFormat(), load_params(params_file)
 
 
 class _TensorBoard:

@@ -32,7 +32,7 @@ from typing import Any, ClassVar, Protocol
 import numpy as np
 
 from ..errors import ClientFailedError, ConfigError
-from ..model import FLModel, MetaKey, ParamsType, ParamTree, flatten, unflatten
+from ..model import FLModel, MetaKey, ParamsType, ParamTree, flatten, is_bfloat16, unflatten
 from ._aggregate import ErrorPolicy, _ResultLost, check_error_policy, weighted_mean_metrics
 from ._mean import Mean
 from ._seam import Aggregate, AggregatorFactory, Allocator, Ask, FastPath, Filter, Memory
@@ -229,7 +229,7 @@ def apply_in_place(
         raise ConfigError("a DIFF update must have the global model's layout.")
     out = []
     for g, u in zip(g_arrays, u_arrays, strict=True):
-        if not np.issubdtype(g.dtype, np.number):
+        if not (np.issubdtype(g.dtype, np.number) or is_bfloat16(g.dtype)):
             out.append(g)
         elif u.dtype == g.dtype and u.flags.writeable and u.shape == g.shape:
             np.add(u, g, out=u)

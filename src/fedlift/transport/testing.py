@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ..codec import ALLOWED_DTYPES, Message
+from ..codec import ALLOWED_DTYPES, Message, wire_dtype
 from ..errors import (
     ClientAPIError,
     ConfigError,
@@ -48,7 +48,7 @@ def _echo(request: Message) -> Message:
 def _sample_arrays() -> list[np.ndarray]:
     rng = np.random.default_rng(0)
     arrays = [
-        (rng.standard_normal((3, 5)) * 100).astype(np.dtype(code))
+        (rng.standard_normal((3, 5)) * 100).astype(wire_dtype(code))
         for code in sorted(ALLOWED_DTYPES)
     ]
     arrays += [np.array(3.5), np.zeros((0, 7), np.float32), np.arange(10, dtype=np.int64)[::2]]

@@ -453,3 +453,11 @@ def shutdown() -> None:
         _state.task = None
     if link is not None:
         link.close()
+
+
+def _current_model() -> FLModel | None:
+    """The current task's model while it awaits its answer, else None; never waits (for
+    callbacks that must not block where the script has already answered, e.g. Lightning's)."""
+    with _state.lock:
+        task = _state.task
+        return task.model if task is not None and not _state.answered else None

@@ -192,9 +192,7 @@ def _callback_base(trainer: Any) -> type:
     )
 
 
-def patch(
-    trainer: Any, restore_state: bool = True, load_state_dict_strict: bool = True
-) -> None:
+def patch(trainer: Any, restore_state: bool = True, load_state_dict_strict: bool = True) -> None:
     """Make ``trainer`` a federated client (see the module's docstring); once per trainer.
 
     ``restore_state``: carry the optimizers' and LR schedulers' states from one round's

@@ -410,6 +410,15 @@ def test_pytorch_helpers_module_api() -> None:
     assert all(hasattr(module, name) for name in module.__all__)
 
 
+def test_lightning_module_api() -> None:
+    """``fedlift.client.lightning`` is the Client API plus ``patch`` (as NVFlare's
+    ``nvflare.client.lightning``); ``patch`` imports Lightning, the module does not."""
+    module = importlib.import_module("fedlift.client.lightning")
+    assert sorted(set(module.__all__) - set(fedlift.client.__all__)) == ["FL_META_KEY", "patch"]
+    assert set(fedlift.client.__all__) <= set(module.__all__)
+    assert all(hasattr(module, name) for name in module.__all__)
+
+
 def test_top_level_objects_are_the_subpackage_objects() -> None:
     from fedlift.job import FedAvgJob, ScriptRunner
     from fedlift.simulator import SimulationResult, run_simulator

@@ -76,6 +76,7 @@ class _State:
         self.rank = "0"
         self.task: Task | None = None
         self.answered = False
+        self.received = False  # receive() returned the current task's model
         self.last_round: int | None = None
         self.stopped = False
         self.task_config: dict[str, Any] = {}
@@ -195,6 +196,7 @@ def _fetch(timeout: float | None) -> Task | None:
         task = Task(task.task_id, task.name, tensors)
     _state.task = task
     _state.answered = False
+    _state.received = False
     _state.task_config = _task_config(task)
     return task
 
@@ -260,11 +262,15 @@ def receive(timeout: float | None = None) -> FLModel | None:
     with _state.lock:
         _require_init("receive")
         if _state.task is not None and not _state.answered:
+            _state.received = True
             return _state.task.model
         if _state.stopped:
             return None
     task = _fetch(timeout)
-    return None if task is None else task.model
+    if task is None:
+        return None
+    _state.received = True
+    return task.model
 
 
 def _validate_outgoing(model: FLModel) -> None:
@@ -369,13 +375,22 @@ def send(model: FLModel, clear_cache: bool = True) -> None:
 
 
 def is_running() -> bool:
-    """True while the job has work for this site; blocks until the next task or the end."""
+    """True while the job has work for this site; blocks until the next task or the end.
+
+    On a rank other than 0, a task whose model ``receive()`` returned counts as done here:
+    NVFlare's DDP scripts call ``send()`` on rank 0 only, and every rank's next
+    ``is_running()`` must move on to the next round with rank 0.
+    """
     with _state.lock:
         _require_init("is_running")
         if _state.stopped:
             return False
         if _state.task is not None and not _state.answered:
-            return True
+            if _state.rank == "0" or not _state.received:
+                return True
+            _state.answered = True
+            _state.last_round = _state.task.model.current_round
+            _state.task = None
     return _fetch(None) is not None
 
 
@@ -491,3 +506,11 @@ def shutdown() -> None:
         _state.task = None
     if link is not None:
         link.close()
+
+
+def _current_model() -> FLModel | None:
+    """The current task's model while it awaits its answer, else None; never waits (for
+    callbacks that must not block where the script has already answered, e.g. Lightning's)."""
+    with _state.lock:
+        task = _state.task
+        return task.model if task is not None and not _state.answered else None

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import time
+import traceback
+from types import TracebackType
 from typing import Any
 
 from ..codec import Message, model_from_wire, model_to_wire, shm_available
@@ -12,6 +16,7 @@ from ..model import FLModel
 from ..transport import GrpcTransport
 from ._link import ClientContext, Task
 from ._service import ENV_ADDRESS, ENV_TOKEN
+from ._watchdog import watch_worker
 
 __all__ = ["RemoteLink", "connect_from_env"]
 
@@ -74,6 +79,11 @@ class RemoteLink:
     def log(self, record: dict[str, Any]) -> None:
         self._call("log", record)
 
+    def report_error(self, text: str) -> None:
+        """Tell the worker this rank is failing (best effort: it may be gone already)."""
+        with contextlib.suppress(Exception):
+            self._call("error", {"error": text}, timeout=10)
+
     def close(self) -> None:
         try:
             self._call("bye", {}, timeout=10)
@@ -83,11 +93,32 @@ class RemoteLink:
 
 
 def connect_from_env(rank: str) -> RemoteLink | None:
-    """The link for a script launched by a worker (None when not launched by one)."""
+    """The link for a script launched by a worker (None when not launched by one). From
+    then on this process ends when that worker does (:func:`watch_worker`)."""
     address = os.environ.get(ENV_ADDRESS)
     if not address:
         return None
     token = os.environ.get(ENV_TOKEN)
     if not token:
         raise ClientAPIError(f"{ENV_ADDRESS} is set but {ENV_TOKEN} is not; relaunch via the job.")
-    return RemoteLink(address, token, rank)
+    link = RemoteLink(address, token, rank)
+    watch_worker()
+    _report_uncaught(link)
+    return link
+
+
+def _report_uncaught(link: RemoteLink) -> None:
+    """An exception that ends the script goes to its worker with its traceback first.
+
+    Under a launcher such as torchrun the script's exit status reaches the worker only
+    after the launcher has stopped the other ranks (up to 30 s), and the last lines of its
+    stderr are the launcher's summary, not the rank's traceback.
+    """
+    previous = sys.excepthook
+
+    def hook(kind: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:
+        if not issubclass(kind, KeyboardInterrupt):
+            link.report_error("".join(traceback.format_exception(kind, value, tb)))
+        previous(kind, value, tb)
+
+    sys.excepthook = hook

@@ -11,6 +11,8 @@ of a call, so a process that is not the script cannot make the worker decode a m
 ``next_task`` -> ``task`` / ``stop`` / ``none`` (long poll; every rank sees every task)
 ``submit``    -> ``ok`` (only rank 0's answer goes to the server)
 ``log``       -> ``ok``
+``error``     -> ``ok`` (a rank's uncaught exception, with its traceback: the site's error
+names it, not only the launcher's summary, and fails at once if the launcher lingers)
 
 The subprocess lives for the whole job, its output is relayed line by line, and how it ends
 (clean exit, crash, signal, never calling init) reaches the server within seconds.
@@ -40,6 +42,8 @@ from ..codec import Message, check_log_record, model_from_wire, model_to_wire, s
 from ..errors import ConfigError, ProtocolError
 from ..transport import GrpcListener
 from ._link import LocalLink, Task
+from ._tree import stop_tree
+from ._watchdog import WORKER_PID_ENV
 
 __all__ = ["ENV_ADDRESS", "ENV_TOKEN", "ScriptProcess", "ScriptService"]
 
@@ -49,13 +53,15 @@ ENV_ADDRESS = "FEDLIFT_CLIENT_ADDRESS"
 ENV_TOKEN = "FEDLIFT_CLIENT_TOKEN"
 _MAX_WAIT = 30.0
 _TAIL = 40
+_RANK_ERROR_GRACE = 5.0
 
 
 class ScriptService:
     """Answers the external script's Client API calls from the worker's :class:`LocalLink`."""
 
-    def __init__(self, link: LocalLink) -> None:
+    def __init__(self, link: LocalLink, on_error: Callable[[str], None] | None = None) -> None:
         self._link = link
+        self._on_error = on_error
         self._cond = threading.Condition()
         self._seq = 0
         self._task: Task | None = None
@@ -105,6 +111,13 @@ class ScriptService:
             return Message("ok")
         if request.op == "log":
             self._link.log(check_log_record(fields))
+            return Message("ok")
+        if request.op == "error":
+            text = fields.get("error")
+            if not isinstance(text, str):
+                raise ProtocolError("error needs the traceback as a string.")
+            if self._on_error is not None:
+                self._on_error(f"rank {rank} of the script raised:\n{text[-20_000:]}\n")
             return Message("ok")
         if request.op == "bye":
             if rank == "0":
@@ -192,7 +205,8 @@ class ScriptProcess:
         self.tail: collections.deque[str] = collections.deque(maxlen=_TAIL)
         self._dir = Path(tempfile.mkdtemp(prefix="fedlift-"))
         self._token = secrets.token_hex(32)
-        self.service = ScriptService(link)
+        self._rank_errors: list[str] = []
+        self.service = ScriptService(link, self._rank_failed)
         self._listener = GrpcListener(
             self.service.handle,
             f"unix:{self._dir / 'client.sock'}",
@@ -214,6 +228,7 @@ class ScriptProcess:
         env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
         env[ENV_ADDRESS] = self._listener.address
         env[ENV_TOKEN] = self._token
+        env[WORKER_PID_ENV] = str(os.getpid())
         env["PYTHONUNBUFFERED"] = "1"
         return env
 
@@ -245,6 +260,26 @@ class ScriptProcess:
         threading.Thread(target=self._watch, args=(out, err), daemon=True).start()
         threading.Thread(target=self._watch_init, daemon=True).start()
 
+    def _rank_failed(self, text: str) -> None:
+        """A rank raised: its traceback goes into the site's error when the launcher exits,
+        or on its own if the launcher still runs 5 s later (torchrun waits up to 30 s for
+        the other ranks before it gives up)."""
+        self._rank_errors.append(text)
+        if len(self._rank_errors) > 1:
+            return
+        process = self.process
+
+        def report_if_lingering() -> None:
+            if process is None:
+                return
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(_RANK_ERROR_GRACE)
+                return
+            if not self.link.stopped:
+                self.on_error(text + "(the launcher still runs; it is being stopped)")
+
+        threading.Thread(target=report_if_lingering, daemon=True).start()
+
     def _watch(self, out: threading.Thread, err: threading.Thread) -> None:
         process = self.process
         if process is None:
@@ -257,7 +292,8 @@ class ScriptProcess:
             how = f"exited with status {code}" if code > 0 else f"was killed by signal {-code}"
             error = (
                 f"the script process {how} ({shlex.join(self.argv)}).\n"
-                f"Last lines of its stderr:\n{''.join(self.tail)}"
+                + "".join(self._rank_errors[:2])
+                + f"Last lines of its stderr:\n{''.join(self.tail)}"
             )
             self.on_error(error)
         self.link.script_ended(error)
@@ -276,20 +312,27 @@ class ScriptProcess:
         self.terminate(grace=0)
 
     def terminate(self, grace: float) -> None:
-        """Wait ``grace`` s for the script to end, then SIGTERM, then SIGKILL."""
+        """Wait ``grace`` s for the script to end, then end its whole process tree: SIGTERM,
+        then SIGKILL to what is left 5 s later (:func:`~fedlift.client._tree.stop_tree`).
+
+        The tree, not the process group: ``torchrun`` starts each rank in a session of its
+        own. ``torchrun`` answers SIGTERM by sending SIGTERM to its ranks and waiting 30 s
+        for them; a rank that ignores it would outlive a launcher killed after 5 s, so the
+        ranks are signalled by PID as well. (A rank whose launcher died unseen, or whose
+        worker is SIGKILLed, ends through its own watch on the worker:
+        :mod:`~fedlift.client._watchdog`.)
+        """
         process = self.process
         if process is None:
             return
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(grace)
-        for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-            if process.poll() is not None:
-                break
-            log.warning("the script did not exit; sending %s", sig.name)
-            with contextlib.suppress(ProcessLookupError):
-                process.send_signal(sig)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(wait)
+        if process.poll() is not None:
+            return
+        log.warning("the script did not exit; ending its process tree")
+        left = stop_tree(process.pid)
+        if left:
+            log.error("the script's processes %s survived SIGKILL", left)
 
     def close(self) -> None:
         self._listener.stop(grace=0.5)

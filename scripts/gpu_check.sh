@@ -22,7 +22,7 @@ grep -h "GPU" "$WS"/ws1/site-*/log.txt | head -5 || true
 grep -h "Number of replicas in sync" "$WS"/ws2/site-*/log.txt
 cd ../..
 if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
-    "$PY" -m pytest -q tests/test_pytorch_params.py -k cuda
+    "$PY" -m pytest -q tests/test_pytorch_params.py -k gpu_tensors
     cd examples/cifar10-pt
     "$PY" pt_client_api_job.py --num_rounds 2 --workspace "$WS/ws3" --gpu 0,0 \
         --script_args "--max_train 2000 --max_test 500"

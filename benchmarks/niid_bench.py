@@ -177,15 +177,7 @@ def run_row(
     from fedlift.server import FedAvg, FedProx, Scaffold, Strategy
     from fedlift.simulator import run_local
 
-    algorithm, how = row.split("-", 1)
-    x, y, x_test, y_test = load_fashion_mnist()
-    if subset is not None:
-        pick = np.random.default_rng(seed).permutation(len(y))[:subset]
-        x, y = x[pick], y[pick]
-    parts = partition(y, how, clients, seed)
-    sites = [f"site-{i + 1}" for i in range(clients)]
-    data = {site: (x[idx], y[idx]) for site, idx in zip(sites, parts, strict=True)}
-
+    algorithm, sites, data, x_test, y_test, n_train = _split(row, clients, subset, seed)
     model = simple_cnn(seed)
     model.compile(
         keras.optimizers.SGD(lr, momentum=0.9, weight_decay=1e-5),
@@ -255,7 +247,7 @@ def run_row(
     published = PUBLISHED[row]
     return Row(
         row, published, round(measured, 2), round(measured - published, 2), rounds, epochs,
-        clients, len(y), seed, round(time.monotonic() - started, 1), curve,
+        clients, n_train, seed, round(time.monotonic() - started, 1), curve,
     )  # fmt: skip
 
 

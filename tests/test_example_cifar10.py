@@ -1,19 +1,44 @@
-"""The flagship example, as a user runs it (embedded Fashion-MNIST: CIFAR-10 is offline here)."""
+"""The flagship example, as a user runs it (embedded Fashion-MNIST: CIFAR-10 is offline here):
+FedAvg learns, FedProx and SCAFFOLD run on label-skewed sites, --algorithm builds every
+strategy, --alpha skews the sites' labels."""
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
+import numpy as np
 import pytest
+
+from fedlift.errors import ConfigError
+from fedlift.server import (
+    Cyclic,
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
+    Mean,
+    Scaffold,
+)
 
 pytest.importorskip("tensorflow")
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "cifar10-tf"
 BIN = Path(sys.executable).parent
+TINY = "--max_train 200 --max_test 100"
 
 
 def run(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
@@ -24,7 +49,7 @@ def run(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.Complete
     )
 
 
-def metrics(workspace: Path) -> list[dict[str, object]]:
+def metrics(workspace: Path) -> list[dict[str, Any]]:
     lines = (workspace / "server" / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line) for line in lines]
 
@@ -134,3 +159,146 @@ def test_the_centralised_script_trains_and_saves_weights(tmp_path: Path) -> None
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Test accuracy" in done.stdout
     assert (tmp_path / "tf_model.weights.h5").stat().st_size > 100_000
+
+
+def site_log(workspace: Path, site: str) -> str:
+    return (workspace / site / "log.txt").read_text()
+
+
+def test_fedprox_on_label_skewed_sites_trains_with_the_servers_mu(tmp_path: Path) -> None:
+    ws = tmp_path / "ws"
+    options = ["--algorithm", "fedprox", "--fedprox_mu", "0.05", "--alpha", "0.5"]
+    done = run(
+        [sys.executable, "tf_client_api_job.py", *options, "--num_rounds", "2"]
+        + ["--script_args", TINY, "--workspace", str(ws)],
+        cwd=EXAMPLE,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [r["task"] for r in metrics(ws)] == ["train", "train", "validate"]
+    config = json.loads((ws / "jobs/cifar10_tf_fedprox/job.json").read_text())
+    assert config["workflow"]["type"] == "fedprox"
+    assert config["workflow"]["mu"] == 0.05
+    assert config["runner"]["script_args"] == f"{TINY} --alpha 0.5"
+    for site in ("site-1", "site-2"):  # the mu the server sent, in both rounds
+        assert site_log(ws, site).count(f"{site}: FedProx mu=0.05, SCAFFOLD: False") == 2
+
+
+def test_scaffold_on_label_skewed_sites_sends_control_variates(tmp_path: Path) -> None:
+    ws = tmp_path / "ws"
+    done = run(
+        [sys.executable, "tf_client_api_job.py", "--algorithm", "scaffold", "--alpha", "0.5"]
+        + ["--num_rounds", "2", "--script_args", TINY, "--workspace", str(ws)],
+        cwd=EXAMPLE,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [r["task"] for r in metrics(ws)] == ["train", "train", "validate"]
+    config = json.loads((ws / "jobs/cifar10_tf_scaffold/job.json").read_text())
+    assert config["workflow"]["type"] == "scaffold"
+    # Each round's task carried the server's controls, and the script trained with the
+    # correction and sent delta c_i (result_meta() raises when no corrected step ran).
+    for site in ("site-1", "site-2"):
+        assert site_log(ws, site).count(f"{site}: FedProx mu=0, SCAFFOLD: True") == 2
+
+
+@pytest.fixture(scope="module")
+def job_module() -> Iterator[ModuleType]:
+    """tf_client_api_job.py imported in-process: without TensorFlow (TFNet is imported in
+    main()), so make_strategy() is tested in milliseconds. sys.path and the environment
+    are put back afterwards."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "path", list(sys.path))
+        patch.setenv("TF_CPP_MIN_LOG_LEVEL", os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))
+        spec = importlib.util.spec_from_file_location(
+            "tf_client_api_job", EXAMPLE / "tf_client_api_job.py"
+        )
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield module
+
+
+def test_make_strategy_builds_every_algorithm(job_module: ModuleType) -> None:
+    make = job_module.make_strategy
+    assert job_module.ALGORITHMS == (
+        "fedavg",
+        "fedprox",
+        "scaffold",
+        "fedopt",
+        "fedavgm",
+        "fedadam",
+        "fedyogi",
+        "fedadagrad",
+        "cyclic",
+        "fedmedian",
+        "fedtrimmedavg",
+        "krum",
+    )
+    expected = {
+        "fedavg": FedAvg,
+        "fedprox": FedProx,
+        "scaffold": Scaffold,
+        "fedopt": FedAvgM,
+        "fedavgm": FedAvgM,
+        "fedadam": FedAdam,
+        "fedyogi": FedYogi,
+        "fedadagrad": FedAdagrad,
+        "cyclic": Cyclic,
+        "fedmedian": FedAvg,
+        "fedtrimmedavg": FedAvg,
+        "krum": FedAvg,
+    }
+    built = {name: make(name, 3, 0.05, None) for name in job_module.ALGORITHMS}
+    assert {name: type(s) for name, s in built.items()} == expected
+    aggregators = {"fedavg": Mean, "fedmedian": FedMedian, "fedtrimmedavg": FedTrimmedAvg}
+    for name, kind in {**aggregators, "krum": Krum}.items():
+        assert type(built[name].aggregator) is kind, name
+    assert built["fedprox"].mu == 0.05
+    assert (built["fedopt"].eta, built["fedopt"].beta_1) == (1.0, 0.6)  # NVFlare's FedOpt
+    assert built["fedavgm"].beta_1 == 0.9  # FedAvgM's own default
+    assert built["krum"].aggregator.f == 0  # 3 clients tolerate no attacker
+    assert make("krum", 5, 0.01, None).aggregator.f == 1
+
+
+def test_make_strategy_server_lr_sets_eta_of_the_fedopt_family_only(
+    job_module: ModuleType,
+) -> None:
+    make = job_module.make_strategy
+    for name in ("fedavgm", "fedadam", "fedyogi", "fedadagrad"):
+        assert make(name, 2, 0.01, 0.5).eta == 0.5, name
+    fedopt = make("fedopt", 2, 0.01, 0.5)
+    assert (fedopt.eta, fedopt.beta_1) == (0.5, 0.6)
+    assert type(make("fedprox", 2, 0.01, 0.5)) is FedProx  # no eta: the flag is ignored
+
+
+def test_make_strategy_refuses_krum_with_two_clients_and_unknown_names(
+    job_module: ModuleType,
+) -> None:
+    with pytest.raises(ConfigError, match="n_clients=2"):
+        job_module.make_strategy("krum", 2, 0.01, None)
+    with pytest.raises(ConfigError, match="algorithm='fedsgd'"):
+        job_module.make_strategy("fedsgd", 2, 0.01, None)
+
+
+def test_alpha_skews_the_sites_labels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """src/tf_data.py: alpha 0.1 gives each site its classes in Dir(0.1) proportions, a
+    partition of the training set that every site computes alike; alpha 0 is the IID
+    split by site index."""
+    monkeypatch.setenv("FEDLIFT_DATASET", "embedded")
+    monkeypatch.setattr(sys, "path", [str(EXAMPLE / "src"), *sys.path])
+    monkeypatch.delitem(sys.modules, "tf_data", raising=False)
+    monkeypatch.delitem(sys.modules, "cifar10_data", raising=False)
+    site_data = importlib.import_module("tf_data").site_data
+
+    counts = {}
+    for alpha in (0.1, 0.0):
+        labels = [site_data(i, 2, alpha=alpha)[0][1].reshape(-1) for i in range(2)]
+        counts[alpha] = np.array([np.bincount(y, minlength=10) for y in labels])
+        # The same call again (another site's process) gives the same part.
+        np.testing.assert_array_equal(site_data(1, 2, alpha=alpha)[0][1].reshape(-1), labels[1])
+    for split in counts.values():  # the embedded subset: 600 images of each class
+        np.testing.assert_array_equal(split.sum(axis=0), np.full(10, 600))
+    skewed, iid = counts[0.1] / 600, counts[0.0] / 600
+    assert np.abs(skewed[0] - skewed[1]).max() > 0.8  # some class lies almost all on one site
+    assert np.abs(iid[0] - iid[1]).max() < 0.2
+    (x, y), (x_test, _) = site_data(0, 2, alpha=0.1, max_train=50, max_test=20)
+    assert x.shape == (50, 32, 32, 3) and y.shape == (50, 1) and x_test.shape[0] == 20

@@ -62,6 +62,7 @@ EXPECTED: dict[str, list[str]] = {
         "AlgorithmConstants",
         "FLModel",
         "MetaKey",
+        "NPConstants",
         "NUMPY_KEY",
         "ParamTree",
         "ParamsType",

@@ -265,6 +265,7 @@ class FedJob:
             cross_site_eval=cross_site_eval,
         )
         self.runner: ScriptRunner | None = None
+        self._targets: set[str] | None = None  # the sites to() named; None: all of them
 
     def to_clients(self, runner: ScriptRunner) -> None:
         """Every client runs ``runner``."""
@@ -274,6 +275,45 @@ class FedJob:
             )
         runner.resolve()
         self.runner = runner
+        self._targets = None
+
+    def to(self, obj: ScriptRunner, target: str) -> None:
+        """The ScriptRunner ``obj`` for the site ``target`` (``"site-1"`` ... ``"site-N"``):
+        NVFlare's FedAvgJob scripts write ``job.to(executor, f"site-{i + 1}")`` in a loop
+        over the sites, and this lets them run unchanged.
+
+        fedlift runs one script on every site, so each call must give an equal
+        ScriptRunner (a loop makes a new, equal one per site) and, by export, every site
+        must have been named; the loop then means :meth:`to_clients`. The server side is
+        this job's constructor (``initial_model=``, ``strategy=``), not ``to(..., "server")``.
+        """
+        kind = type(self).__name__
+        sites = [f"site-{i + 1}" for i in range(self.n_clients)]
+        if not isinstance(obj, ScriptRunner):
+            raise ConfigError(
+                f"{kind}.to() sends a ScriptRunner to a site; the model and the algorithm go "
+                f"to {kind}(initial_model=..., strategy=...). Received: "
+                f"{type(obj).__name__} for target={target!r:.40}."
+            )
+        if target not in sites:
+            raise ConfigError(
+                f"{kind}.to(runner, target): target must be one of the job's sites "
+                f"site-1 ... site-{self.n_clients} (n_clients={self.n_clients}), or call "
+                f"job.to_clients(runner) for all of them. Received: target={target!r:.40}."
+            )
+        if self.runner is not None and obj != self.runner:
+            raise ConfigError(
+                f"{kind}.to(): fedlift runs one ScriptRunner on every site, and {target} got "
+                f"a different one from the other sites'. Give every site the same "
+                f"ScriptRunner (job.to_clients(runner)). Received: {obj!r:.200} after "
+                f"{self.runner!r:.200}."
+            )
+        obj.resolve()
+        if self.runner is None:
+            self.runner, self._targets = obj, {target}
+        elif self._targets is not None:
+            self._targets.add(target)
+        # else: to_clients() gave every site this runner already
 
     def export_job(self, root: str | Path, exclude: tuple[str | Path, ...] = ()) -> Path:
         """Write the job folder ``root/NAME`` (config, app, initial model); returns it.
@@ -286,6 +326,16 @@ class FedJob:
         if self.runner is None:
             raise ConfigError(
                 "the job has no script: call job.to_clients(ScriptRunner(...)) first."
+            )
+        targets = self._targets or set()
+        missing = [f"site-{i + 1}" for i in range(self.n_clients)]
+        missing = [site for site in missing if site not in targets]
+        if self._targets is not None and missing:
+            raise ConfigError(
+                f"export_job: fedlift runs the same script on all n_clients={self.n_clients} "
+                "sites, and job.to() gave it to only some of them. Send it to every site, or "
+                f"call job.to_clients(runner). Received: to() for {sorted(targets)}, none for "
+                f"{missing}."
             )
         app, script = self.runner.resolve()
         folder = Path(root).resolve() / self.name

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._dtypes import bfloat16_dtype, is_bfloat16, is_float_dtype
 from ._flmodel import AlgorithmConstants, FLModel, MetaKey, ParamsType
-from ._lists import NUMPY_KEY, tree_from_lists
+from ._lists import NUMPY_KEY, NPConstants, tree_from_lists
 from ._ops import tree_add, tree_sub
 from ._torch import (
     arrays_to_tensors,
@@ -40,6 +40,7 @@ __all__ = [
     "AlgorithmConstants",
     "FLModel",
     "MetaKey",
+    "NPConstants",
     "NUMPY_KEY",
     "ParamTree",
     "ParamsType",

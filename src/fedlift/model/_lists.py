@@ -22,10 +22,19 @@ import numpy as np
 
 from ..errors import ConfigError
 
-__all__ = ["NUMPY_KEY", "tree_from_lists"]
+__all__ = ["NUMPY_KEY", "NPConstants", "tree_from_lists"]
 
 NUMPY_KEY = "numpy_key"
 """The key of the one array a top-level list becomes (NVFlare's ``NPConstants.NUMPY_KEY``)."""
+
+
+class NPConstants:
+    """NVFlare's ``nvflare.app_common.np.constants.NPConstants``, for the one name its NumPy
+    scripts read: ``input_model.params[NPConstants.NUMPY_KEY]``. With it, NVFlare's
+    hello-numpy client runs after its imports change, its body untouched."""
+
+    NUMPY_KEY = NUMPY_KEY
+
 
 _MAX_DEPTH = 64
 

@@ -42,6 +42,7 @@ from ..transport import GrpcListener
 from . import _gpu
 from ._gpu import assign_groups, check_gpu_ids, parse_gpu_groups
 from ._processes import WorkerProcess, start_worker
+from ._threads import thread_environment
 
 __all__ = ["SimulationResult", "run_simulator", "site_environment"]
 
@@ -194,8 +195,12 @@ def run_simulator(
     lock = threading.Lock()
     closing = threading.Event()  # set before the workers are stopped: no restart after it
 
+    # One process per client: each one's frameworks get their share of the cores.
+    threads_env = thread_environment(min(n, threads or n), os.environ)
+
     def launch(site: str) -> WorkerProcess:
         env = {
+            **threads_env,
             **site_environment(placement.get(site)),
             SHARED_MEMORY_ENV: str(int(shared)),
             SERVER_TOKEN_ENV: token,

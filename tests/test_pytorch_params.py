@@ -27,7 +27,7 @@ from fedlift import FedAvgJob, ScriptRunner
 from fedlift.client._api import _reset_for_tests
 from fedlift.client._link import ClientContext, LocalLink, Task, set_current_link
 from fedlift.codec import PREFIX_BYTES, Message, decode, encode, model_from_wire, model_to_wire
-from fedlift.errors import ConfigError, InvalidResultError
+from fedlift.errors import ClientAPIError, ConfigError, InvalidResultError
 from fedlift.model import (
     FLModel,
     ParamsType,
@@ -431,3 +431,13 @@ def test_gpu_tensors_are_copied_to_the_host_once_into_contiguous_arrays() -> Non
     assert out["t"].flags.c_contiguous  # what the wire sends without a second copy
     np.testing.assert_array_equal(out["t"], [[0, 3], [1, 4], [2, 5]])
     assert out["b"].dtype == BF16 and out["b"].astype(np.float32).tolist() == [1.5, -2.0]
+
+
+def test_a_pytorch_job_on_a_site_without_torch_names_the_extra(
+    pytorch_site: LocalLink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """framework='pytorch' where torch cannot be imported: one clear error at receive()."""
+    pytorch_site.offer(Task("t0", "train", FLModel(params={"w": np.ones(2)}, current_round=0)))
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
+    with pytest.raises(ClientAPIError, match=r"pip install 'fedlift\[torch\]'"):
+        flare.receive()

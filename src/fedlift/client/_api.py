@@ -192,7 +192,16 @@ def _fetch(timeout: float | None) -> Task | None:
         return None
     if task.model.params is not None and _framework(link) == "pytorch":
         # A new FLModel: the worker's own task (in-process, the same object) keeps arrays.
-        tensors = dataclasses.replace(task.model, params=arrays_to_tensors(task.model.params))
+        try:
+            params = arrays_to_tensors(task.model.params)
+        except ImportError as exc:
+            raise ClientAPIError(
+                "this job's ScriptRunner has framework='pytorch', so receive() gives torch "
+                f"tensors, but torch cannot be imported on this site ({exc}). Install it: "
+                "pip install 'fedlift[torch]' (the CPU build, torch==2.13.0) or your CUDA "
+                "build of torch."
+            ) from None
+        tensors = dataclasses.replace(task.model, params=params)
         task = Task(task.task_id, task.name, tensors)
     _state.task = task
     _state.answered = False

@@ -15,7 +15,7 @@ venv: $(STAMP)
 
 $(STAMP): pyproject.toml examples/cifar10-tf/requirements.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[tf,tensorboard,dev,ray,plots,sklearn,mlflow,torch,lightning]" \
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-compile -e ".[tf,tensorboard,dev,ray,plots,sklearn,mlflow,torch,lightning]" \
 		-r examples/cifar10-tf/requirements.txt
 	@touch $@
 

@@ -119,6 +119,7 @@ def test_exported_job_runs_under_the_fedlift_cli(tmp_path: Path) -> None:
     assert [r["task"] for r in metrics(ws)] == ["train", "validate"]
 
 
+@pytest.mark.slow  # CI: test_external_process and the multi-GPU example launch scripts
 def test_launch_process_runs_the_script_as_a_subprocess_per_client(tmp_path: Path) -> None:
     ws = tmp_path / "ws"
     done = run(
@@ -165,6 +166,7 @@ def site_log(workspace: Path, site: str) -> str:
     return (workspace / site / "log.txt").read_text()
 
 
+@pytest.mark.slow  # CI: SCAFFOLD covers the helper path; FedProx: test_keras_algorithms
 def test_fedprox_on_label_skewed_sites_trains_with_the_servers_mu(tmp_path: Path) -> None:
     ws = tmp_path / "ws"
     options = ["--algorithm", "fedprox", "--fedprox_mu", "0.05", "--alpha", "0.5"]

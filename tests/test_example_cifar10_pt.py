@@ -64,6 +64,7 @@ def test_the_job_trains_two_clients_and_the_global_model_improves(tmp_path: Path
         assert f"{site}: FedProx mu=0, SCAFFOLD: False" in site_log(ws, site)
 
 
+@pytest.mark.slow  # CI: the exported SCAFFOLD job; PTFedProxLoss: test_pytorch_helpers
 def test_fedprox_on_label_skewed_sites_uses_the_servers_mu(tmp_path: Path) -> None:
     ws = tmp_path / "ws"
     options = ["--algorithm", "fedprox", "--fedprox_mu", "0.05", "--alpha", "0.5"]

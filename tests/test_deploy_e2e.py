@@ -209,6 +209,7 @@ def test_a_site_refuses_jobs_outside_its_allow_list(deployment: Deployment, tmp_
     assert "allow-list" in str(status["error"])
 
 
+@pytest.mark.slow  # CI: the other deployed jobs (numpy) and the example in the simulator
 def test_the_cifar10_example_job_runs_deployed(deployment: Deployment, tmp_path: Path) -> None:
     pytest.importorskip("tensorflow")
     exported = subprocess.run(

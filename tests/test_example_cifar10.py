@@ -88,6 +88,7 @@ def test_job_script_trains_two_clients_and_the_global_model_improves(tmp_path: P
         assert f"{site}: round 1" in log
 
 
+@pytest.mark.slow  # CI: test_simulator runs exported jobs under the CLI
 def test_exported_job_runs_under_the_fedlift_cli(tmp_path: Path) -> None:
     jobs = tmp_path / "jobs"
     exported = run(

@@ -76,6 +76,7 @@ def test_fedprox_on_label_skewed_sites_uses_the_servers_mu(tmp_path: Path) -> No
     assert "--alpha 0.5" in config["runner"]["script_args"]
 
 
+@pytest.mark.slow  # CI: the job script run and the TF export via the CLI
 def test_the_exported_scaffold_job_runs_under_the_fedlift_cli(tmp_path: Path) -> None:
     jobs = tmp_path / "jobs"
     exported = run(

@@ -80,6 +80,7 @@ def test_make_strategy_splits_the_cpu_and_refuses_a_late_resplit(tmp_path: Path)
     assert "call make_strategy() before any TensorFlow op" in done.stdout
 
 
+@pytest.mark.slow  # CI: the centralised 2-replica run and test_external_process
 def test_multi_gpu_fl_script_runs_as_an_external_process_with_two_replicas(
     tmp_path: Path,
 ) -> None:

@@ -320,6 +320,7 @@ def test_hello_lightning_job_exports_the_litnet_state_dict(tmp_path: Path) -> No
 #            datasets.cifar10.load_data() -> cifar10_load_data()
 
 
+@pytest.mark.slow  # CI: test_cifar10_tf_job_builds_tfnet_from_its_input_shape
 def test_cifar10_tf_job_runs_and_learns(tmp_path: Path) -> None:
     pytest.importorskip("tensorflow")
     done = run_job("cifar10-tf", "tf_client_api_job.py", "--num_rounds", "2", workdir=tmp_path)

@@ -212,7 +212,14 @@ class FaultProxy:
                 if fire is not None:
                     # Forward only the part up to the trigger point: the cut lands there.
                     sink.sendall(data[: fire[0]])
-                    fire[1].dropped = len(data) - fire[0]
+                    dropped = len(data) - fire[0]
+                    if dropped == 0:
+                        # The read ended exactly at the trigger point: whether the cut
+                        # lands inside a transfer shows in what the sender sends next.
+                        source.settimeout(1.0)
+                        with contextlib.suppress(OSError):
+                            dropped = len(source.recv(64 * 1024))
+                    fire[1].dropped = dropped
                     self._fire(fire[1])
                     return
                 sink.sendall(data)

@@ -27,6 +27,9 @@ same for all), each against fedlift's FedAvg with FULL results:
 * ``--diff``: 10M params x 2 clients (or ``--only``'s) with FULL results, then with DIFF
   results (the clients send the change, a constant tree made once); prints the ratio.
 
+``--wire`` measures the gRPC path against this machine's TCP and TLS floors
+(``benchmarks/wire.py``); ``benchmarks/compression.py`` what compression costs in accuracy.
+
 With ``--smoke`` each variant runs once, polled (its times are then the polled run's).
 """
 
@@ -47,7 +50,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.peers.common import TreePoller
-from fedlift import FedJob, ScriptRunner
+from fedlift import Compression, FedJob, ScriptRunner
 from fedlift.errors import ConfigError
 from fedlift.server import AGGREGATORS, STRATEGIES, Strategy, strategy_from_spec
 
@@ -146,14 +149,16 @@ def run_fedlift(
     strategy: Strategy | None = None,
     diff: bool = False,
     once: bool = False,
+    compression: Compression | None = None,
 ) -> Outcome:
     """Times from a run without the memory poll, peak memory from a second, polled run
     (``once``: the polled run only, for smoke runs). ``strategy``: the job's (default
-    FedAvg); ``diff``: the clients send DIFF results."""
+    FedAvg); ``diff``: the clients send DIFF results; ``compression``: the job's."""
+    c = compression
     if once:
-        return _run_fedlift(scenario, workdir / "memory", shared_memory, True, strategy, diff)
-    timed = _run_fedlift(scenario, workdir / "timed", shared_memory, False, strategy, diff)
-    polled = _run_fedlift(scenario, workdir / "memory", shared_memory, True, strategy, diff)
+        return _run_fedlift(scenario, workdir / "memory", shared_memory, True, strategy, diff, c)
+    timed = _run_fedlift(scenario, workdir / "timed", shared_memory, False, strategy, diff, c)
+    polled = _run_fedlift(scenario, workdir / "memory", shared_memory, True, strategy, diff, c)
     timed.peak_rss_mb, timed.peak_pss_mb = polled.peak_rss_mb, polled.peak_pss_mb
     timed.server_peak_pss_mb = polled.server_peak_pss_mb
     return timed
@@ -166,10 +171,11 @@ def _run_fedlift(
     memory: bool,
     strategy: Strategy | None = None,
     diff: bool = False,
+    compression: Compression | None = None,
 ) -> Outcome:
     job = FedJob(
         "bench", scenario.clients, scenario.rounds, model_of(scenario.params),
-        final_evaluation=False, strategy=strategy,
+        final_evaluation=False, strategy=strategy, compression=compression,
     )  # fmt: skip
     job.to_clients(ScriptRunner(HERE / "noop_client.py", script_args="--diff" if diff else "",
                                 framework="numpy"))  # fmt: skip
@@ -439,7 +445,17 @@ def main(argv: list[str] | None = None) -> int:
         "--diff", action="store_true",
         help=f"compare DIFF results with FULL (default scenario: {DIFF_SCENARIO})",
     )  # fmt: skip
+    parser.add_argument(
+        "--wire", action="store_true",
+        help="the gRPC path (--no-shared-memory) at 10M x 2 and 100M x 2 against this "
+             "machine's TCP and TLS floors (benchmarks/wire.py)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.wire:
+        from benchmarks import wire
+
+        json_path = args.json if args.json != HERE / "results" / "latest.json" else None
+        return wire.main(smoke=args.smoke, json_path=json_path or HERE / "results" / "wire.json")
     if args.large:
         return run_large(args.json)
     if args.tf_job:

@@ -70,3 +70,33 @@ def test_strategy_and_diff_modes_run_at_smoke_size(tmp_path: Path) -> None:
     assert [(r["params_type"], r["clients"]) for r in diff] == [("FULL", 2), ("DIFF", 2)]
     assert diff[1]["target_ratio_s"] == 1.1 and diff[1]["median_s"] > 0
     assert "ratios to fedavg" in done.stdout and "ratios to FULL" in done.stdout
+
+
+def test_the_compression_benchmark_runs_at_smoke_size(tmp_path: Path) -> None:
+    """``python -m benchmarks.compression --smoke``: the Keras example, int8 results, 1 round."""
+    out = tmp_path / "compression.json"
+    done = _bench("benchmarks.compression", "--smoke", "--json", str(out))
+    (row,) = json.loads(out.read_text())
+    assert row["setting"] == "int8" and 10 < row["accuracy"] <= 100
+    assert 3.8 < row["result_ratio"] < 4.0  # 1 + 4/256 bytes a value instead of 4
+    assert "vs none" in done.stdout
+
+
+def test_the_wire_benchmark_runs_at_smoke_size(tmp_path: Path) -> None:
+    """``python -m benchmarks --wire --smoke``: both floors and both gRPC variants."""
+    out = tmp_path / "wire.json"
+    done = _bench("benchmarks", "--wire", "--smoke", "--json", str(out))
+    rows = json.loads(out.read_text())["wire"]
+    assert [r["variant"] for r in rows] == ["gRPC", "gRPC, int8 results"]
+    for r in rows:
+        assert r["s_per_round"] > 0 and r["tcp_floor_s"] > 0 and r["tls_floor_s"] > 0
+        assert r["server_peak_pss_mb"] > 0
+    assert "x TCP" in done.stdout
+
+
+def _bench(*args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m MODULE ARGS`` from the repository root; fails the test if it fails."""
+    done = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done

@@ -293,7 +293,14 @@ def test_filters_wrap_tasks_and_results_for_any_strategy(tmp_path: Path) -> None
             return task
 
         def on_result(self, site: str, result: FLModel) -> FLModel:
+            self.results += 1
             return FLModel(params={"w": np.asarray(result.params["w"]) * 2}, meta=result.meta)
+
+        results = 0
+
+        def summary(self) -> dict[str, int]:
+            out, self.results = {"doubled": self.results}, 0
+            return out
 
     tags: list[bool] = []
 
@@ -311,6 +318,7 @@ def test_filters_wrap_tasks_and_results_for_any_strategy(tmp_path: Path) -> None
         controller.close()
     assert tags == [True, True]
     np.testing.assert_allclose(result.params["w"], [2.0, 6.0])  # the mean of the doubled
+    assert result.rounds[0].extra["doubled"] == 2  # the filter's summary, in the record
 
 
 # ---------------------------------------------------------------------------- robust

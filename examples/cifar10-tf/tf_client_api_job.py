@@ -3,6 +3,7 @@ under the server strategy of your choice (FedAvg by default).
 
 python3 tf_client_api_job.py --script src/cifar10_tf_fl.py      # run it in the simulator
 python3 tf_client_api_job.py --algorithm scaffold --alpha 0.5   # SCAFFOLD, label-skewed sites
+python3 tf_client_api_job.py --compression int8 --model_compression float16  # fewer bytes
 python3 tf_client_api_job.py --export_config                   # write the job folder
 fedlift simulator -n 2 -t 2 -w /tmp/ws jobs/cifar10_tf_fedavg   # run the exported job
 """
@@ -20,7 +21,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "src"))
 
-from fedlift import FedJob, FedliftError, ScriptRunner  # noqa: E402
+from fedlift import Compression, FedJob, FedliftError, ScriptRunner  # noqa: E402
 from fedlift.errors import ConfigError  # noqa: E402
 from fedlift.server import (  # noqa: E402
     Cyclic,
@@ -124,6 +125,19 @@ def main() -> int:
         help="the FedOpt family's server learning rate eta (default: the strategy's)",
     )
     parser.add_argument(
+        "--compression",
+        choices=("none", "float16", "bfloat16", "int8", "topk"),
+        default="none",
+        help="how the sites send their results (int8 and topk send the change)",
+    )
+    parser.add_argument(
+        "--model_compression",
+        choices=("none", "float16", "bfloat16", "int8"),
+        default="none",
+        help="how the server sends the global model",
+    )
+    parser.add_argument("--top_k", type=float, default=0.01, help="topk: fraction kept")
+    parser.add_argument(
         "--launch_process",
         action="store_true",
         help="run the script as a subprocess of each client (multi-GPU scripts)",
@@ -160,6 +174,9 @@ def main() -> int:
             # evaluated on every site (off by default, as in NVFlare).
             final_evaluation=True,
             strategy=make_strategy(args.algorithm, args.n_clients, args.fedprox_mu, args.server_lr),
+            compression=Compression(
+                results=args.compression, model=args.model_compression, top_k=args.top_k
+            ),
         )
         job.to_clients(
             ScriptRunner(

@@ -31,11 +31,13 @@ from .errors import FedliftError
 from .model import FLModel, MetaKey, ParamsType
 
 if TYPE_CHECKING:
+    from .codec import Compression
     from .deploy import PocEnv, ProdEnv
     from .job import FedAvgJob, FedJob, FrameworkType, ScriptRunner
     from .simulator import SimEnv, SimulationResult, run_simulator
 
 __all__ = [
+    "Compression",
     "FLModel",
     "FedAvgJob",
     "FedJob",
@@ -53,6 +55,7 @@ __all__ = [
 ]
 
 _LAZY = {
+    "Compression": "codec",
     "FedAvgJob": "job",
     "FedJob": "job",
     "FrameworkType": "job",

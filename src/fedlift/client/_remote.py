@@ -13,7 +13,7 @@ from typing import Any
 from ..codec import Message, model_from_wire, model_to_wire, shm_available
 from ..errors import ClientAPIError, ConnectionLostError, ReceiveTimeoutError
 from ..model import FLModel
-from ..transport import GrpcTransport
+from ..transport import DEFAULT_IDLE_TIMEOUT, GrpcTransport
 from ._link import ClientContext, Task
 from ._service import ENV_ADDRESS, ENV_TOKEN
 from ._watchdog import watch_worker
@@ -74,7 +74,8 @@ class RemoteLink:
 
     def submit(self, task_id: str, model: FLModel) -> None:
         fields, arrays = model_to_wire(model)
-        self._call("submit", {"task_id": task_id, "model": fields}, list(arrays), timeout=3600)
+        self._call("submit", {"task_id": task_id, "model": fields}, list(arrays),
+                   timeout=DEFAULT_IDLE_TIMEOUT)  # fmt: skip
 
     def log(self, record: dict[str, Any]) -> None:
         self._call("log", record)

@@ -35,7 +35,9 @@ from .._paths import resolve_inside
 from ..codec import (
     REMOTE_MIN_BYTES,
     Message,
+    ResultEncoder,
     SegmentPool,
+    decode_model,
     make_remote_probe,
     model_from_wire,
     model_to_wire,
@@ -50,6 +52,7 @@ from ..errors import (
 )
 from ..model import FLModel, ParamsType, map_arrays
 from ..transport import (
+    DEFAULT_IDLE_TIMEOUT,
     DEFAULT_SHM_MIN_BYTES,
     GrpcTransport,
     Transport,
@@ -261,6 +264,7 @@ class Worker:
         self._last_model: FLModel | None = None
         self._process: ScriptProcess | None = None
         self._stop_timeout = 60.0
+        self._encoder = ResultEncoder()  # compression the tasks ask for; top-k's feedback
 
     def _call(
         self,
@@ -522,7 +526,12 @@ class Worker:
         fields = reply.fields
         task_id, name = str(fields.get("task_id")), str(fields.get("task_name"))
         try:
-            model = model_from_wire(fields.get("model") or {}, list(reply.arrays))
+            model = decode_model(
+                model_from_wire(fields.get("model") or {}, list(reply.arrays)),
+                who="the server",
+                error=ProtocolError,
+            )
+            request = self._encoder.request(model) if name == "train" else None
             if name == "submit_model" and self._keep_last:
                 # Cross-site evaluation asks for this site's final local model: the last one
                 # its script sent for training (the script is not asked again).
@@ -530,7 +539,10 @@ class Worker:
                 model_fields, arrays = model_to_wire(last)
                 result_fields = {"task_id": task_id, "model": model_fields}
                 self._retrying(
-                    "submit", lambda: self._call("submit", result_fields, arrays, timeout=3600)
+                    "submit",
+                    lambda: self._call(
+                        "submit", result_fields, arrays, timeout=DEFAULT_IDLE_TIMEOUT
+                    ),
                 )
                 return
             link.offer(Task(task_id, name, model))
@@ -548,6 +560,7 @@ class Worker:
                 if result.params_type == ParamsType.DIFF and model.params is not None:
                     local = map_arrays(np.add, model.params, local)  # received + change
                 self._last_model = FLModel(params=map_arrays(np.array, local))
+            result = self._encoder.encode(result, model, request)
             model_fields, arrays = model_to_wire(result)
             del result
             arrays = self._in_outbox(arrays)
@@ -556,7 +569,8 @@ class Worker:
             # no longer active in that round, or the round is over).
             result_fields = {"task_id": task_id, "model": model_fields}
             self._retrying(
-                "submit", lambda: self._call("submit", result_fields, arrays, timeout=3600)
+                "submit",
+                lambda: self._call("submit", result_fields, arrays, timeout=DEFAULT_IDLE_TIMEOUT),
             )
         except FedliftError as exc:
             log.error("%s: task %s failed: %s", self.site, name, exc)

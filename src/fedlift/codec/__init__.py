@@ -3,7 +3,8 @@
 Besides the format, the two ways arrays travel between processes of one host without
 passing through the socket, named for the layers above that use them: shared-memory
 segments (``shm_*``, :class:`SegmentPool`) and reads out of the sender's memory
-(:class:`RemoteArray`, ``*_remote_*``). And the one set of rules for what a script logs
+(:class:`RemoteArray`, ``*_remote_*``). Update compression (:class:`Compression`: casts,
+blockwise int8, top-k), which both ends apply. And the one set of rules for what a script logs
 (:func:`check_log_record`), checked in the script and again on the server.
 """
 
@@ -18,6 +19,25 @@ from ._analytics import (
     MAX_LOG_TEXT_CHARS,
     check_log_name,
     check_log_record,
+)
+from ._compress import (
+    COMPRESSION_KEY,
+    MODEL_SCHEMES,
+    REQUEST_KEY,
+    RESULT_SCHEMES,
+    SIDE_KEY,
+    Compression,
+    Layout,
+    ResultEncoder,
+    decode_model,
+    densify,
+    dequantize_int8,
+    encode_model,
+    layout_of,
+    quantize_int8,
+    top_k,
+    top_k_count,
+    wire_bytes,
 )
 from ._models import model_from_wire, model_to_wire
 from ._remote import RemoteArray
@@ -47,6 +67,23 @@ from ._wire import (
 )
 
 __all__ = [
+    "COMPRESSION_KEY",
+    "MODEL_SCHEMES",
+    "REQUEST_KEY",
+    "RESULT_SCHEMES",
+    "SIDE_KEY",
+    "Compression",
+    "Layout",
+    "ResultEncoder",
+    "decode_model",
+    "densify",
+    "dequantize_int8",
+    "encode_model",
+    "layout_of",
+    "quantize_int8",
+    "top_k",
+    "top_k_count",
+    "wire_bytes",
     "ALLOWED_DTYPES",
     "BFLOAT16_CODE",
     "DEFAULT_MAX_MESSAGE_BYTES",

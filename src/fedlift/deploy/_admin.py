@@ -17,7 +17,7 @@ from ..client.worker import unpack_app
 from ..codec import Message
 from ..errors import ConfigError
 from ..job import load_job, zip_dir
-from ..transport import GrpcTransport
+from ..transport import DEFAULT_IDLE_TIMEOUT, GrpcTransport
 from ._tls import Kit, channel_credentials, load_kit
 
 __all__ = ["AdminClient", "KIT_ENV"]
@@ -71,7 +71,7 @@ class AdminClient:
 
     def download(self, job_id: str, out: str | os.PathLike[str]) -> Path:
         """Fetch the job's results (models, metrics, logs) into ``out/JOB_ID``."""
-        reply = self._call("job_download", {"job_id": job_id}, timeout=3600)
+        reply = self._call("job_download", {"job_id": job_id}, timeout=DEFAULT_IDLE_TIMEOUT)
         if not reply.arrays:
             raise ConfigError(f"the server sent no results for job {job_id}.")
         return unpack_app(reply.arrays[0], Path(out) / job_id)

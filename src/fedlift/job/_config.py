@@ -21,8 +21,10 @@ from typing import Any
 
 from .._atomic import atomic_write_text
 from .._paths import resolve_inside
+from ..codec import Compression
 from ..errors import ConfigError
 from ..server import (
+    CompressionFilter,
     ErrorPolicy,
     RoundRecord,
     RunSettings,
@@ -64,6 +66,7 @@ _LOOP_KEYS = frozenset(
         "type",
         "on_client_error",
         "cross_site_eval",
+        "compression",
     }
 )
 
@@ -93,6 +96,9 @@ class WorkflowConfig:
     cross_site_eval: bool = False
     """After training, every site's local model and the global one are evaluated on every
     site (:func:`~fedlift.server.cross_site_evaluate`)."""
+    compression: dict[str, Any] | str | None = None
+    """How models travel (:class:`~fedlift.codec.Compression`'s fields, or a scheme's name
+    for the results alone); None: as they are."""
     options: dict[str, Any] = field(default_factory=dict)
     """The strategy's options (flat in ``job.json``)."""
 
@@ -122,7 +128,12 @@ class WorkflowConfig:
         owner: str = "workflow",
     ) -> RunSettings:
         """The loop's settings (``min_clients`` lowered for a run with fewer clients)."""
+        filters: tuple[CompressionFilter, ...] = ()
+        if self.compression is not None:
+            spec = Compression.from_json(self.compression, f"{owner}.compression")
+            filters = (CompressionFilter(spec),) if spec.enabled else ()
         return RunSettings(
+            filters=filters,
             owner=owner,
             num_rounds=self.num_rounds,
             min_clients=self.min_clients if min_clients is None else min_clients,

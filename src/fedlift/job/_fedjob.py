@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from ..codec import Compression
 from ..errors import ConfigError
 from ..model import (
     build_keras_model,
@@ -170,6 +171,10 @@ class FedJob:
     (TensorBoard required); None (default): TensorBoard when installed. The packages it
     needs must be installed where the job is built and on the server (ConfigError names
     the pip extra otherwise).
+    ``compression``: how models travel, for every strategy alike
+    (:class:`~fedlift.codec.Compression`: ``results`` and ``model`` each ``"float16"``,
+    ``"bfloat16"`` or ``"int8"``, results also ``"topk"``; a scheme's name compresses the
+    results alone). Each round's record says the bytes before and after.
     """
 
     def __init__(
@@ -190,9 +195,18 @@ class FedJob:
         strategy: Strategy | None = None,
         cross_site_eval: bool = False,
         tracking: str | None = None,
+        compression: Compression | str | None = None,
     ) -> None:
         kind = type(self).__name__
         self.tracking = check_tracking(tracking, f"{kind}(tracking=...)")
+        if isinstance(compression, str):
+            compression = Compression(results=compression, owner=f"{kind}(compression=...)")
+        if compression is not None and not isinstance(compression, Compression):
+            raise ConfigError(
+                f"{kind}(compression=...) must be a fedlift.codec.Compression such as "
+                'Compression(results="int8", model="float16"), a scheme\'s name or None; '
+                f"received: compression={compression!r:.80}."
+            )
         if strategy is None:
             strategy = FedAvg()
         if not isinstance(strategy, Strategy):
@@ -263,6 +277,9 @@ class FedJob:
             save_interval=float(save_interval),
             on_client_error=on_client_error,
             cross_site_eval=cross_site_eval,
+            compression=(
+                compression.to_json() if compression is not None and compression.enabled else None
+            ),
         )
         self.runner: ScriptRunner | None = None
         self._targets: set[str] | None = None  # the sites to() named; None: all of them

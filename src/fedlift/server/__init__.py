@@ -9,6 +9,7 @@ from ._aggregate import (
     weighted_mean,
     weighted_mean_metrics,
 )
+from ._compression import CompressionFilter, compression_line
 from ._crosssite import MODEL_OWNER, SERVER_MODEL, CrossSiteResult, cross_site_evaluate
 from ._cyclic import Cyclic, cyclic_order
 from ._fedavg import FEDPROX_MU, FedAvg, FedProx, all_clients, sample_sites
@@ -68,6 +69,8 @@ from ._strategy import (
 from ._tracking import TRACKING_CHOICES, Tracking, check_tracking
 
 __all__ = [
+    "CompressionFilter",
+    "compression_line",
     "AggregateFn",
     "Custom",
     "FedMedian",

@@ -27,7 +27,9 @@ from ._strategy import (
     RunSettings,
     Strategy,
     _Publisher,
+    apply_task_filters,
     evaluate_final,
+    filter_summary,
     task_model,
     train_round,
 )
@@ -83,6 +85,7 @@ class Cyclic(Strategy):
             settings.round_timeout,
             settings.register_timeout,
             on_client_error=settings.on_client_error,
+            filters=settings.filters,
         )
         for round_number in range(start_round, settings.num_rounds):
             started = time.monotonic()
@@ -96,7 +99,9 @@ class Cyclic(Strategy):
             metrics: dict[str, float] = {}
             evaluated = params
             for site in order:
-                task = task_model(params, round_number, settings, start_round, Ask([site]))
+                task = apply_task_filters(
+                    task_model(params, round_number, settings, start_round, Ask([site])), settings
+                )
                 try:
                     aggregate, answered = train_round(
                         self, controller, params, task, [site], round_number, one, publisher
@@ -122,7 +127,7 @@ class Cyclic(Strategy):
                     visited,
                     metrics,
                     time.monotonic() - started,
-                    extra={"order": order},
+                    extra={"order": order, **filter_summary(settings)},
                 ),
                 evaluated_params=evaluated,
             )

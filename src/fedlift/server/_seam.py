@@ -147,9 +147,9 @@ class Filter(Protocol):
     to each task before it is sent, and in reverse order to each result before the
     aggregator sees it; a filter raises :class:`~fedlift.errors.InvalidResultError` to
     refuse a result (the error policy applies). This is where compression (decoding
-    quantised or sparse results) and privacy (clipping, noise) plug in, for every strategy
-    alike. Their client-side halves (encoding a result before it is sent) are to run in the
-    site's worker, symmetric to these; none exists yet.
+    quantised or sparse results, :class:`~fedlift.server.CompressionFilter`) and privacy
+    (clipping, noise) plug in, for every strategy alike. A client-side half (encoding a
+    result before it is sent) runs in the site's worker, asked for through the task's meta.
     """
 
     def on_task(self, task: FLModel) -> FLModel:
@@ -157,5 +157,10 @@ class Filter(Protocol):
         ...
 
     def on_result(self, site: str, result: FLModel) -> FLModel:
-        """A result as the aggregator takes it."""
+        """A result as the aggregator takes it (called from the transport's threads)."""
+        ...
+
+    def summary(self) -> dict[str, Any]:
+        """What the filter did since the last call (e.g. bytes before and after), merged
+        into the round's record (``metrics.jsonl``'s ``extra``); ``{}`` for nothing."""
         ...

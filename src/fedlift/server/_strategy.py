@@ -425,6 +425,14 @@ def apply_task_filters(task: FLModel, settings: RunSettings) -> FLModel:
     return task
 
 
+def filter_summary(settings: RunSettings) -> dict[str, Any]:
+    """What the run's filters did since they were last asked (for a round's record)."""
+    out: dict[str, Any] = {}
+    for f in settings.filters:
+        out.update(f.summary())
+    return out
+
+
 def run_rounds(
     strategy: Strategy,
     controller: Controller,
@@ -467,7 +475,7 @@ def run_rounds(
                 answered,
                 aggregate.metrics,
                 time.monotonic() - started,
-                extra={"total_weight": aggregate.total_weight},
+                extra={"total_weight": aggregate.total_weight, **filter_summary(settings)},
             ),
             evaluated_params=params,
         )
@@ -526,7 +534,7 @@ def evaluate_round(
     )
     record = recorder.record(
         RoundRecord(round_number, "validate", answered, strategy.aggregate_evaluate(results),
-                    time.monotonic() - started),
+                    time.monotonic() - started, extra=filter_summary(settings)),
         evaluated_params=params,
     )  # fmt: skip
     _notify(settings, record)
@@ -545,7 +553,9 @@ def evaluate_final(
 
     started = time.monotonic()
     mean = StreamingMean(None)
-    task = task_model(params, settings.num_rounds, settings, start_round)
+    task = apply_task_filters(
+        task_model(params, settings.num_rounds, settings, start_round), settings
+    )
     answered = controller.run_task(
         "validate",
         task,
@@ -557,7 +567,12 @@ def evaluate_final(
     )
     record = recorder.record(
         RoundRecord(
-            settings.num_rounds, "validate", answered, mean.metrics(), time.monotonic() - started
+            settings.num_rounds,
+            "validate",
+            answered,
+            mean.metrics(),
+            time.monotonic() - started,
+            extra=filter_summary(settings),
         ),
         evaluated_params=params,
     )

@@ -35,6 +35,7 @@ from ..server import (
     ServerRuntime,
     Tracking,
     check_tracking,
+    compression_line,
     cross_site_evaluate,
     load_initial_model,
 )
@@ -99,9 +100,10 @@ def _round_line(record: RoundRecord, total: int) -> str:
     shown = ", ".join(f"{k} {v:.4f}" for k, v in sorted(record.metrics.items()))
     label = f"round {record.round + 1}/{total}" if record.task == "train" else "final model"
     best = " [bold green](best)[/]" if record.is_best else ""
+    sizes = compression_line(record.extra)
     return (
         f"[bold]{label}[/]: {len(record.clients)} clients, {shown or 'no metrics'}{best} "
-        f"({record.seconds:.1f} s)"
+        f"({record.seconds:.1f} s{'; ' + sizes if sizes else ''})"
     )
 
 

@@ -10,7 +10,13 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from ._base import Handler, Listener, Transport, describe_error
-from ._grpc import DEFAULT_CHUNK_BYTES, DEFAULT_SHM_MIN_BYTES, GrpcListener, GrpcTransport
+from ._grpc import (
+    DEFAULT_CHUNK_BYTES,
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_SHM_MIN_BYTES,
+    GrpcListener,
+    GrpcTransport,
+)
 from ._memory import MemoryListener, MemoryTransport
 from ._tls import read_tls_files, tls_channel_credentials, tls_server_credentials
 
@@ -26,6 +32,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
+    "DEFAULT_IDLE_TIMEOUT",
     "DEFAULT_SHM_MIN_BYTES",
     "PROJECT_ATTRIBUTE",
     "ROLES",

@@ -74,6 +74,7 @@ _TOKEN_KEY = "fedlift-token"
 DEFAULT_CHUNK_BYTES = 1 << 20
 DEFAULT_SHM_MIN_BYTES = 1 << 20
 DEFAULT_IDLE_TIMEOUT = 60.0
+"""Seconds a call may go with nothing moving, on either side (the one deadline there is)."""
 DEFAULT_MAX_CALLS_PER_PEER = 16
 _THREAD_IDLE_SECONDS = 5.0
 _ADMIT_PEEK_BYTES = 1 << 20
@@ -107,6 +108,8 @@ def _channel_options(chunk_bytes: int) -> list[tuple[str, Any]]:
 
 
 _NO_PROGRESS = Progress()  # a sink for the per-chunk count where nobody watches
+_WATCH_INTERVAL = 0.25
+"""Seconds between a transport's checks of its calls' progress."""
 
 
 def _assemble(
@@ -363,7 +366,7 @@ class GrpcListener:
             self._slots.enter(key)
         except ResourceLimitError as exc:
             _abort(context, exc)
-        return _Caller(identity, key, self._watchdog.watch(context, key))
+        return _Caller(identity, key, self._watchdog.watch(context, f"from {key}"))
 
     def _leave(self, caller: _Caller) -> None:
         self._watchdog.done(caller.progress)
@@ -465,7 +468,16 @@ def _peer_identity(context: grpc.ServicerContext) -> Any:
 
 
 class GrpcTransport:
-    """Calls a :class:`GrpcListener` at ``address``; ``token``: the listener's, if it has one."""
+    """Calls a :class:`GrpcListener` at ``address``; ``token``: the listener's, if it has one.
+
+    ``call(request, timeout)``: ``timeout`` is the longest the call may go with no chunk
+    moving either way (sent, or received), not a deadline for the whole call. A transfer
+    that still moves, however slowly and for however long, is never cut; a peer that stops
+    reading or answering is given up on ``timeout`` seconds after the last chunk moved
+    (:class:`~fedlift.errors.TransportTimeoutError`), whether it still holds the connection
+    open or is gone without a word. Progress is seen per chunk (``chunk_bytes``), so a
+    link slower than one chunk per ``timeout`` counts as stalled.
+    """
 
     def __init__(
         self,
@@ -497,6 +509,7 @@ class GrpcTransport:
         self._method = self._channel.stream_stream(_METHOD)
         self._small = self._channel.unary_unary(_SMALL_METHOD)
         self._closed = False
+        self._watchdog: Watchdog | None = None
         self.remote_reads = False
         """Set when the server can read this process's memory (see ``codec._remote``):
         large payloads then stay where they are until the reply arrives."""
@@ -510,6 +523,7 @@ class GrpcTransport:
             accept_shm=self._shm,
             remote_pid=os.getpid() if (self._shm and self.remote_reads) else None,
         )
+        progress = _NO_PROGRESS
         try:
             if self._shm and frame.nbytes <= self._chunk:
                 reply = self._small(
@@ -519,17 +533,52 @@ class GrpcTransport:
                     metadata=self._metadata,
                 )
                 return decode(_assemble(iter((reply,)), self._max), self._max, allow_shm=True)
+            if timeout is None:
+                chunks = frame.chunks(self._chunk)
+            else:
+                progress = self._watch(request.op, timeout)
+                chunks = _counted(frame.chunks(self._chunk), progress)
             replies = self._method(
-                frame.chunks(self._chunk),
-                timeout=timeout,
-                wait_for_ready=self._wait,
-                metadata=self._metadata,
+                chunks, timeout=None, wait_for_ready=self._wait, metadata=self._metadata
             )
-            return decode(_assemble(replies, self._max), self._max, allow_shm=self._shm)
+            if progress is not _NO_PROGRESS:
+                progress.context = replies
+                if progress.expired:  # expired before it could be cancelled
+                    replies.cancel()
+            try:
+                return decode(_assemble(replies, self._max, progress), self._max,
+                              allow_shm=self._shm)  # fmt: skip
+            finally:
+                if self._watchdog is not None and progress is not _NO_PROGRESS:
+                    self._watchdog.done(progress)
         except grpc.RpcError as exc:
             frame.discard()
+            if progress.expired:
+                raise TransportTimeoutError(
+                    f"{request.op!r} to {self._address}: nothing moved for {timeout} s (the "
+                    "peer stopped reading or answering, or the link is down). A transfer "
+                    "that moves is never cut: pass a larger timeout only for a longer "
+                    "silence."
+                ) from None
             raise _translate(exc, request.op, self._address, timeout) from None
+
+    def _watch(self, op: str, timeout: float) -> Progress:
+        if self._watchdog is None:
+            self._watchdog = Watchdog(DEFAULT_IDLE_TIMEOUT, interval=_WATCH_INTERVAL)
+        return self._watchdog.watch(None, f"{op!r} to {self._address}", limit=max(timeout, 1e-3))
 
     def close(self) -> None:
         self._closed = True
         self._channel.close()
+        if self._watchdog is not None:
+            self._watchdog.stop()
+
+
+def _counted(chunks: Iterator[memoryview | bytes], progress: Progress) -> Iterator[Any]:
+    """``chunks``, counting each one gRPC takes into ``progress``; none after the call
+    expired (gRPC would go on taking them, each one slowly, while the call closes)."""
+    for chunk in chunks:
+        if progress.expired:
+            return
+        yield chunk
+        progress.chunks += 1

@@ -10,6 +10,11 @@
 
 The stream being read bumps a counter per chunk (one attribute store); the watchdog thread
 compares counters a few times per ``idle_timeout``, so the hot path reads no clock.
+
+The caller's side keeps the same rule (:class:`~fedlift.transport.GrpcTransport`): a
+call's ``timeout`` is the longest the call may go without a chunk moving either way, not
+a deadline for the whole call, so one setting covers a long poll, a slow link and a dead
+peer alike. Each stream gets its own limit (``Progress.limit``).
 """
 
 from __future__ import annotations
@@ -33,27 +38,33 @@ class _Cancellable(Protocol):
 class Progress:
     """What a stream has moved so far; ``chunks`` is bumped per chunk by the stream."""
 
-    __slots__ = ("chunks", "context", "idle_since", "label", "seen", "watched")
+    __slots__ = ("chunks", "context", "expired", "idle_since", "label", "limit", "seen", "watched")
 
-    def __init__(self, context: _Cancellable | None = None, label: str = "") -> None:
+    def __init__(
+        self, context: _Cancellable | None = None, label: str = "", limit: float | None = None
+    ) -> None:
         self.chunks = 0
         self.context = context
         self.label = label
+        self.limit = limit
+        """Seconds this stream may stay idle (None: the watchdog's ``idle_timeout``)."""
         self.seen = 0
         self.idle_since = 0.0
         self.watched = True
+        self.expired = False
+        """Set when the watchdog cancelled the stream for idleness."""
 
 
 class Watchdog:
     """Cancels streams that move nothing for ``idle_timeout`` seconds (see module doc)."""
 
-    def __init__(self, idle_timeout: float) -> None:
+    def __init__(self, idle_timeout: float, interval: float | None = None) -> None:
         if not (isinstance(idle_timeout, int | float) and idle_timeout > 0):
             raise ConfigError(
                 f"idle_timeout must be a number of seconds > 0; received: {idle_timeout!r}."
             )
         self.idle_timeout = float(idle_timeout)
-        self._interval = min(1.0, self.idle_timeout / 4)
+        self._interval = min(1.0, self.idle_timeout / 4) if interval is None else interval
         self._streams: set[Progress] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -62,8 +73,10 @@ class Watchdog:
         self._thread = threading.Thread(target=self._run, name="fedlift-idle-watch", daemon=True)
         self._thread.start()
 
-    def watch(self, context: _Cancellable, label: str) -> Progress:
-        progress = Progress(context, label)
+    def watch(
+        self, context: _Cancellable | None, label: str, limit: float | None = None
+    ) -> Progress:
+        progress = Progress(context, label, limit)
         progress.idle_since = time.monotonic()
         with self._lock:
             self._streams.add(progress)
@@ -96,12 +109,12 @@ class Watchdog:
                 if progress.chunks != progress.seen:
                     progress.seen = progress.chunks
                     progress.idle_since = now
-                elif now - progress.idle_since >= self.idle_timeout:
+                elif now - progress.idle_since >= (progress.limit or self.idle_timeout):
                     self.done(progress)
                     self.cancelled += 1
+                    progress.expired = True
                     log.warning(
-                        "cancelled a call from %s: its stream moved nothing for %.0f s "
-                        "(idle_timeout)",
+                        "cancelled a call %s: its stream moved nothing for %.1f s",
                         progress.label,
                         now - progress.idle_since,
                     )

@@ -1,0 +1,196 @@
+"""fedlift's gRPC path against this machine's wire floors: ``python -m benchmarks --wire``.
+
+Every byte between machines goes through gRPC. This measures that path on loopback, the
+way a user runs it (``fedlift simulator --no-shared-memory``: the same server runtime,
+workers and gRPC transport as a deployment, without shared memory), at 10M x 2 and
+100M x 2, no-compute clients, and beside it, in the same run:
+
+* the TCP floor: one stream over loopback between two processes, ``sendall`` from one
+  buffer into ``recv_into`` another (no framing, no copies beyond the kernel's);
+* the TLS floor: the same through Python's ``ssl`` (TLS 1.3, AES-GCM, a certificate made
+  here by ``cryptography``);
+* the same scenarios with int8 results (``Compression(results="int8")``), which put about
+  a quarter of the result bytes on the wire.
+
+A round moves the model to every client and a result back from each: ``bytes = 2 x
+clients x 4 x params``; a floor's seconds per round are those bytes at its rate. Ratios
+are fedlift's s/round over the floor's (goal: within 1.5x of the TCP floor). Server PSS is
+the simulator's server process alone (goal: at most 2.5x the model at 100M x 2).
+``--smoke`` runs it all at tiny sizes (proves it still runs).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+_RECEIVER = r"""
+import socket, ssl, sys
+port, total, tls = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+listener = socket.create_server(("127.0.0.1", port))
+print("ready", flush=True)
+conn, _ = listener.accept()
+if tls != "-":
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tls + "/cert.pem", tls + "/key.pem")
+    conn = context.wrap_socket(conn, server_side=True)
+buffer = memoryview(bytearray(1 << 24))
+while True:
+    got = 0
+    while got < total:
+        n = conn.recv_into(buffer, min(len(buffer), total - got))
+        if not n:
+            sys.exit(0)
+        got += n
+    conn.sendall(b"k")
+"""
+
+
+def _self_signed(folder: Path) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    (folder / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (folder / "key.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+
+
+def stream_floor(total: int, tls: bool, repeats: int = 3) -> float:
+    """Bytes per second of one loopback stream (best of ``repeats`` transfers of ``total``)."""
+    with tempfile.TemporaryDirectory(prefix="fedlift-floor-") as scratch:
+        if tls:
+            _self_signed(Path(scratch))
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        receiver = subprocess.Popen(
+            [sys.executable, "-c", _RECEIVER, str(port), str(total), scratch if tls else "-"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            if receiver.stdout is None or receiver.stdout.readline().strip() != "ready":
+                raise RuntimeError("the floor's receiver did not start")
+            sock: socket.socket = socket.create_connection(("127.0.0.1", port))
+            if tls:
+                context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+                context.load_verify_locations(Path(scratch) / "cert.pem")
+                context.minimum_version = ssl.TLSVersion.TLSv1_3
+                sock = context.wrap_socket(sock, server_hostname="localhost")
+            payload = memoryview(bytearray(os.urandom(1 << 20)) * 16)  # 16 MiB
+            best = float("inf")
+            with sock:
+                for _ in range(repeats):
+                    started = time.perf_counter()
+                    left = total
+                    while left:
+                        chunk = payload[: min(left, len(payload))]
+                        sock.sendall(chunk)
+                        left -= len(chunk)
+                    if sock.recv(1) != b"k":
+                        raise RuntimeError("the floor's receiver went away")
+                    best = min(best, time.perf_counter() - started)
+            return total / best
+        finally:
+            receiver.kill()
+            receiver.wait()
+
+
+@dataclass
+class WireRow:
+    scenario: str
+    variant: str
+    params: int
+    clients: int
+    s_per_round: float
+    tcp_floor_s: float
+    tls_floor_s: float
+    server_peak_pss_mb: float
+    model_mb: float
+
+    @property
+    def vs_tcp(self) -> float:
+        return self.s_per_round / self.tcp_floor_s
+
+    @property
+    def pss_x_model(self) -> float:
+        return self.server_peak_pss_mb / self.model_mb
+
+
+def main(smoke: bool = False, json_path: Path | None = None) -> int:
+    from benchmarks.__main__ import Scenario, run_fedlift
+    from fedlift import Compression
+
+    scenarios = [
+        Scenario("10M params, 2 clients", 10_000_000, 2, rounds=12),
+        Scenario("100M params, 2 clients", 100_000_000, 2, rounds=6),
+    ]
+    if smoke:
+        scenarios = [Scenario(s.name + " (smoke)", 100_000, 2, rounds=3) for s in scenarios[:1]]
+    rows: list[WireRow] = []
+    for scenario in scenarios:
+        moved = 2 * scenario.clients * 4 * scenario.params
+        tcp = stream_floor(max(moved, 1 << 20), tls=False, repeats=1 if smoke else 3)
+        tls = stream_floor(max(moved, 1 << 20), tls=True, repeats=1 if smoke else 3)
+        print(f"floors for {scenario.name}: TCP {tcp / 1e9:.2f} GB/s, TLS {tls / 1e9:.2f} GB/s",
+              flush=True)  # fmt: skip
+        for variant, compression in (("gRPC", None), ("gRPC, int8 results",
+                                                      Compression(results="int8"))):  # fmt: skip
+            with tempfile.TemporaryDirectory(prefix="fedlift-wire-") as tmp:
+                outcome = run_fedlift(scenario, Path(tmp), shared_memory=False, once=smoke,
+                                      compression=compression)  # fmt: skip
+            rows.append(WireRow(
+                scenario.name, variant, scenario.params, scenario.clients, outcome.median_s,
+                moved / tcp, moved / tls, outcome.server_peak_pss_mb, 4 * scenario.params / 1e6,
+            ))  # fmt: skip
+            print(f"ran {variant}: {scenario.name}: {outcome.median_s:.4f} s/round", flush=True)
+    print()
+    print(f"{'scenario':<31}{'variant':<22}{'s/round':>9}{'TCP floor':>11}{'x TCP':>7}"
+          f"{'TLS floor':>11}{'x TLS':>7}{'server PSS':>12}{'x model':>9}")  # fmt: skip
+    for r in rows:
+        print(f"{r.scenario:<31}{r.variant:<22}{r.s_per_round:>9.3f}{r.tcp_floor_s:>11.3f}"
+              f"{r.vs_tcp:>7.2f}{r.tls_floor_s:>11.3f}{r.s_per_round / r.tls_floor_s:>7.2f}"
+              f"{r.server_peak_pss_mb:>10.0f}MB{r.pss_x_model:>9.2f}")  # fmt: skip
+    print(
+        "(floors: the round's bytes, 2 x clients x model, over one loopback stream; goals: "
+        "within 1.5x of the TCP floor, server PSS at most 2.5x the model at 100M x 2)"
+    )
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        payload = [{**asdict(r), "vs_tcp": r.vs_tcp, "pss_x_model": r.pss_x_model} for r in rows]
+        tmp_path = json_path.with_suffix(".tmp")
+        tmp_path.write_text(json.dumps({"wire": payload}, indent=2) + "\n")
+        tmp_path.replace(json_path)
+        print(f"results: {json_path}")
+    return 0

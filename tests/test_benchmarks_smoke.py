@@ -100,3 +100,18 @@ def _bench(*args: str) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=600, check=False)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     return done
+
+
+def test_the_slow_link_benchmark_runs_at_smoke_size(tmp_path: Path) -> None:
+    """``python -m benchmarks.slow_link --smoke``: a deployment across two namespaces."""
+    import os
+
+    import pytest
+
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces need root")
+    out = tmp_path / "slow.json"
+    done = _bench("benchmarks.slow_link", "--smoke", "--json", str(out))
+    (row,) = json.loads(out.read_text())
+    assert len(row["rounds"]) == 2 and all(s > 0 for s in row["rounds"])
+    assert row["floor_s"] > 0 and "x floor" in done.stdout

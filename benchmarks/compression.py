@@ -5,15 +5,17 @@ embedded Fashion-MNIST subset (6,000 training images split over 2 sites, 1,000 t
 images) in the simulator, 2 clients x 5 rounds, once per compression setting, all in one
 run, and prints one table: the final global model's test accuracy, its difference from the
 uncompressed run, and the bytes of results and of the global model before and after
-encoding (from each round's record in ``metrics.jsonl``). The uncompressed job runs twice:
-the difference between those two runs is the spread that training itself has here (data
-order and thread timing differ between runs), against which the others are read.
+encoding (from each round's record in ``metrics.jsonl``). Training is seeded and
+deterministic (the script's ``--seed 0``: Keras' seeds and TensorFlow's op determinism), so
+the uncompressed job, run twice, gives the same model both times (the table shows it), and
+every difference is the compression's.
 
 Goals (the wire-path issue): float16 and int8 within 0.5 points of the uncompressed run;
 bytes on the wire cut 2x (float16) and about 4x (int8).
 
-``--rounds/--schemes`` pick a reduced run; ``--smoke`` runs int8 for one round (CI: it
-proves the benchmark still runs); ``--json`` writes the rows.
+``--seeds N`` runs every row with seeds 0..N-1 and shows their mean (and each run);
+``--rounds/--schemes`` (``;``-separated) pick a reduced run; ``--smoke`` runs int8 for one
+round (CI: it proves the benchmark still runs); ``--json`` writes the rows.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,6 +58,7 @@ class Row:
     model_bytes: int
     model_bytes_sent: int
     seconds: float
+    accuracies: list[float] = field(default_factory=list)
 
     @property
     def result_ratio(self) -> float:
@@ -66,7 +69,7 @@ class Row:
         return self.model_bytes / max(self.model_bytes_sent, 1)
 
 
-def run_one(setting: str, rounds: int, workspace: Path) -> Row:
+def run_one(setting: str, rounds: int, workspace: Path, seed: int = 0) -> Row:
     results, model = SETTINGS[setting]
     started = time.monotonic()
     done = subprocess.run(
@@ -74,7 +77,7 @@ def run_one(setting: str, rounds: int, workspace: Path) -> Row:
             sys.executable, str(EXAMPLE / "tf_client_api_job.py"),
             "--n_clients", "2", "--num_rounds", str(rounds),
             "--compression", results, "--model_compression", model, "--top_k", "0.01",
-            "--workspace", str(workspace),
+            "--script_args", f"--seed {seed}", "--workspace", str(workspace),
         ],
         cwd=EXAMPLE,
         capture_output=True,
@@ -101,18 +104,19 @@ def run_one(setting: str, rounds: int, workspace: Path) -> Row:
             sizes[3] += info["model_bytes_sent"]
     if not any(sizes):  # uncompressed: the records carry no byte counts; the same for both
         sizes = [-1, -1, -1, -1]
-    return Row(setting, results, model, 100 * float(final["metrics"]["accuracy"]), 0.0,
+    return Row(setting, results, model, round(100 * float(final["metrics"]["accuracy"]), 2), 0.0,
                *sizes, round(seconds, 1))  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> list[Row]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--schemes", default=",".join(SETTINGS), help="rows, comma-separated")
+    parser.add_argument("--schemes", default=";".join(SETTINGS), help="rows, ;-separated")
+    parser.add_argument("--seeds", type=int, default=1, help="runs per row (seeds 0..N-1)")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
-    names = ["int8"] if args.smoke else [s.strip() for s in args.schemes.split(",")]
+    names = ["int8"] if args.smoke else [s.strip() for s in args.schemes.split(";")]
     unknown = [n for n in names if n not in SETTINGS]
     if unknown:
         raise SystemExit(f"compression bench: unknown rows {unknown}; known: {list(SETTINGS)}")
@@ -121,8 +125,14 @@ def main(argv: list[str] | None = None) -> list[Row]:
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="fedlift-compress-") as scratch:
         for i, name in enumerate(names):
-            rows.append(run_one(name, rounds, Path(scratch) / f"ws{i}"))
-            print(f"  {name}: {rows[-1].accuracy:.2f}% ({rows[-1].seconds:.0f} s)", flush=True)
+            runs = [run_one(name, rounds, Path(scratch) / f"ws{i}-{seed}", seed)
+                    for seed in range(args.seeds)]  # fmt: skip
+            row = runs[0]
+            row.accuracies = [r.accuracy for r in runs]
+            row.accuracy = round(sum(row.accuracies) / len(runs), 2)
+            row.seconds = round(sum(r.seconds for r in runs) / len(runs), 1)
+            rows.append(row)
+            print(f"  {name}: {row.accuracies} % ({row.seconds:.0f} s a run)", flush=True)
     base = next((r.accuracy for r in rows if r.setting == "none"), rows[0].accuracy)
     print(f"\n{'setting':<22}{'accuracy %':>11}{'vs none':>9}{'results':>9}{'model':>8}"
           f"{'wall s':>8}")  # fmt: skip

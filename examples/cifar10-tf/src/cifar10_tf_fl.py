@@ -39,11 +39,20 @@ def main() -> None:
     parser.add_argument(
         "--alpha", type=float, default=0.0, help="> 0: a Dirichlet(alpha) label skew"
     )
+    parser.add_argument(
+        "--seed", type=int, default=None, help="deterministic training (seed + site index)"
+    )
     args = parser.parse_args()
 
     # (2) initialise the Client API
     flare.init()
     site = flare.system_info()  # this site's index among num_sites picks its part of the data
+    if args.seed is not None:  # the same run twice gives the same model (benchmarks compare)
+        import keras
+        import tensorflow as tf
+
+        keras.utils.set_random_seed(args.seed + site["site_index"])
+        tf.config.experimental.enable_op_determinism()
 
     (train_images, train_labels), (test_images, test_labels) = site_data(
         site["site_index"],

@@ -264,6 +264,7 @@ class Worker:
         self._last_model: FLModel | None = None
         self._process: ScriptProcess | None = None
         self._stop_timeout = 60.0
+        self._remote_reads = False  # set at registration (see register)
         self._encoder = ResultEncoder()  # compression the tasks ask for; top-k's feedback
 
     def _call(
@@ -305,9 +306,9 @@ class Worker:
         if reply.op != "welcome":
             raise ProtocolError(f"register: expected 'welcome' from the server, got {reply.op!r}")
         f = reply.fields
-        if f.get("remote_reads") is True and isinstance(self.transport, GrpcTransport):
+        if f.get("remote_reads") is True:
             # The server reads results where they lie: no copy into shared memory first.
-            self.transport.remote_reads = True
+            self._remote_reads = self.transport.enable_remote_reads()
         ctx = ClientContext(
             job_id=str(f.get("job_id")),
             site_name=self.site,
@@ -590,7 +591,7 @@ class Worker:
         size = sum(a.nbytes for a in arrays)
         if self._outbox is None or size < DEFAULT_SHM_MIN_BYTES:
             return arrays
-        if getattr(self.transport, "remote_reads", False) and size >= REMOTE_MIN_BYTES:
+        if self._remote_reads and size >= REMOTE_MIN_BYTES:
             return arrays  # the server reads them where they are
         specs = [
             (a.shape, a.dtype if a.dtype.byteorder in "|<=" else a.dtype.newbyteorder("<"))

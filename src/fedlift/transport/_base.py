@@ -24,12 +24,20 @@ class Transport(Protocol):
     """The caller's side of a connection."""
 
     def call(self, request: Message, timeout: float | None = None) -> Message:
-        """Send ``request`` and wait up to ``timeout`` seconds (None: forever) for the reply.
+        """Send ``request`` and return the reply; ``timeout``: the longest the call may go
+        with nothing moving (None: no limit). Over gRPC a transfer that still moves is never
+        cut; in memory, where nothing moves but the reply, it is the wait for the reply.
 
-        Raises :class:`~fedlift.errors.TransportTimeoutError` when the reply does not come in
-        time, :class:`~fedlift.errors.ConnectionLostError` when the peer is unreachable, and
-        the handler's own :class:`~fedlift.errors.FedliftError` subclasses as they were raised.
+        Raises :class:`~fedlift.errors.TransportTimeoutError` when that silence runs out,
+        :class:`~fedlift.errors.ConnectionLostError` when the peer is unreachable, and the
+        handler's own :class:`~fedlift.errors.FedliftError` subclasses as they were raised.
         """
+        ...
+
+    def enable_remote_reads(self) -> bool:
+        """The server said it can read this process's memory (``codec._remote``): from now
+        on large payloads stay where they are until the reply comes, if this transport can
+        do that. Returns whether it does (the caller then sends them as they lie)."""
         ...
 
     def close(self) -> None:

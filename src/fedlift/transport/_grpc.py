@@ -562,6 +562,11 @@ class GrpcTransport:
                 ) from None
             raise _translate(exc, request.op, self._address, timeout) from None
 
+    def enable_remote_reads(self) -> bool:
+        if self._shm:
+            self.remote_reads = True
+        return self.remote_reads
+
     def _watch(self, op: str, timeout: float) -> Progress:
         if self._watchdog is None:
             self._watchdog = Watchdog(DEFAULT_IDLE_TIMEOUT, interval=_WATCH_INTERVAL)

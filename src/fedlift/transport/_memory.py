@@ -68,5 +68,8 @@ class MemoryTransport:
         except TimeoutError:
             raise TransportTimeoutError(f"no reply to {request.op!r} within {timeout} s.") from None
 
+    def enable_remote_reads(self) -> bool:
+        return False  # one process: nothing to read from another one
+
     def close(self) -> None:
         self._closed = True

@@ -454,8 +454,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.wire:
         from benchmarks import wire
 
-        json_path = args.json if args.json != HERE / "results" / "latest.json" else None
-        return wire.main(smoke=args.smoke, json_path=json_path or HERE / "results" / "wire.json")
+        default = args.json == parser.get_default("json")
+        return wire.main(smoke=args.smoke, json_path=HERE / "results" / "wire.json" if default
+                         else args.json)  # fmt: skip
     if args.large:
         return run_large(args.json)
     if args.tf_job:

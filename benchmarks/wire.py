@@ -7,8 +7,8 @@ workers and gRPC transport as a deployment, without shared memory), at 10M x 2 a
 
 * the TCP floor: one stream over loopback between two processes, ``sendall`` from one
   buffer into ``recv_into`` another (no framing, no copies beyond the kernel's);
-* the TLS floor: the same through Python's ``ssl`` (TLS 1.3, AES-GCM, a certificate made
-  here by ``cryptography``);
+* the TLS floor: the same through Python's ``ssl`` (TLS 1.3), with the certificates
+  ``fedlift provision`` makes for a deployment;
 * the same scenarios with int8 results (``Compression(results="int8")``), which put about
   a quarter of the result bytes on the wire.
 
@@ -21,7 +21,6 @@ the simulator's server process alone (goal: at most 2.5x the model at 100M x 2).
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import socket
@@ -43,7 +42,7 @@ print("ready", flush=True)
 conn, _ = listener.accept()
 if tls != "-":
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(tls + "/cert.pem", tls + "/key.pem")
+    context.load_cert_chain(tls + "/server/cert.pem", tls + "/server/key.pem")
     conn = context.wrap_socket(conn, server_side=True)
 buffer = memoryview(bytearray(1 << 24))
 while True:
@@ -57,40 +56,13 @@ while True:
 """
 
 
-def _self_signed(folder: Path) -> None:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    (folder / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (folder / "key.pem").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-
-
 def stream_floor(total: int, tls: bool, repeats: int = 3) -> float:
     """Bytes per second of one loopback stream (best of ``repeats`` transfers of ``total``)."""
     with tempfile.TemporaryDirectory(prefix="fedlift-floor-") as scratch:
-        if tls:
-            _self_signed(Path(scratch))
+        if tls:  # a deployment's own certificates: the server kit's, checked against the CA
+            from fedlift.deploy import provision
+
+            provision("floor", "localhost:1", ["site-1"], [], Path(scratch))
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
@@ -105,7 +77,7 @@ def stream_floor(total: int, tls: bool, repeats: int = 3) -> float:
             sock: socket.socket = socket.create_connection(("127.0.0.1", port))
             if tls:
                 context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-                context.load_verify_locations(Path(scratch) / "cert.pem")
+                context.load_verify_locations(Path(scratch) / "server" / "ca.pem")
                 context.minimum_version = ssl.TLSVersion.TLSv1_3
                 sock = context.wrap_socket(sock, server_hostname="localhost")
             payload = memoryview(bytearray(os.urandom(1 << 20)) * 16)  # 16 MiB

@@ -398,21 +398,9 @@ def decode_model(
         )
     if layout is None and scheme == "topk":
         raise error(f"{who} sent top-k params, which only a peer that knows the layout decodes.")
-    keys = flat_keys(structure)
     plans = [
-        _check_leaf(
-            scheme,
-            block,
-            a,
-            s,
-            dtypes[i],
-            None if layout is None else layout,
-            i,
-            keys[i],
-            who,
-            error,
-        )
-        for i, (a, s) in enumerate(zip(arrays, side, strict=True))
+        _check_leaf(scheme, block, a, s, dtypes[i], layout, i, key, who, error)
+        for i, (a, s, key) in enumerate(zip(arrays, side, flat_keys(structure), strict=True))
     ]
     decoded = [plan() for plan in plans]  # every leaf checked: now allocate
     meta = {k: v for k, v in model.meta.items() if k not in (COMPRESSION_KEY, SIDE_KEY)}

@@ -316,6 +316,15 @@ def test_a_bad_leaf_is_refused_before_any_output_is_allocated() -> None:
     assert peak < 1_000_000, f"the refused payload cost {peak:,} bytes"
 
 
+def test_a_result_decodes_to_the_global_models_dtype_whatever_the_site_claims() -> None:
+    model, reference = _int8_result()
+    info = {**model.meta[COMPRESSION_KEY], "dtypes": ["float64", "float64"]}  # lies: 2x bytes
+    decoded = decode_model(_tampered(model, **{COMPRESSION_KEY: info}), layout_of(reference))
+    assert decoded.params["w"].dtype == np.float32 and decoded.params["w"].nbytes == 4000
+    with pytest.raises(ConfigError, match="takes a fedlift.codec.Compression"):
+        CompressionFilter("int8")  # type: ignore[arg-type]
+
+
 def test_the_filter_refuses_compressed_params_for_a_task_without_a_model() -> None:
     f = CompressionFilter(Compression(results="int8"))
     model, _ = _int8_result(10)

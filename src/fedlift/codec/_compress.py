@@ -457,7 +457,9 @@ def _check_leaf(
         return lambda: a
     if layout is not None and not is_float_dtype(_np_dtype(layout.dtypes[i])):
         raise bad(f"is compressed, but the global model's leaf is {layout.dtypes[i]}")
-    out_dtype = _np_dtype(dtype)
+    # With a layout the output takes the global model's dtype, whatever the peer names: a
+    # site that claims float64 for a float32 leaf must not make the server hold twice the model.
+    out_dtype = _np_dtype(dtype if layout is None else layout.dtypes[i])
     if scheme in ("float16", "bfloat16"):
         ok = a.dtype == np.float16 if scheme == "float16" else is_bfloat16(a.dtype)
         if not ok or side.size:

@@ -23,7 +23,7 @@ from ..codec import (
     layout_of,
     wire_bytes,
 )
-from ..errors import InvalidResultError
+from ..errors import ConfigError, InvalidResultError
 from ..model import FLModel
 
 __all__ = ["CompressionFilter", "compression_line"]
@@ -35,7 +35,10 @@ class CompressionFilter:
 
     def __init__(self, spec: Compression) -> None:
         if not isinstance(spec, Compression):
-            raise TypeError(f"CompressionFilter takes a Compression; received: {spec!r:.80}")
+            raise ConfigError(
+                "CompressionFilter takes a fedlift.codec.Compression such as "
+                f"Compression(results='int8'); received: {spec!r:.80}."
+            )
         self.spec = spec
         self._layout: Layout | None = None
         self._lock = threading.Lock()

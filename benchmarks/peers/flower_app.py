@@ -19,7 +19,6 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
-from flwr.simulation import run_simulation
 
 client_app = ClientApp()
 
@@ -40,27 +39,31 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content=reply, reply_to=msg)
 
 
+def start_fedavg(grid: Grid, sizes: list, clients: int, rounds: int, times: str) -> None:
+    """The server's work: FedAvg over every client, from N float32 zeros, no evaluation."""
+    model = {
+        f"layer{i}": Array.from_numpy_ndarray(np.zeros(n, np.float32)) for i, n in enumerate(sizes)
+    }
+    strategy = FedAvg(
+        fraction_train=1.0,
+        fraction_evaluate=0.0,
+        min_train_nodes=clients,
+        min_available_nodes=clients,
+    )
+    strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(model),
+        num_rounds=rounds,
+        train_config=ConfigRecord({"times": times}),
+    )
+
+
 def server_app_of(sizes: list, clients: int, rounds: int, times: str) -> ServerApp:
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        model = {
-            f"layer{i}": Array.from_numpy_ndarray(np.zeros(n, np.float32))
-            for i, n in enumerate(sizes)
-        }
-        strategy = FedAvg(
-            fraction_train=1.0,
-            fraction_evaluate=0.0,
-            min_train_nodes=clients,
-            min_available_nodes=clients,
-        )
-        strategy.start(
-            grid=grid,
-            initial_arrays=ArrayRecord(model),
-            num_rounds=rounds,
-            train_config=ConfigRecord({"times": times}),
-        )
+        start_fedavg(grid, sizes, clients, rounds, times)
 
     return server_app
 
@@ -73,6 +76,10 @@ def main() -> None:
     parser.add_argument("--times", required=True)
     parser.add_argument("--ray-tmp", required=True, help="Ray's own temp dir (not /tmp/ray)")
     args = parser.parse_args()
+    # Imported here: the deployment app (flower_deploy_app) imports this module, and its
+    # processes need no Ray.
+    from flwr.simulation import run_simulation
+
     sizes = [args.params // 10] * 10
     sizes[-1] += args.params - sum(sizes)
     run_simulation(

@@ -451,6 +451,11 @@ def main(argv: list[str] | None = None) -> int:
              "machine's TCP and TLS floors (benchmarks/wire.py)",
     )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.wire and args.peers:  # fedlift's gRPC beside Flower's and NVFlare's deployments
+        from benchmarks.peers import wire_peers
+
+        json_path = None if args.json == parser.get_default("json") else args.json
+        return wire_peers.main(smoke=args.smoke, only=args.only, json_path=json_path)
     if args.wire:
         from benchmarks import wire
 

@@ -368,7 +368,56 @@ def run_peer(
         *([] if memory else ["--no-memory"]),
         *extra_args,
     ]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout + 120)
+    return _run_json(peer, command, timeout + 120)
+
+
+WIRE_MODULES = {"nvflare": "nvflare_poc", "flower": "flower_deploy"}
+"""Each peer's deployment over loopback: NVFlare's POC mode, Flower's Deployment Runtime."""
+
+
+def run_peer_wire(
+    peer: str,
+    params: int,
+    clients: int,
+    rounds: int,
+    tls: bool = True,
+    timeout: float = 1800.0,
+    extra_args: Sequence[str] = (),
+    memory: bool = True,
+) -> dict[str, object]:
+    """Like :func:`run_peer`, with the peer deployed (its processes talk over loopback).
+
+    ``"nvflare"``: POC mode (``benchmarks.peers.nvflare_poc``), always mutual TLS (NVFlare's
+    POC default; ``tls=False`` is refused). ``"flower"``: a SuperLink and C SuperNodes
+    (``benchmarks.peers.flower_deploy``), TLS to the SuperLink or, ``tls=False``, insecure.
+    The same JSON as ``run_peer``, plus ``deployment``, ``tls`` and ``phases_after_last_send``
+    (when each step of the driver ended: the run, the services' stop).
+    """
+    from .venvs import ensure_peer, python_of
+
+    if peer not in WIRE_MODULES:
+        raise ValueError(f"peer must be one of {tuple(WIRE_MODULES)}; got {peer!r}")
+    if peer == "nvflare" and not tls:
+        raise ValueError("NVFlare's POC mode runs with mutual TLS only here (tls=True)")
+    venv = ensure_peer(peer)
+    command = [
+        str(python_of(venv)),
+        "-m",
+        f"benchmarks.peers.{WIRE_MODULES[peer]}",
+        f"--params={params}",
+        f"--clients={clients}",
+        f"--rounds={rounds}",
+        f"--timeout={timeout}",
+        *(["--tls"] if tls and peer == "flower" else []),
+        *([] if memory else ["--no-memory"]),
+        *extra_args,
+    ]
+    return _run_json(peer, command, timeout + 300)
+
+
+def _run_json(peer: str, command: list[str], timeout: float) -> dict[str, object]:
+    """Run a peer module; its last JSON line (``RuntimeError`` when it fails)."""
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0:
         raise RuntimeError(
             f"{peer} benchmark failed ({done.returncode}):\n{done.stdout[-2000:]}"

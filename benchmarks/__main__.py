@@ -430,7 +430,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=HERE / "results" / "latest.json")
     parser.add_argument(
         "--tf-job", action="store_true",
-        help="only the seed TF job: 2 clients x 3 rounds, 2,000 samples each (wall seconds)",
+        help="only the seed TF job: 2 clients x 3 rounds, 2,000 samples each (wall seconds); "
+             "with --peers also NVFlare and Flower (benchmarks/tf_job.py)",
     )  # fmt: skip
     parser.add_argument(
         "--large", action="store_true",
@@ -465,7 +466,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.large:
         return run_large(args.json)
     if args.tf_job:
-        return run_tf_job()
+        default = args.json == parser.get_default("json")
+        return run_tf_job(peers=args.peers, json_path=None if default else args.json)
     if args.strategy is not None or args.diff:
         return run_modes(args)
     scenarios = SCENARIOS
@@ -501,34 +503,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run_tf_job() -> int:
-    """The flagship Keras job as a user starts it (wall time from command to exit), then the
-    same training centralised: the example's original script in one process, on the two
-    sites' data together (4,000 samples) for as many epochs as the job has rounds, so both
-    train on the same samples as often. FL overhead: FL wall minus centralised wall, as a
-    share of the centralised wall (goal: at most 25%)."""
-    example = HERE.parent / "examples" / "cifar10-tf"
-    env = dict(os.environ, FEDLIFT_DATASET="embedded")
-    with tempfile.TemporaryDirectory(prefix="fedlift-bench-") as tmp:
-        fl = [sys.executable, "tf_client_api_job.py", "--n_clients", "2", "--num_rounds", "3",
-              "--script_args", "--max_train 2000 --max_test 500", "--workspace", tmp]  # fmt: skip
-        central = [sys.executable, str(example / "src" / "cifar10_tf_original.py"),
-                   "--epochs", "3", "--max_train", "4000", "--max_test", "500"]  # fmt: skip
-        walls = []
-        for command, cwd in ((fl, example), (central, Path(tmp))):
-            start = time.perf_counter()
-            done = subprocess.run(command, cwd=cwd, capture_output=True, text=True,
-                                  check=False, env=env)  # fmt: skip
-            walls.append(time.perf_counter() - start)
-            if done.returncode != 0:
-                print(done.stderr[-3000:], file=sys.stderr)
-                return 1
-    overhead = (walls[0] - walls[1]) / walls[1]
-    print(f"seed TF job, 2 clients x 3 rounds, 2,000 samples each: {walls[0]:.1f} s wall "
-          f"(target <= 15 s; NVFlare measured 25 s)")  # fmt: skip
-    print(f"centralised, 4,000 samples x 3 epochs in one process: {walls[1]:.1f} s wall; "
-          f"FL overhead {100 * overhead:.0f}% of it (goal <= 25%)")  # fmt: skip
-    return 0
+def run_tf_job(peers: bool = False, json_path: Path | None = None) -> int:
+    """The flagship Keras job as a user starts it, against the same training centralised
+    (and, with ``peers``, NVFlare's and Flower's runs of it): ``benchmarks/tf_job.py``."""
+    from benchmarks import tf_job
+
+    return tf_job.main(peers=peers, json_path=json_path)
 
 
 def run_large(json_path: Path) -> int:

@@ -87,6 +87,7 @@ class Run:
     load_avg_after: float = float("nan")
     error: str | None = None
     walls_s: list[float] = field(default_factory=list)  # every repeat; wall_s is their median
+    loads: list[tuple[float, float]] = field(default_factory=list)  # every repeat's, 1 min
 
 
 @contextmanager
@@ -148,6 +149,7 @@ def timed(run: Run, cwd: Path, log: Path) -> None:
             run.returncode = -1
         wall = time.perf_counter() - start
     run.load_avg_after = os.getloadavg()[0]
+    run.loads.append((run.load_avg_before, run.load_avg_after))
     text = log.read_text(errors="replace")
     if run.returncode != 0:
         run.error = f"exit {run.returncode}: {text[-3000:]}"
@@ -246,17 +248,23 @@ def goals(runs: dict[str, Run]) -> tuple[dict[str, object], list[str]]:
 def main(peers: bool = False, json_path: Path | None = None, repeat: int = 1) -> int:
     """Run the job (and, with ``peers``, NVFlare's and Flower's) and the centralised script
     ``repeat`` times each, in turn; the wall is the median. Returns the exit status."""
+    venv_errors: dict[str, str] = {}
     if peers:
-        for name, requirements in peer_venvs().items():
-            from benchmarks.peers.venvs import ensure_venv
+        from benchmarks.peers.venvs import ensure_venv
 
+        for name, requirements in peer_venvs().items():
             print(f"venv {name}-tf: {' '.join(requirements)}", flush=True)
-            ensure_venv(f"{name}-tf", requirements)
+            try:
+                ensure_venv(f"{name}-tf", requirements)
+            except (OSError, subprocess.SubprocessError) as exc:
+                venv_errors[name] = f"could not make its venv: {exc}"
     with tempfile.TemporaryDirectory(prefix="fedlift-tf-job-") as tmp:
         work = Path(tmp)
         digests = export_sites(work / "data") if peers else {}
         plan = commands(work, peers)
         runs = {run.name: run for run, _ in plan}
+        for name, error in venv_errors.items():
+            runs[name].error = error
         load_start = os.getloadavg()[0]
         for attempt in range(repeat):
             for run, cwd in plan:

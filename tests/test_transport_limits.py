@@ -193,7 +193,8 @@ def test_a_57_byte_frame_claiming_1_gib_over_mtls(
     cases: list[tuple[grpc.ChannelCredentials, str, bool, type[FedliftError], str]] = [
         (admin, "job_submit", False, ProtocolError, "announced"),  # large allowed: no bytes
         (admin, "job_submit", True, ProtocolError, "announces"),
-        (site, "submit", False, ProtocolError, "announced"),
+        # A large submit is read as it arrives: its header is checked before a byte more.
+        (site, "submit", False, ProtocolError, "header must be an object"),
         (site, "submit", True, ProtocolError, "announces"),
         (admin, "job_status", False, ResourceLimitError, "only a site's submit"),  # admission
         (site, "next_job", False, ResourceLimitError, "only a site's submit"),

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -81,16 +80,14 @@ def _fedlift_cell(column: str, s: WireScenario, once: bool, mtls: bool) -> Cell:
     from fedlift import __version__
 
     scenario = Scenario(s.name, s.params, s.clients, rounds=s.rounds)
-    runner: Callable[..., object] | None
-    if mtls:
-        runner = getattr(wire, "run_fedlift_mtls", None)
-        if runner is None:
-            why = "not measured: benchmarks/wire.py has no run_fedlift_mtls yet"
-            return Cell(column, s.name, why=why)
-    else:
+    if mtls:  # a real deployment, mutual TLS, server and sites in two network namespaces
+        deployed = wire.deployment_round_s(s.params, s.rounds)
+        if isinstance(deployed, str):
+            return Cell(column, s.name, why=f"not measured: {deployed}")
+        return Cell(column, s.name, median_s=deployed, version=__version__)
 
-        def runner(scenario: Scenario, workdir: Path, once: bool = False) -> object:
-            return run_fedlift(scenario, workdir, shared_memory=False, once=once)
+    def runner(scenario: Scenario, workdir: Path, once: bool = False) -> object:
+        return run_fedlift(scenario, workdir, shared_memory=False, once=once)
 
     with tempfile.TemporaryDirectory(prefix="fedlift-peers-wire-") as tmp:
         o = runner(scenario, Path(tmp), once=once)

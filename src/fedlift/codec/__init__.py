@@ -3,9 +3,10 @@
 Besides the format, the two ways arrays travel between processes of one host without
 passing through the socket, named for the layers above that use them: shared-memory
 segments (``shm_*``, :class:`SegmentPool`) and reads out of the sender's memory
-(:class:`RemoteArray`, ``*_remote_*``). Update compression (:class:`Compression`: casts,
-blockwise int8, top-k), which both ends apply. And the one set of rules for what a script logs
-(:func:`check_log_record`), checked in the script and again on the server.
+(:class:`RemoteArray`, ``*_remote_*``); arrays read on demand are a :class:`LazyArray`.
+Update compression (:class:`Compression`: casts, blockwise int8, top-k), which both ends
+apply. And the one set of rules for what a script logs (:func:`check_log_record`), checked
+in the script and again on the server.
 """
 
 from ._analytics import (
@@ -39,6 +40,8 @@ from ._compress import (
     top_k_count,
     wire_bytes,
 )
+from ._lazy import LazyArray
+from ._lazy import materialize as materialize_lazy
 from ._models import model_from_wire, model_to_wire
 from ._remote import RemoteArray
 from ._remote import check_probe as check_remote_probe
@@ -56,9 +59,11 @@ from ._wire import (
     PREFIX_BYTES,
     REMOTE_MIN_BYTES,
     Frame,
+    Header,
     Message,
     decode,
     decode_frame,
+    decode_header,
     encode,
     frame_length,
     frame_op,
@@ -99,6 +104,8 @@ __all__ = [
     "REMOTE_MIN_BYTES",
     "SHM_SESSION_ENV",
     "Frame",
+    "Header",
+    "LazyArray",
     "Message",
     "RemoteArray",
     "SegmentPool",
@@ -107,10 +114,12 @@ __all__ = [
     "check_remote_probe",
     "decode",
     "decode_frame",
+    "decode_header",
     "encode",
     "frame_length",
     "frame_op",
     "make_remote_probe",
+    "materialize_lazy",
     "materialize_remote",
     "model_from_wire",
     "model_to_wire",

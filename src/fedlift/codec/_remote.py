@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ProtocolError
-from ..model import map_arrays
+from ._lazy import LazyArray, materialize
 
 __all__ = ["RemoteArray", "Probe", "available", "check_probe", "make_probe", "materialize"]
 
@@ -79,41 +79,32 @@ def read(pid: int, address: int, out: np.ndarray) -> None:
         done += got
 
 
-class RemoteArray:
+class RemoteArray(LazyArray):
     """A C-contiguous array of ``shape`` and ``dtype`` at ``address`` in process ``pid``."""
 
-    __fedlift_lazy__ = True  # flatten() keeps it as it is instead of copying it
-
     def __init__(self, pid: int, address: int, shape: tuple[int, ...], dtype: np.dtype[Any]):
+        super().__init__(shape, dtype)
         self.pid = pid
         self.address = address
-        self.shape = shape
-        self.dtype = dtype
-        self.size = int(np.prod(shape, dtype=np.int64))
-        self.nbytes = self.size * dtype.itemsize
-        self.ndim = len(shape)
 
     def read_into(self, out: np.ndarray, start: int = 0) -> None:
         """Fill ``out`` (contiguous, this dtype) with elements ``start ..`` of the flat array."""
-        if out.dtype != self.dtype or not out.flags.c_contiguous:
-            raise ProtocolError(f"read_into needs a contiguous {self.dtype} buffer.")
-        if start < 0 or start + out.size > self.size:
-            raise ProtocolError(f"elements {start}..{start + out.size} are outside {self.size}.")
+        self.check_read(out, start)
         if out.size:
             read(self.pid, self.address + start * self.dtype.itemsize, out)
 
-    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        out = np.empty(self.shape, self.dtype)
-        self.read_into(out)
-        return out if dtype is None else out.astype(dtype, copy=False)
+    def lost(self) -> bool:
+        """Whether the sender's memory can no longer be read (its process is gone)."""
+        if not self.size:
+            return False
+        try:
+            self.read_into(np.empty(1, self.dtype), 0)
+        except ProtocolError:
+            return True
+        return False
 
     def __repr__(self) -> str:
         return f"RemoteArray(pid={self.pid}, shape={self.shape}, dtype={self.dtype})"
-
-
-def materialize(tree: Any) -> Any:
-    """``tree`` with every :class:`RemoteArray` copied into a numpy array of this process."""
-    return map_arrays(lambda a: np.asarray(a) if isinstance(a, RemoteArray) else a, tree)
 
 
 # ------------------------------------------------------------------------- permission probe

@@ -34,11 +34,13 @@ __all__ = [
     "BFLOAT16_CODE",
     "DEFAULT_MAX_MESSAGE_BYTES",
     "Frame",
+    "Header",
     "Message",
     "PREFIX_BYTES",
     "REMOTE_MIN_BYTES",
     "decode",
     "decode_frame",
+    "decode_header",
     "encode",
     "frame_length",
     "frame_op",
@@ -318,36 +320,10 @@ def decode_frame(
     total = frame_length(view)
     if total != len(view):
         raise ProtocolError(f"message announces {total} bytes but {len(view)} arrived.")
-    if total > max_bytes:
-        raise ProtocolError(f"message of {total:,} bytes exceeds the limit of {max_bytes:,}.")
-    header_len = _PREFIX.unpack_from(view, 0)[1]
-    if header_len > MAX_HEADER_BYTES or PREFIX_BYTES + header_len > total:
-        raise ProtocolError(f"message header length {header_len} is out of bounds.")
-    try:
-        header = json.loads(bytes(view[PREFIX_BYTES : PREFIX_BYTES + header_len]))
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, ...
-        raise ProtocolError(f"message header is not valid JSON: {exc}") from None
-    if (
-        not isinstance(header, dict)
-        or not {"op", "fields", "arrays"} <= set(header)
-        or not set(header) <= _HEADER_KEYS
-    ):
-        raise ProtocolError("message header must be an object with op, fields and arrays.")
+    header, data_start = _header(view, total, max_bytes)
     op, fields, specs = header["op"], header["fields"], header["arrays"]
-    if not isinstance(op, str) or not op or len(op) > 128:
-        raise ProtocolError(f"message op must be a short non-empty string; got {op!r:.80}")
-    if not isinstance(fields, dict):
-        raise ProtocolError("message fields must be a JSON object.")
-    if not isinstance(specs, list):
-        raise ProtocolError("message arrays must be a JSON list.")
     accept_shm = header.get("accept_shm", False) is True
-    data_start = _aligned(PREFIX_BYTES + header_len)
     data_len = total - data_start
-    if data_len < 0:
-        raise ProtocolError(
-            f"message of {total} bytes ends inside the padding after its {header_len}-byte "
-            f"header; its payload starts at byte {data_start}."
-        )
     if "shm" in header or "remote" in header:
         if data_len != 0 or ("shm" in header and "remote" in header):
             raise ProtocolError("a shared-memory message must carry no inline payload.")
@@ -367,6 +343,99 @@ def decode_frame(
             f"{expected_offset}."
         )
     return Message(op, fields, arrays), accept_shm
+
+
+def _header(view: memoryview, total: int, max_bytes: int) -> tuple[dict[str, Any], int]:
+    """The checked header object of a frame of ``total`` bytes whose first bytes are
+    ``view`` (at least the whole header), and where its payload starts."""
+    if total > max_bytes:
+        raise ProtocolError(f"message of {total:,} bytes exceeds the limit of {max_bytes:,}.")
+    header_len = _PREFIX.unpack_from(view, 0)[1]
+    if header_len > MAX_HEADER_BYTES or PREFIX_BYTES + header_len > total:
+        raise ProtocolError(f"message header length {header_len} is out of bounds.")
+    if PREFIX_BYTES + header_len > len(view):
+        raise ProtocolError(
+            f"the message's {header_len:,}-byte header is not within its first {len(view):,} bytes."
+        )
+    try:
+        header = json.loads(bytes(view[PREFIX_BYTES : PREFIX_BYTES + header_len]))
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, ...
+        raise ProtocolError(f"message header is not valid JSON: {exc}") from None
+    if (
+        not isinstance(header, dict)
+        or not {"op", "fields", "arrays"} <= set(header)
+        or not set(header) <= _HEADER_KEYS
+    ):
+        raise ProtocolError("message header must be an object with op, fields and arrays.")
+    op, fields, specs = header["op"], header["fields"], header["arrays"]
+    if not isinstance(op, str) or not op or len(op) > 128:
+        raise ProtocolError(f"message op must be a short non-empty string; got {op!r:.80}")
+    if not isinstance(fields, dict):
+        raise ProtocolError("message fields must be a JSON object.")
+    if not isinstance(specs, list):
+        raise ProtocolError("message arrays must be a JSON list.")
+    data_start = _aligned(PREFIX_BYTES + header_len)
+    if total < data_start:
+        raise ProtocolError(
+            f"message of {total} bytes ends inside the padding after its {header_len}-byte "
+            f"header; its payload starts at byte {data_start}."
+        )
+    return header, data_start
+
+
+@dataclass(frozen=True)
+class Header:
+    """A frame's header, decoded and checked before its payload has arrived
+    (:func:`decode_header`): what each array will be, and where in the frame it lies."""
+
+    op: str
+    fields: dict[str, Any]
+    arrays: list[tuple[np.dtype[Any], tuple[int, ...], int]]
+    """``(dtype, shape, start)`` per array; ``start``: its first byte's offset in the frame."""
+    total: int
+    accept_shm: bool
+
+
+def decode_header(head: bytes | bytearray | memoryview, max_bytes: int) -> Header:
+    """Check the header in ``head`` (a frame's first bytes, at least its whole header)
+    against the length the frame announces, before any of its payload is received.
+
+    Every check :func:`decode` makes on sizes, shapes, dtypes and offsets is made here, so a
+    receiver may allocate for the arrays, and fill them as their bytes arrive. Only inline
+    payloads are decoded this way: a shared-memory or remote-memory reference is refused
+    (such a frame carries no payload: decode it whole).
+    """
+    view = memoryview(head).cast("B")
+    total = frame_length(view)
+    header, data_start = _header(view, total, max_bytes)
+    if "shm" in header or "remote" in header:
+        raise ProtocolError(
+            "a message announced as a stream of payload bytes names shared or remote memory; "
+            "such a message carries no inline payload."
+        )
+    data_len = total - data_start
+    arrays = []
+    expected_offset = 0
+    for i, spec in enumerate(header["arrays"]):
+        dtype, shape, offset, count = _spec_parts(i, spec)
+        if not _is_int(offset) or offset != expected_offset:
+            raise ProtocolError(
+                f"array {i}: offset {offset!r:.20} is not the expected {expected_offset}."
+            )
+        nbytes = count * dtype.itemsize
+        if offset + nbytes > data_len:
+            raise ProtocolError(
+                f"array {i}: {nbytes} bytes at offset {offset} run past the payload ({data_len})."
+            )
+        arrays.append((dtype, tuple(shape), data_start + offset))
+        expected_offset = _aligned(offset + nbytes)
+    if _aligned(expected_offset) != data_len and not (not arrays and data_len == 0):
+        raise ProtocolError(
+            f"message carries {data_len} payload bytes but its arrays account for "
+            f"{expected_offset}."
+        )
+    accept_shm = header.get("accept_shm", False) is True
+    return Header(header["op"], header["fields"], arrays, total, accept_shm)
 
 
 def _shm_arrays(

@@ -246,6 +246,7 @@ class DeployServer:
             credentials=server_credentials(self.kit),
             admit=self._admit,
             max_calls_per_peer=per_peer,
+            stream_ops=("submit",),  # results are folded as they arrive (transport._inflow)
         )
         self._runner = threading.Thread(target=self._run_jobs, name="fedlift-jobs", daemon=True)
         self._runner.start()
@@ -728,7 +729,11 @@ class DeployServer:
                 start_round + 1,
                 config.workflow.num_rounds,
             )
-            result = strategy.run(runtime, initial, recorder, settings, start_round=start_round)
+            handoff = [initial]
+            del initial  # freed once round 1 replaced it (see Strategy.run)
+            result = strategy.run(
+                runtime, handoff.pop(), recorder, settings, start_round=start_round
+            )
             if config.workflow.cross_site_eval:
                 cross_site_evaluate(runtime, result.params, settings).save(server_dir)
             recorder.flush()

@@ -3,6 +3,7 @@ loop, aggregation maths, storage."""
 
 from ._aggregate import (
     ErrorPolicy,
+    FoldOrder,
     StreamingMean,
     apply_update,
     check_error_policy,
@@ -109,6 +110,7 @@ __all__ = [
     "FedProx",
     "FedYogi",
     "Filter",
+    "FoldOrder",
     "KerasWeightsFormat",
     "LogRecord",
     "Mean",

@@ -40,7 +40,9 @@ from ._seam import Allocator
 __all__ = [
     "Allocator",
     "ErrorPolicy",
+    "FoldOrder",
     "Layout",
+    "PreparedFold",
     "StreamingMean",
     "accumulate",
     "apply_update",
@@ -159,6 +161,57 @@ def _first_bad(block: np.ndarray, start: int) -> tuple[int, float] | None:
     return (start + int(bad[0]), float(block[bad[0]])) if bad.size else None
 
 
+PreparedFold = tuple[list[tuple[list[Any], float]], list[str], list[str], bool, float, bool, int]
+"""What :meth:`StreamingMean.prepare` hands to :meth:`StreamingMean.fold`: the parts, their
+sources, the sources folded before without a check, whether the first part is assigned,
+the scale after, whether to check, the ticket."""
+
+
+class FoldOrder:
+    """Lets folds into the same sums run at once, each block taking them in turn.
+
+    Results still arriving (streamed) are folded as they come in, each on its own thread:
+    one cannot wait for another to end without holding all of the other's bytes. Each fold
+    takes a ticket (:meth:`ticket`, in the order the folds begin); fold ``n`` works on a
+    block of the sums only once fold ``n - 1`` is past it, so every element takes the
+    results in ticket order, as if the folds ran one after the other: the arithmetic, and
+    the result, are the same. A fold that ends, however it ends, lets the next one on.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._next = 0
+        self._progress: dict[int, float] = {}  # ticket -> elements done (inf: ended)
+
+    def ticket(self) -> int:
+        with self._cond:
+            ticket = self._next
+            self._next += 1
+            self._progress[ticket] = 0
+            return ticket
+
+    def busy_before(self, ticket: int) -> bool:
+        """Whether a fold with an earlier ticket is still running."""
+        with self._cond:
+            return self._progress.get(ticket - 1, math.inf) != math.inf
+
+    def wait(self, ticket: int, position: int) -> None:
+        """Until the fold before ``ticket`` is past element ``position`` (of all arrays)."""
+        with self._cond:
+            while self._progress.get(ticket - 1, math.inf) < position:
+                self._cond.wait()
+
+    def advance(self, ticket: int, position: int) -> None:
+        with self._cond:
+            self._progress[ticket] = position
+            self._cond.notify_all()
+
+    def end(self, ticket: int) -> None:
+        with self._cond:
+            self._progress[ticket] = math.inf
+            self._cond.notify_all()
+
+
 def accumulate(
     sums: list[np.ndarray],
     parts: list[tuple[list[Any], float]],
@@ -166,6 +219,7 @@ def accumulate(
     assign_first: bool = False,
     then_scale: float = 1.0,
     check: bool = True,
+    order: tuple[FoldOrder, int] | None = None,
 ) -> None:
     """``sums[i] += c * x[i]`` for every ``(x, c)`` in ``parts``, in order, in one pass;
     then ``sums[i] *= then_scale``.
@@ -182,21 +236,47 @@ def accumulate(
     :class:`~fedlift.errors.InvalidResultError` (attributes ``part``, ``index``,
     ``offset``), and the sums are then partly folded. Callers that must keep them intact
     check the parts first with :func:`scan_finite`.
+
+    ``order``: a :class:`FoldOrder` and this fold's ticket, when other folds into ``sums``
+    may run at the same time (the fold then ends its ticket, however it ends).
     """
     if assign_first and (not parts or parts[0][1] != 1.0):
+        if order is not None:
+            order[0].end(order[1])
         raise ConfigError("accumulate(assign_first=True) needs a first part with coefficient 1.")
+    bases = [0] * len(sums)
+    for i in range(1, len(sums)):
+        bases[i] = bases[i - 1] + sums[i - 1].size
+
+    # A source read once as it arrives (a streamed result) is read in order, on one thread,
+    # and so is a fold that follows another one block by block; any other fold, on threads,
+    # lets the next one on only when it ends.
+    once = any(not _rereadable(a) for x, _ in parts for a in x)
+    sequential = once or (order is not None and order[0].busy_before(order[1]))
+    follow = order if sequential else None
 
     def run(i: int, lo: int, hi: int) -> None:
         flat = sums[i].reshape(-1)
         try:
             _accumulate_range(
-                flat, [(x[i], c) for x, c in parts], lo, hi, assign_first, then_scale, check
-            )
+                flat, [(x[i], c) for x, c in parts], lo, hi, assign_first, then_scale, check,
+                None if follow is None else (follow[0], follow[1], bases[i]),
+            )  # fmt: skip
         except _NotFinite as exc:
             exc.index = i
             raise
 
-    _on_threads(sums, run)
+    try:
+        if order is not None and not sequential:
+            order[0].wait(order[1], sum(a.size for a in sums))
+        _on_threads(sums, run, sequential=sequential)
+    finally:
+        if order is not None:
+            order[0].end(order[1])
+
+
+def _rereadable(source: Any) -> bool:
+    return isinstance(source, np.ndarray) or bool(source.rereadable)
 
 
 def scan_finite(arrays: Sequence[Any]) -> None:
@@ -247,9 +327,12 @@ def scale(sums: list[np.ndarray], factor: float, *, check: bool = False) -> None
     _on_threads(sums, run)
 
 
-def _on_threads(arrays: Sequence[Any], run: Callable[[int, int, int], None]) -> None:
+def _on_threads(
+    arrays: Sequence[Any], run: Callable[[int, int, int], None], *, sequential: bool = False
+) -> None:
     """``run(i, start, stop)`` over every element of ``arrays``, on up to
-    :data:`_MAX_THREADS` threads (this one included) when there is enough work.
+    :data:`_MAX_THREADS` threads (this one included) when there is enough work
+    (``sequential``: on this thread, array after array, each from its first element).
 
     The elements are cut into a few contiguous shares per thread, which the threads take in
     turn: a thread the OS pauses (a client runs on its core) holds up one small share, not
@@ -259,7 +342,7 @@ def _on_threads(arrays: Sequence[Any], run: Callable[[int, int, int], None]) -> 
     pieces = [(i, 0, a.size) for i, a in enumerate(arrays) if a.size]
     total = sum(a.size for a in arrays)
     threads = min(_thread_count(), max(1, total // _THREAD_MIN))
-    if threads == 1:
+    if threads == 1 or sequential:
         for i, lo, hi in pieces:
             run(i, lo, hi)
         return
@@ -322,8 +405,10 @@ def _accumulate_range(
     assign_first: bool,
     then_scale: float,
     check: bool = True,
+    order: tuple[FoldOrder, int, int] | None = None,
 ) -> None:
-    """:func:`accumulate` on elements ``lo:hi`` of one flat array."""
+    """:func:`accumulate` on elements ``lo:hi`` of one flat array (``order``: the fold
+    order, this fold's ticket, and where the array starts among all the sums)."""
     block = max(1024, _BLOCK_BYTES // acc.dtype.itemsize)
     size = min(block, hi - lo)
     buffers: dict[np.dtype[Any], np.ndarray] = {}
@@ -337,6 +422,8 @@ def _accumulate_range(
     for start in range(lo, hi, block):
         stop = min(start + block, hi)
         target = acc[start:stop]
+        if order is not None:
+            order[0].wait(order[1], order[2] + stop)
         for k, (x, c) in enumerate(parts):
             local = isinstance(x, np.ndarray)
             if k == 0 and assign_first:
@@ -344,9 +431,11 @@ def _accumulate_range(
                     np.copyto(target, x.reshape(-1)[start:stop], casting="unsafe")
                 elif x.dtype == acc.dtype:
                     x.read_into(target, start)
+                    _check_once(x, target, k, start)
                 else:
                     fetched = buffers[x.dtype][: stop - start]
                     x.read_into(fetched, start)
+                    _check_once(x, fetched, k, start)
                     np.copyto(target, fetched, casting="unsafe")
                 continue
             if local:
@@ -354,6 +443,7 @@ def _accumulate_range(
             else:
                 source = buffers[x.dtype][: stop - start]
                 x.read_into(source, start)
+                _check_once(x, source, k, start)
             if c == 1.0:
                 np.add(target, source, out=target, casting="unsafe")
                 continue
@@ -364,6 +454,16 @@ def _accumulate_range(
             raise _culprit(parts, target, start, stop)
         if then_scale != 1.0:
             np.multiply(target, then_scale, out=target, casting="unsafe")
+        if order is not None:
+            order[0].advance(order[1], order[2] + stop)
+
+
+def _check_once(source: Any, block: np.ndarray, part: int, start: int) -> None:
+    """A block just read from a source that cannot be read again, checked to be finite
+    while it is in the cache, whether or not this pass checks (no later check or
+    ``_culprit`` could look at it again)."""
+    if not source.rereadable and not _finite(block):
+        raise _NotFinite(part, *(_first_bad(block, start) or (start, math.nan)))
 
 
 def _culprit(parts: list[Part], target: np.ndarray, start: int, stop: int) -> _NotFinite:
@@ -512,6 +612,8 @@ class StreamingMean:
         self._metric_weights: dict[str, float] = {}
         self._unchecked: list[str] = []  # sources in the sums that no check has seen yet
         self.count = 0
+        self._lock = threading.Lock()
+        self._order = FoldOrder()
 
     @property
     def total_weight(self) -> float:
@@ -523,7 +625,34 @@ class StreamingMean:
 
     def add_many(self, results: list[tuple[str, FLModel]]) -> None:
         """Fold several ``(source, model)`` results, exactly as ``add`` one after the other,
-        in one pass over the sums (results that queued up while the last was folded)."""
+        in one pass over the sums (results that queued up while the last was folded).
+
+        Calls may overlap (results still arriving, each folded on its own thread): each
+        takes the mean's state in turn, and the folds go over the sums block by block in
+        the order the calls began (:class:`FoldOrder`), as if one ran after the other."""
+        self.fold(self.prepare(results))
+
+    def prepare(self, results: list[tuple[str, FLModel]]) -> PreparedFold | None:
+        """The first half of :meth:`add_many`: check ``results`` and take them into the
+        mean's state (weights, metrics), in turn with other calls; returns the fold they
+        ask for (None: nothing to fold), which :meth:`fold` must be given next."""
+        with self._lock:
+            return self._prepare(results)
+
+    def fold(self, prepared: PreparedFold | None) -> None:
+        """The second half of :meth:`add_many`: the fold :meth:`prepare` returned, in its
+        turn with overlapping folds (see :class:`FoldOrder`)."""
+        if prepared is None:
+            return
+        parts, sources, earlier, assign_first, factor, check, ticket = prepared
+        try:
+            accumulate(self._sums,  # type: ignore[arg-type]
+                       parts, assign_first=assign_first, then_scale=factor, check=check,
+                       order=(self._order, ticket))  # fmt: skip
+        except _NotFinite as exc:
+            raise self._not_finite(exc, sources, earlier) from None
+
+    def _prepare(self, results: list[tuple[str, FLModel]]) -> PreparedFold | None:
         # Validate before changing any state: a rejected result leaves the mean as it was.
         layout: Layout = (self._structure, self._keys, self._shapes, self._params_type)
         validated = []
@@ -555,7 +684,7 @@ class StreamingMean:
             parts.append((arrays, weight / self._base))
             sources.append(source)
         if not parts or self._sums is None:
-            return
+            return None
         factor = 1.0
         final = self.count == self._expected
         if final:  # the last one: the pass ends with the mean
@@ -563,14 +692,12 @@ class StreamingMean:
         # Checked in the last pass, and in any pass that would otherwise leave the sums
         # holding two unchecked results (a value found there could not be traced to one).
         check = final or bool(self._unchecked) or len(sources) > 1
-        try:
-            accumulate(self._sums, parts, assign_first=assign_first, then_scale=factor, check=check)
-        except _NotFinite as exc:
-            raise self._not_finite(exc, sources) from None
+        earlier = list(self._unchecked)
         if check:
             self._unchecked.clear()
         else:
             self._unchecked.extend(sources)
+        return parts, sources, earlier, assign_first, factor, check, self._order.ticket()
 
     def _adopted(self, arrays: list[Any]) -> list[np.ndarray] | None:
         """The first result's own buffers as the sums when they may be (no copy at all)."""
@@ -594,7 +721,9 @@ class StreamingMean:
             return self._allocate(specs)
         return [np.empty(shape, dtype) for shape, dtype in specs]
 
-    def _not_finite(self, exc: _NotFinite, sources: list[str]) -> InvalidResultError:
+    def _not_finite(
+        self, exc: _NotFinite, sources: list[str], earlier: list[str]
+    ) -> InvalidResultError:
         key = self._keys[exc.index] if 0 <= exc.index < len(self._keys) else f"#{exc.index}"
         where = f"{key!r} (element {exc.offset}: {exc.value})"
         if exc.part is not None:
@@ -604,8 +733,7 @@ class StreamingMean:
                 "divergence (e.g. a lower learning rate). "
                 f"Received: {key}[{exc.offset}]={exc.value}."
             )
-        earlier = self._unchecked  # at most one: see add_many
-        if earlier:
+        if earlier:  # at most one: see _prepare
             return InvalidResultError(
                 f"{earlier[0]} sent {where} with a value that is not finite; the round's "
                 "aggregate cannot be used. Check the script's training for divergence "
@@ -640,7 +768,7 @@ class StreamingMean:
             elif self._unchecked:
                 scan_finite(self._sums)  # one result folded in place: no pass yet
         except _NotFinite as exc:
-            raise self._not_finite(exc, []) from None
+            raise self._not_finite(exc, [], self._unchecked) from None
         self._unchecked.clear()
         out = [
             acc if acc.dtype == dtype else _cast_back(acc, dtype)

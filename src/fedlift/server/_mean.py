@@ -12,6 +12,7 @@ weights as the params.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,27 +103,36 @@ class _MeanAggregator:
             for key in extras
         }
         self._extra_layouts: dict[str, Layout] = dict.fromkeys(extras, _EMPTY)
+        self._lock = threading.Lock()
 
     def add(self, results: list[tuple[str, FLModel]]) -> None:
-        layouts = dict(self._extra_layouts)
-        folds: dict[str, list[tuple[str, FLModel]]] = {key: [] for key in self._extras}
-        for site, model in results:
-            for key in self._extras:
-                layouts[key], _ = check_extra(model, site, key, layouts[key], finite=self._strict)
-                weight: Any = model.meta.get(MetaKey.NUM_STEPS_CURRENT_ROUND, 1)
-                folds[key].append(
-                    (
-                        f"{site} (meta[{key!r}])",
-                        FLModel(
-                            params=model.meta[key],
-                            meta={MetaKey.NUM_STEPS_CURRENT_ROUND: weight},
-                        ),
+        # Calls may overlap (results still arriving): each takes the state in turn, and
+        # the folds then go over the sums in that order (StreamingMean.fold).
+        with self._lock:
+            layouts = dict(self._extra_layouts)
+            folds: dict[str, list[tuple[str, FLModel]]] = {key: [] for key in self._extras}
+            for site, model in results:
+                for key in self._extras:
+                    layouts[key], _ = check_extra(
+                        model, site, key, layouts[key], finite=self._strict
                     )
-                )
-        self._mean.add_many(results)  # checks every weight and params before folding any
-        self._extra_layouts = layouts
+                    weight: Any = model.meta.get(MetaKey.NUM_STEPS_CURRENT_ROUND, 1)
+                    folds[key].append(
+                        (
+                            f"{site} (meta[{key!r}])",
+                            FLModel(
+                                params=model.meta[key],
+                                meta={MetaKey.NUM_STEPS_CURRENT_ROUND: weight},
+                            ),
+                        )
+                    )
+            # Checks every weight and params before changing anything.
+            prepared = self._mean.prepare(results)
+            self._extra_layouts = layouts
+            extra_folds = {key: mean.prepare(folds[key]) for key, mean in self._extras.items()}
+        self._mean.fold(prepared)
         for key, mean in self._extras.items():
-            mean.add_many(folds[key])
+            mean.fold(extra_folds[key])
 
     def result(self) -> Aggregate:
         meta = {key: tree for key, m in self._extras.items() if (tree := m.params()) is not None}

@@ -491,14 +491,25 @@ class _Collecting:
         self._extra_layouts: dict[str, Layout] = dict.fromkeys(extras, (None, [], [], None))
         self._kept: list[_Kept] = []
         self._taken: list[np.ndarray] = []
+        self._lock = threading.Lock()
 
     def add(self, results: list[tuple[str, FLModel]]) -> None:
-        layout, extra_layouts = self._layout, dict(self._extra_layouts)
-        staged: list[_Kept] = []
+        # Calls may overlap (results still arriving): each reads its results here first,
+        # then checks and keeps them in turn.
         taken: list[np.ndarray] = []
         try:
+            local = [(site, self._local(model, taken)) for site, model in results]
+        except BaseException:
+            _buffers.give(taken)
+            raise
+        with self._lock:
+            self._add_local(local, taken)
+
+    def _add_local(self, results: list[tuple[str, FLModel]], taken: list[np.ndarray]) -> None:
+        layout, extra_layouts = self._layout, dict(self._extra_layouts)
+        staged: list[_Kept] = []
+        try:
             for site, model in results:
-                model = self._local(model, taken)
                 layout, weight, arrays = check_result(model, site, layout, finite=True)
                 extras: dict[str, list[np.ndarray]] = {}
                 for key in self._extra_keys:

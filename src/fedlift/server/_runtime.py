@@ -25,6 +25,7 @@ met; the task fails at once when it cannot.
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import queue
 import threading
@@ -37,11 +38,11 @@ from typing import Any
 import numpy as np
 
 from ..codec import (
+    LazyArray,
     Message,
-    RemoteArray,
     check_log_record,
     check_remote_probe,
-    materialize_remote,
+    materialize_lazy,
     model_from_wire,
     model_to_wire,
     prefetch_shm,
@@ -120,10 +121,13 @@ class _Event:
     task_id: str = ""
     model: FLModel | None = None
     text: str = ""
-    arrays: list[np.ndarray] = field(default_factory=list)
+    arrays: list[Any] = field(default_factory=list)
+    """The result's arrays as they came: numpy arrays, or :class:`LazyArray` leaves."""
     read: threading.Event | None = None
     """Set once a result read from the client's memory has been read (or dropped): only
     then may the client's ``submit`` return (see ``codec._remote``)."""
+    fields: Any = None
+    """The result's model fields as sent (a resent copy must carry the same)."""
 
     def release(self) -> None:
         if self.read is not None:
@@ -189,6 +193,7 @@ class ServerRuntime:
         self._active_policy: ErrorPolicy = "fail"
         self._answered: dict[str, collections.deque[str]] = {}  # task ids a site answered
         self._reoffered: set[str] = set()  # sites whose pending task was handed out before
+        self._streaming: dict[tuple[str, str], _Event] = {}  # results still arriving
 
     # ------------------------------------------------------------------ transport handler
     def handle(self, request: Message) -> Message:
@@ -214,16 +219,31 @@ class ServerRuntime:
         if request.op == "submit":
             task_id = _str_field(fields, "task_id")
             model = model_from_wire(fields.get("model") or {}, list(request.arrays))
+            resumed = self._resumed(site.name, task_id, fields, list(request.arrays))
+            if resumed is not None:
+                self._wait_read(resumed)  # the fold goes on in this copy
+                return Message("ok")
             if not self._take_handed(site, task_id):
                 return Message("ok")  # late or repeated: logged, not queued
-            remote = any(isinstance(a, RemoteArray) for a in request.arrays)
+            # Read from the client's memory, or still arriving: answered once read.
+            remote = any(isinstance(a, LazyArray) for a in request.arrays)
             event = _Event(
                 "result", site.name, task_id, model, arrays=list(request.arrays),
-                read=threading.Event() if remote else None,
+                read=threading.Event() if remote else None, fields=fields.get("model"),
             )  # fmt: skip
+            streamed = _streamed(event)
+            if streamed:
+                with self._cond:
+                    self._streaming[(site.name, task_id)] = event
             self._events.put(event)
-            if event.read is not None:
-                self._wait_read(event)
+            try:
+                if event.read is not None:
+                    self._wait_read(event)
+            finally:
+                if streamed:
+                    with self._cond:
+                        if self._streaming.get((site.name, task_id)) is event:
+                            del self._streaming[(site.name, task_id)]
             return Message("ok")
         if request.op == "client_error":
             text = str(fields.get("error", "unknown error"))[:200_000]
@@ -265,6 +285,24 @@ class ServerRuntime:
         why = "a repeated result" if task_id in answered else "a result for a task not running"
         log.warning("ignoring %s from %s (task %.40s)", why, site.name, task_id)
         return False
+
+    def _resumed(
+        self, site: str, task_id: str, fields: dict[str, Any], arrays: list[Any]
+    ) -> _Event | None:
+        """The result being received from ``site`` for ``task_id``, if ``arrays`` are its
+        resend (the link broke part-way) and its fold now goes on in them; else None."""
+        with self._cond:
+            event = self._streaming.get((site, task_id))
+        if event is None or event.read is None or event.read.is_set():
+            return None
+        if fields.get("model") != event.fields or len(arrays) != len(event.arrays):
+            log.warning("%s resent task %.40s's result with other contents: ignored", site,
+                        task_id)  # fmt: skip
+            return None
+        if not all(old.resume_from(new) for old, new in zip(event.arrays, arrays, strict=True)):
+            return None
+        log.info("%s resent its result for task %.40s: its fold goes on", site, task_id)
+        return event
 
     def _wait_read(self, event: _Event) -> None:
         """Hold the client's ``submit`` until its result has been read from its memory."""
@@ -431,6 +469,12 @@ class ServerRuntime:
         )
         if lose and task_id is not None:
             self._events.put(_Event("lost", site, task_id, text=text))
+        with self._cond:  # a result it was sending will not be resent by that process
+            arriving = [e for (s, _), e in self._streaming.items() if s == site]
+        for event in arriving:
+            for array in event.arrays:
+                if isinstance(array, LazyArray):
+                    array.give_up()
 
     @property
     def failed(self) -> bool:
@@ -499,7 +543,7 @@ class ServerRuntime:
                     del self._handed_out[site]
                 if (queued := self._pending.get(site)) is not None and queued.task_id == task_id:
                     del self._pending[site]
-            possible = len(answered) + len(active) + len(waiting)
+            possible = len(answered) + len(active) + len(waiting) + len(folding)
             if possible < min_responses:
                 raise ClientFailedError(
                     f"{site} failed: {why}\nTask {task_name!r} cannot reach "
@@ -538,9 +582,17 @@ class ServerRuntime:
             self._active_task = task_id
             self._active_policy = on_client_error
         held: _Event | None = None  # taken off the queue while gathering a batch; next
+        # Results still arriving are folded as they come in, each batch on its own thread
+        # (a fold that waited for another's end would hold all of this one's bytes first).
+        folds: list[_Fold] = []
+        folding: set[str] = set()
+        concurrent = on_results is not None and lazy_results and not exclude
         try:
             dispatch()
-            while active:
+            while active or folding:
+                if not active:
+                    self._join_folds(folds, folding, answered)
+                    break
                 if held is not None:
                     event, held = held, None
                 else:
@@ -570,7 +622,7 @@ class ServerRuntime:
                 if event.model is None:
                     continue
                 batch = [event]
-                while on_results is not None and len(batch) < _MAX_BATCH:
+                while on_results is not None and len(batch) < _MAX_BATCH and not _streamed(event):
                     # Results that queued up while the last ones were folded go together.
                     try:
                         queued = self._events.get_nowait()
@@ -581,13 +633,22 @@ class ServerRuntime:
                         and queued.task_id == task_id
                         and queued.site in active
                         and queued.model is not None
+                        and not _streamed(queued)  # folded on a thread of its own
                     ):
                         held = queued
                         break
                     active.discard(queued.site)
                     batch.append(queued)
+                if concurrent and any(_streamed(e) for e in batch):
+                    consume = functools.partial(
+                        self._consume, batch, on_result, on_results, lazy_results, exclude
+                    )
+                    folds.append(_Fold(batch, consume))
+                    folding.update(e.site for e in batch)
+                    dispatch()
+                    continue
                 try:
-                    self._consume(batch, on_result, on_results, lazy_results)
+                    self._consume(batch, on_result, on_results, lazy_results, exclude)
                 except InvalidResultError as exc:
                     if not exclude:
                         raise
@@ -597,7 +658,10 @@ class ServerRuntime:
                 else:
                     answered.extend(e.site for e in batch)
                 dispatch()
+            self._join_folds(folds, folding, answered)
         finally:
+            # A fold left running when the task failed ends by itself: once the task is no
+            # longer active its results are let go, and its reads fail.
             if held is not None:
                 held.release()
             with self._cond:
@@ -630,20 +694,42 @@ class ServerRuntime:
         return answered
 
     @staticmethod
+    def _join_folds(folds: list[_Fold], folding: set[str], answered: list[str]) -> None:
+        """Wait for the folds started so far; raise the first one's error (in the order
+        they began), else count their sites as answered."""
+        error: BaseException | None = None
+        for fold in folds:
+            fold.thread.join()
+            if fold.error is not None:
+                error = error or fold.error
+            elif error is None:
+                answered.extend(e.site for e in fold.batch)
+            folding.difference_update(e.site for e in fold.batch)
+        folds.clear()
+        if error is not None:
+            raise error
+
+    @staticmethod
     def _consume(
         batch: list[_Event],
         on_result: Callable[[str, FLModel], None],
         on_results: Callable[[list[tuple[str, FLModel]]], None] | None,
         lazy_results: bool,
+        exclude: bool = False,
     ) -> None:
-        """Hand results to the workflow, then let their clients' ``submit`` return."""
+        """Hand results to the workflow, then let their clients' ``submit`` return.
+
+        Lazy leaves are copied here first unless the workflow takes them (``lazy_results``),
+        and leaves that can be read only once (still arriving) also when a refused result
+        must leave the aggregate as it was (``exclude``: it is checked before the fold)."""
         try:
             results = []
             for event in batch:
                 prefetch_shm(event.arrays)  # queued results were mapped lazily
                 model = event.model
-                if model is not None and not lazy_results and event.read is not None:
-                    model = _materialized(model)
+                once = any(not a.rereadable for a in event.arrays if isinstance(a, LazyArray))
+                if event.read is not None and (not lazy_results or (exclude and once)):
+                    model = None if model is None else _materialized(model)
                 if model is not None:
                     results.append((event.site, model))
             if on_results is not None:
@@ -660,7 +746,8 @@ class ServerRuntime:
             lost = _dead(batch)
             raise _ResultLost(
                 lost,
-                f"{', '.join(lost)} failed: its result could not be read from its process ({exc})",
+                f"{', '.join(lost)} failed: its result could not be read (its process went "
+                f"away, or the stream it came on broke) ({exc})",
             ) from None
         finally:
             for event in batch:
@@ -683,25 +770,48 @@ class ServerRuntime:
         return self._stop_reason is not None
 
 
+class _Fold:
+    """A batch of results still arriving, folded on a thread of its own."""
+
+    def __init__(self, batch: list[_Event], consume: Callable[[], None]) -> None:
+        self.batch = batch
+        self.error: BaseException | None = None
+        self._consume = consume
+        self.thread = threading.Thread(target=self._run, name="fedlift-fold-stream", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._consume()
+        except BaseException as exc:  # raised in run_task's thread by _join_folds
+            self.error = exc
+
+
+def _streamed(event: _Event) -> bool:
+    """Whether ``event``'s result is still arriving (its arrays can be read only once)."""
+    return any(isinstance(a, LazyArray) and not a.rereadable for a in event.arrays)
+
+
 def _materialized(model: FLModel) -> FLModel:
-    """``model`` with every array read from another process's memory copied here: params,
-    optimizer params and the param trees in its meta (e.g. SCAFFOLD's control variates)."""
+    """``model`` with every lazy array (read from another process's memory, or still
+    arriving) copied here: params, optimizer params and the param trees in its meta (e.g.
+    SCAFFOLD's control variates)."""
     meta = {
-        key: materialize_remote(value) if _holds_remote(value) else value
+        key: materialize_lazy(value) if _holds_remote(value) else value
         for key, value in model.meta.items()
     }
     return replace(
         model,
-        params=None if model.params is None else materialize_remote(model.params),
+        params=None if model.params is None else materialize_lazy(model.params),
         optimizer_params=(
-            None if model.optimizer_params is None else materialize_remote(model.optimizer_params)
+            None if model.optimizer_params is None else materialize_lazy(model.optimizer_params)
         ),
         meta=meta,
     )
 
 
 def _holds_remote(value: Any) -> bool:
-    if isinstance(value, RemoteArray):
+    if isinstance(value, LazyArray):
         return True
     if isinstance(value, dict):
         return any(_holds_remote(v) for v in value.values())
@@ -711,17 +821,12 @@ def _holds_remote(value: Any) -> bool:
 
 
 def _dead(batch: list[_Event]) -> list[str]:
-    """The sites of ``batch`` whose results can no longer be read (their process is gone);
-    all of those read from another process when none can be told apart."""
+    """The sites of ``batch`` whose results can no longer be read (their process is gone,
+    or their stream broke); all of those with lazy results when none can be told apart."""
     remote = [e for e in batch if e.read is not None]
-    dead = []
-    for event in remote:
-        leaves: list[Any] = list(event.arrays)
-        probe = next((a for a in leaves if isinstance(a, RemoteArray) and a.size), None)
-        if probe is None:
-            continue
-        try:
-            probe.read_into(np.empty(1, probe.dtype), 0)
-        except ProtocolError:
-            dead.append(event.site)
+    dead = [
+        e.site
+        for e in remote
+        if any(a.lost() for a in e.arrays if isinstance(a, LazyArray) and a.size)
+    ]
     return dead or [e.site for e in remote]

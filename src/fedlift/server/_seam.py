@@ -103,7 +103,10 @@ class Aggregator(Protocol):
     ``streaming``: True when :meth:`add` reads each result during the call and keeps none
     of its arrays (so results may be lazily mapped, valid only during the call); False when
     it keeps results (a median needs them all), which then arrive as numpy arrays it may
-    hold.
+    hold. A streaming aggregator's :meth:`add` may be called again before an earlier call
+    returned: results that are still arriving are each read on a thread of their own, as
+    they come in, so it must take its state in turn (a lock), and fold in the order the
+    calls began if the order matters to the result (:class:`~fedlift.server.FoldOrder`).
     """
 
     streaming: bool

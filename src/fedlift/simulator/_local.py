@@ -546,7 +546,9 @@ def run_local(
             directory.mkdir(parents=True, exist_ok=True)
         recorder = RunRecorder(directory, ArraysFormat(), key_metric, higher_is_better)
         try:
-            result = strategy.run(controller, initial_model, recorder, settings)
+            handoff = [initial_model]
+            del initial_model  # freed once round 1 replaced it (see Strategy.run)
+            result = strategy.run(controller, handoff.pop(), recorder, settings)
         finally:
             recorder.close()
     finally:

@@ -190,7 +190,12 @@ def run_simulator(
     # (never argv, which any local user can read in /proc/PID/cmdline).
     token = secrets.token_hex(32)
     listener = GrpcListener(
-        runtime.handle, "127.0.0.1:0", max_workers=2 * n + 8, shared_memory=shared, token=token
+        runtime.handle,
+        "127.0.0.1:0",
+        max_workers=2 * n + 8,
+        shared_memory=shared,
+        token=token,
+        stream_ops=("submit",),  # results are folded as they arrive (transport._inflow)
     )
     workers: dict[str, WorkerProcess] = {}
     restarts = dict.fromkeys(sites, 0)

@@ -14,6 +14,7 @@ from ._grpc import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_SHM_MIN_BYTES,
+    DEFAULT_STREAM_MIN_BYTES,
     GrpcListener,
     GrpcTransport,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "DEFAULT_CHUNK_BYTES",
     "DEFAULT_IDLE_TIMEOUT",
     "DEFAULT_SHM_MIN_BYTES",
+    "DEFAULT_STREAM_MIN_BYTES",
     "PROJECT_ATTRIBUTE",
     "ROLES",
     "ROLE_ATTRIBUTE",

@@ -15,7 +15,10 @@ What a listener checks on every call, in this order, before it reads a chunk:
    :class:`~fedlift.errors.ResourceLimitError`);
 
 then, once the first chunk shows the op and the announced size, ``admit(peer, op, size)``
-(raises to refuse) before any buffer for the rest exists. A stream that moves no chunk for
+(raises to refuse) before any buffer for the rest exists. A message of an op in
+``stream_ops`` (from ``stream_min_bytes`` on) is handed to the handler as soon as its
+header is in, its arrays still arriving (:mod:`._inflow`): a server folds results while
+they come in instead of holding each whole first. A stream that moves no chunk for
 ``idle_timeout`` seconds is cancelled (:mod:`._limits`), and the listener's threads exit
 when idle (:mod:`._executor`).
 """
@@ -26,7 +29,9 @@ import dataclasses
 import hmac
 import json
 import os
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable, Collection, Iterator
+from concurrent.futures import Future
 from typing import Any
 
 import grpc
@@ -38,6 +43,7 @@ from ..codec import (
     Message,
     decode,
     decode_frame,
+    decode_header,
     encode,
     frame_length,
     frame_op,
@@ -56,6 +62,7 @@ from ..errors import (
 from ._base import Handler, describe_error
 from ._buffer import receive_buffer
 from ._executor import ElasticExecutor
+from ._inflow import Inflow
 from ._limits import PeerSlots, Progress, Watchdog
 
 __all__ = [
@@ -63,6 +70,7 @@ __all__ = [
     "DEFAULT_IDLE_TIMEOUT",
     "DEFAULT_MAX_CALLS_PER_PEER",
     "DEFAULT_SHM_MIN_BYTES",
+    "DEFAULT_STREAM_MIN_BYTES",
     "Admit",
     "GrpcListener",
     "GrpcTransport",
@@ -76,6 +84,8 @@ DEFAULT_SHM_MIN_BYTES = 1 << 20
 DEFAULT_IDLE_TIMEOUT = 60.0
 """Seconds a call may go with nothing moving, on either side (the one deadline there is)."""
 DEFAULT_MAX_CALLS_PER_PEER = 16
+DEFAULT_STREAM_MIN_BYTES = 4 << 20
+"""Messages of a streamed op from this size on reach the handler while they arrive."""
 _THREAD_IDLE_SECONDS = 5.0
 _ADMIT_PEEK_BYTES = 1 << 20
 _MAX_DETAIL = 8000
@@ -120,6 +130,20 @@ def _assemble(
 ) -> bytearray | memoryview:
     """One message from its chunks. Nothing is allocated for the announced size before
     ``admit`` accepted it, and then memory grows only as bytes arrive (``_buffer``)."""
+    head, total = _read_head(chunks, max_bytes, progress, admit, whole_header=False)
+    return _assemble_rest(head, total, chunks, progress)
+
+
+def _read_head(
+    chunks: Iterator[bytes],
+    max_bytes: int,
+    progress: Progress,
+    admit: Callable[[str, int], None] | None,
+    *,
+    whole_header: bool,
+) -> tuple[bytes | bytearray, int]:
+    """A message's first chunks and its announced size: at least the prefix, and its
+    whole header when ``admit`` is to judge it or ``whole_header``."""
     first = next(chunks, None)
     if first is None:
         raise ProtocolError("the peer sent an empty message (no chunks).")
@@ -132,10 +156,17 @@ def _assemble(
             f"(max_message_bytes). Received: total={total}."
         )
     head: bytes | bytearray = first
-    if admit is not None:
+    if admit is not None or whole_header:
         head = _admitted_head(first, chunks, total, admit, progress)
     if total < len(head):
         raise ProtocolError(f"the peer sent more than the {total:,} bytes it announced.")
+    return head, total
+
+
+def _assemble_rest(
+    head: bytes | bytearray, total: int, chunks: Iterator[bytes], progress: Progress
+) -> bytearray | memoryview:
+    """The whole message, from its ``head`` (:func:`_read_head`) and the chunks after it."""
     if total == len(head):
         if next(chunks, None) is not None:
             raise ProtocolError(f"the peer sent more than the {total:,} bytes it announced.")
@@ -143,7 +174,7 @@ def _assemble(
     buffer = receive_buffer(total)
     position = len(head)
     buffer[:position] = head
-    del first, head
+    del head
     for chunk in chunks:
         end = position + len(chunk)
         if end > total:
@@ -160,11 +191,11 @@ def _admitted_head(
     first: bytes,
     chunks: Iterator[bytes],
     total: int,
-    admit: Callable[[str, int], None],
+    admit: Callable[[str, int], None] | None,
     progress: Progress,
 ) -> bytes | bytearray:
     """The first chunks, up to the end of the header (within :data:`_ADMIT_PEEK_BYTES`),
-    once ``admit`` has accepted the op and the size they announce."""
+    once ``admit`` (if any) has accepted the op and the size they announce."""
     head: bytes | bytearray = first
     op = frame_op(head)
     while op is None:
@@ -180,7 +211,8 @@ def _admitted_head(
         progress.chunks += 1
         head = (bytearray(head) if isinstance(head, bytes) else head) + more
         op = frame_op(head)
-    admit(op, total)
+    if admit is not None:
+        admit(op, total)
     return head
 
 
@@ -246,6 +278,10 @@ class GrpcListener:
     each message from its op and announced size before it is received;
     ``max_calls_per_peer``: calls in progress per peer; ``idle_timeout``: seconds a call's
     stream may move nothing before it is cancelled (see the module docstring).
+    ``stream_ops``: ops whose messages (of at least ``stream_min_bytes``) reach ``handler``
+    as soon as their header is in, with :class:`~fedlift.transport._inflow.StreamedArray`
+    arrays (read once, in order, as they arrive); the handler must return only once it is
+    done reading them, and its reply is sent once the whole message is in.
     """
 
     def __init__(
@@ -263,12 +299,21 @@ class GrpcListener:
         max_calls_per_peer: int = DEFAULT_MAX_CALLS_PER_PEER,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         thread_idle_seconds: float = _THREAD_IDLE_SECONDS,
+        stream_ops: Collection[str] = (),
+        stream_min_bytes: int = DEFAULT_STREAM_MIN_BYTES,
     ) -> None:
         if chunk_bytes < 4096:
             raise ConfigError(f"chunk_bytes must be at least 4096; received: {chunk_bytes}.")
         if token is not None and (not isinstance(token, str) or not token):
             raise ConfigError(f"token must be a non-empty str or None; received: {token!r:.20}")
+        if not (isinstance(stream_min_bytes, int) and stream_min_bytes >= PREFIX_BYTES):
+            raise ConfigError(
+                f"stream_min_bytes must be an int >= {PREFIX_BYTES}; received: "
+                f"{stream_min_bytes!r}."
+            )
         self._handler = handler
+        self._stream_ops = frozenset(stream_ops)
+        self._stream_min = stream_min_bytes
         self._chunk = chunk_bytes
         self._max = max_message_bytes
         self._shm = shared_memory
@@ -401,10 +446,21 @@ class GrpcListener:
         progress = caller.progress
         try:
             try:
-                request = _assemble(request_chunks, self._max, progress, self._admission(caller))
-                self._watchdog.pause(progress)
-                frame = self._reply_frame(request, caller)
-                del request
+                head, total = _read_head(
+                    request_chunks,
+                    self._max,
+                    progress,
+                    self._admission(caller),
+                    whole_header=bool(self._stream_ops),
+                )
+                if total >= self._stream_min and frame_op(head) in self._stream_ops:
+                    frame = self._streamed_reply(head, request_chunks, caller)
+                else:
+                    request = _assemble_rest(head, total, request_chunks, progress)
+                    del head
+                    self._watchdog.pause(progress)
+                    frame = self._reply_frame(request, caller)
+                    del request
             except Exception as exc:  # the boundary: errors travel as their class name
                 _abort(context, exc)
                 return
@@ -420,6 +476,48 @@ class GrpcListener:
                     frame.discard()
         finally:
             self._leave(caller)
+
+    def _streamed_reply(
+        self, head: bytes | bytearray, chunks: Iterator[bytes], caller: _Caller
+    ) -> Frame:
+        """The handler's reply to a message it reads while it arrives: the handler runs on
+        a thread of its own with the message's arrays, while this one feeds them chunk by
+        chunk; the reply goes once the last chunk is in and the handler is done."""
+        header = decode_header(head, self._max)  # every size is checked before a chunk more
+        inflow = Inflow(head, header)
+        del head
+        identity = caller.identity
+        request = Message(
+            header.op, header.fields, inflow.arrays,  # type: ignore[arg-type]
+            peer=identity.name if identity is not None else None,
+            peer_role=identity.role if identity is not None else None,
+        )  # fmt: skip
+        reply: Future[Message] = Future()
+        worker = threading.Thread(
+            target=_run_handler, args=(self._handler, request, reply, inflow),
+            name="fedlift-streamed", daemon=True,
+        )  # fmt: skip
+        del request
+        worker.start()
+        progress = caller.progress
+        try:
+            for chunk in chunks:
+                if reply.done() and reply.exception() is not None:
+                    break  # the handler refused the message: no need for the rest
+                inflow.feed(chunk)
+                progress.chunks += 1
+        except BaseException as exc:
+            inflow.fail(str(exc) or type(exc).__name__)
+            raise
+        if not inflow.complete and not (reply.done() and reply.exception() is not None):
+            inflow.fail("it ended early")
+            raise ProtocolError(
+                f"the peer announced {header.total:,} bytes but sent {inflow.received:,}."
+            )
+        self._watchdog.pause(progress)
+        answer = reply.result()
+        shm = DEFAULT_SHM_MIN_BYTES if (self._shm and header.accept_shm) else None
+        return encode(answer, shm_min_bytes=shm)
 
     def _serve_small(
         self, request_iterator: Iterator[bytes], context: grpc.ServicerContext
@@ -455,6 +553,19 @@ class GrpcListener:
             return frame.tobytes()
         finally:
             self._leave(caller)
+
+
+def _run_handler(
+    handler: Handler, request: Message, reply: Future[Message], inflow: Inflow
+) -> None:
+    """Run ``handler`` on a streamed ``request``; once it returns, nothing reads it."""
+    try:
+        reply.set_result(handler(request))
+    except BaseException as exc:  # handed to the listener's thread, which aborts the call
+        reply.set_exception(exc)
+    finally:
+        del request
+        inflow.abandon()
 
 
 def _peer_identity(context: grpc.ServicerContext) -> Any:

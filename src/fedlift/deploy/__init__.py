@@ -8,12 +8,19 @@ hands its handler carries ``peer`` and ``peer_role`` from the client's verified 
 this machine; ``job.run(ProdEnv(kit=ADMIN_KIT))`` submits it to a deployed server.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from ._commands import add_revoke_command, add_site_commands, run_revoke, run_site_command
-from ._env import PocEnv, ProdEnv
-from ._identity import ROLES
-from ._provision import provision, revoke
-from ._server import DeployServer
-from ._tls import Kit, Revocations, channel_credentials, load_kit, server_credentials
+
+if TYPE_CHECKING:  # loaded on first use: the CLI's parser needs none of it (cryptography)
+    from ._env import PocEnv, ProdEnv
+    from ._identity import ROLES
+    from ._provision import provision, revoke
+    from ._server import DeployServer
+    from ._tls import Kit, Revocations, channel_credentials, load_kit, server_credentials
 
 __all__ = [
     "ROLES",
@@ -32,3 +39,30 @@ __all__ = [
     "run_site_command",
     "server_credentials",
 ]
+
+_LAZY = {
+    "PocEnv": "_env",
+    "ProdEnv": "_env",
+    "ROLES": "_identity",
+    "provision": "_provision",
+    "revoke": "_provision",
+    "DeployServer": "_server",
+    "Kit": "_tls",
+    "Revocations": "_tls",
+    "channel_credentials": "_tls",
+    "load_kit": "_tls",
+    "server_credentials": "_tls",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from ._poc import ADMIN, DEFAULT_POC_WORKSPACE
+from ._names import ADMIN, DEFAULT_POC_WORKSPACE
 
 __all__ = ["add_revoke_command", "add_site_commands", "run_revoke", "run_site_command"]
 

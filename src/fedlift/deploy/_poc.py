@@ -27,12 +27,11 @@ from pathlib import Path
 
 from .._atomic import atomic_write_text
 from ..errors import ConfigError
+from ._names import ADMIN, DEFAULT_POC_WORKSPACE
 from ._provision import provision
 
 __all__ = ["DEFAULT_POC_WORKSPACE", "poc_start", "poc_stop"]
 
-DEFAULT_POC_WORKSPACE = Path("/tmp/fedlift/poc")
-ADMIN = "admin@poc"
 MARKER = ".fedlift-poc.json"
 _MARKER_FORMAT = "fedlift-poc/1"
 

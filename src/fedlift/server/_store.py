@@ -233,38 +233,61 @@ class _TensorBoard:
 
     def __init__(self, directory: Path) -> None:
         self._file: Any = None
+        self._path = directory
+        self._error: BaseException | None = None
+        # tensorboard's modules take ~0.1 s to import: in the background, while the job
+        # starts its sites, not before them (the first scalar waits for it).
+        self._opening: threading.Thread | None = threading.Thread(
+            target=self._open, args=(directory,), name="fedlift-tensorboard", daemon=True
+        )
+        self._opening.start()
+
+    def _open(self, directory: Path) -> None:
         try:
             from tensorboard.compat.proto import event_pb2, summary_pb2
             from tensorboard.summary.writer.record_writer import RecordWriter
         except ImportError:  # optional at run time; the dependency is declared
             log.warning("tensorboard is not installed: no TensorBoard event files are written")
             return
-        name = f"events.out.tfevents.{time.time():.0f}.{socket.gethostname()}.{os.getpid()}"
-        self._path = directory / name
-        with storage_errors(self._path):
-            directory.mkdir(parents=True, exist_ok=True)
-            self._file = open(self._path, "wb")
-        self._records = RecordWriter(self._file)
-        self._event, self._summary = event_pb2.Event, summary_pb2.Summary
-        self._write(self._event(wall_time=time.time(), file_version="brain.Event:2"))
+        try:
+            name = f"events.out.tfevents.{time.time():.0f}.{socket.gethostname()}.{os.getpid()}"
+            self._path = directory / name
+            with storage_errors(self._path):
+                directory.mkdir(parents=True, exist_ok=True)
+                self._file = open(self._path, "wb")
+            self._records = RecordWriter(self._file)
+            self._event, self._summary = event_pb2.Event, summary_pb2.Summary
+            self._write(self._event(wall_time=time.time(), file_version="brain.Event:2"))
+        except BaseException as exc:  # raised where the writer is next used
+            self._error = exc
+
+    def _ready(self) -> bool:
+        """Whether there is an event file to write to (waits for it to be opened)."""
+        if self._opening is not None:
+            self._opening.join()
+            self._opening = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        return self._file is not None
 
     def _write(self, event: Any) -> None:
         with storage_errors(self._path):
             self._records.write(event.SerializeToString())
 
     def scalar(self, tag: str, value: float, step: int) -> None:
-        if self._file is None or not math.isfinite(value):
+        if not self._ready() or not math.isfinite(value):
             return
         summary = self._summary(value=[self._summary.Value(tag=tag, simple_value=value)])
         self._write(self._event(wall_time=time.time(), step=step, summary=summary))
 
     def flush(self) -> None:
-        if self._file is not None:
+        if self._ready():
             with storage_errors(self._path):
                 self._file.flush()
 
     def close(self) -> None:
-        if self._file is not None:
+        if self._ready():
             file, self._file = self._file, None
             with storage_errors(self._path):
                 file.close()

@@ -10,9 +10,9 @@ this machine; ``job.run(ProdEnv(kit=ADMIN_KIT))`` submits it to a deployed serve
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from .._exports import lazy_exports
 from ._commands import add_revoke_command, add_site_commands, run_revoke, run_site_command
 
 if TYPE_CHECKING:  # loaded on first use: the CLI's parser needs none of it (cryptography)
@@ -55,14 +55,4 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals(), __all__)

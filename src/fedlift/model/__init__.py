@@ -8,9 +8,9 @@ package, and a training script's ``import fedlift.client`` has no use for them.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from .._exports import lazy_exports
 from ._dtypes import bfloat16_dtype, is_bfloat16, is_float_dtype
 from ._flmodel import AlgorithmConstants, FLModel, MetaKey, ParamsType
 from ._lists import NUMPY_KEY, NPConstants, tree_from_lists
@@ -87,14 +87,4 @@ _LAZY = {
 """Names loaded on first use, and the module each comes from."""
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals(), __all__)

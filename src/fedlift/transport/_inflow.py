@@ -7,7 +7,7 @@ a result is folded while it arrives: the listener's thread feeds each chunk into
 :class:`Inflow`, the aggregator's ``read_into`` copies the elements it needs out of the
 chunks that hold them, and a chunk is let go once every byte of it was read. What a result
 costs the server is then the chunks that arrived and were not folded yet (a few MiB while
-the fold keeps up), not the result: peak PSS 2.1x the model instead of 3.1x.
+the fold keeps up), not the result: peak PSS 2.3-2.4x the model instead of 3.1x.
 
 The chunks are the ones gRPC hands over (no copy into a message buffer), and nothing is
 allocated for a claimed size: a peer that stalls or lies holds what it sent. Memory stays

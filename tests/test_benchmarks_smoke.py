@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -83,15 +84,18 @@ def test_the_compression_benchmark_runs_at_smoke_size(tmp_path: Path) -> None:
 
 
 def test_the_wire_benchmark_runs_at_smoke_size(tmp_path: Path) -> None:
-    """``python -m benchmarks --wire --smoke``: both floors and both gRPC variants."""
+    """``python -m benchmarks --wire --smoke``: the three floors, both gRPC variants, and
+    (as root) the mTLS deployment across two network namespaces."""
     out = tmp_path / "wire.json"
     done = _bench("benchmarks", "--wire", "--smoke", "--json", str(out))
     rows = json.loads(out.read_text())["wire"]
-    assert [r["variant"] for r in rows] == ["gRPC", "gRPC, int8 results"]
+    deployed = ["mTLS deployment, netns"] if os.geteuid() == 0 else []
+    assert [r["variant"] for r in rows] == ["gRPC", "gRPC, int8 results", *deployed]
     for r in rows:
         assert r["s_per_round"] > 0 and r["tcp_floor_s"] > 0 and r["tls_floor_s"] > 0
-        assert r["server_peak_pss_mb"] > 0
-    assert "x TCP" in done.stdout
+        assert r["grpc_floor_s"] > 0
+    assert all(r["server_peak_pss_mb"] > 0 for r in rows[:2])
+    assert "x TCP" in done.stdout and "x gRPC" in done.stdout
 
 
 def _bench(*args: str) -> subprocess.CompletedProcess[str]:

@@ -425,3 +425,53 @@ def test_a_result_cut_mid_upload_resumes_in_its_resend_and_counts_once(
     mean = aggregator.result().params["w"]  # type: ignore[index]
     expected = ((w + np.float32(1)) + (w + np.float32(2)) * np.float32(1.0)) * np.float32(0.5)
     assert np.array_equal(mean, expected)
+
+
+def test_a_streamed_result_is_answered_once_in_not_once_folded() -> None:
+    """The fold of a site's result may wait (behind a slower site's, block by block): the
+    site's submit is answered as soon as all of its bytes are in, so a short idle timeout
+    (1 s here) never makes it send its result again while the fold waits."""
+    from fedlift.codec import model_from_wire, model_to_wire
+    from fedlift.server import Mean, Memory, ServerRuntime
+
+    n = 2_000_000
+    w = np.arange(n, dtype=np.float32)
+    runtime = ServerRuntime("job", ["site-1"], {})
+    listener = GrpcListener(runtime.handle, stream_ops=("submit",), stream_min_bytes=MiB)
+    aggregator = Mean()({"w": w}, expected=1, memory=Memory(), strict=False)
+    go = threading.Event()
+    outcome: dict[str, Any] = {}
+
+    def fold_later(results: list[tuple[str, FLModel]]) -> None:
+        go.wait(30)
+        aggregator.add(results)
+
+    def server() -> None:
+        outcome["answered"] = runtime.run_task(
+            "train", FLModel(params={"w": w}), ["site-1"],
+            on_result=lambda site, result: fold_later([(site, result)]),
+            on_results=fold_later, lazy_results=True, timeout=60, min_responses=1,
+        )  # fmt: skip
+
+    thread = threading.Thread(target=server)
+    thread.start()
+    transport = GrpcTransport(listener.address)
+    try:
+        transport.call(Message("register", {"site": "site-1"}), 30)
+        reply = transport.call(Message("get_task", {"site": "site-1", "wait": 10.0}), 30)
+        model = model_from_wire(reply.fields["model"], list(reply.arrays))
+        fields, arrays = model_to_wire(FLModel(params={"w": model.params["w"] * 2}))
+        submit = {"site": "site-1", "task_id": reply.fields["task_id"], "model": fields}
+        # Answered within the 1 s of silence the call allows, the fold not begun: had the
+        # reply waited for the fold, this would raise TransportTimeoutError.
+        assert transport.call(Message("submit", submit, arrays), 1.0).op == "ok"
+        assert not go.is_set() and "answered" not in outcome
+        time.sleep(0.5)
+        go.set()
+        thread.join(30)
+    finally:
+        go.set()
+        transport.close()
+        listener.stop(0)
+    assert outcome["answered"] == ["site-1"]
+    assert np.array_equal(aggregator.result().params["w"], w * 2)  # type: ignore[index]

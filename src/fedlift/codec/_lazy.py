@@ -65,6 +65,13 @@ class LazyArray:
     def give_up(self) -> None:
         """No resent copy will come: a read waiting for one fails now."""
 
+    def keep(self) -> None:
+        """Keep the array readable after the handler it came to has returned (a result
+        queued to be folded later), until :meth:`let_go`."""
+
+    def let_go(self) -> None:
+        """Done with a kept array: what holds its bytes may go."""
+
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         out = np.empty(self.shape, self.dtype)
         self.read_into(out)

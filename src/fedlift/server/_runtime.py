@@ -132,6 +132,9 @@ class _Event:
     def release(self) -> None:
         if self.read is not None:
             self.read.set()
+        for array in self.arrays:  # a result that was still arriving: its bytes may go
+            if isinstance(array, LazyArray):
+                array.let_go()
 
 
 @dataclass
@@ -219,10 +222,8 @@ class ServerRuntime:
         if request.op == "submit":
             task_id = _str_field(fields, "task_id")
             model = model_from_wire(fields.get("model") or {}, list(request.arrays))
-            resumed = self._resumed(site.name, task_id, fields, list(request.arrays))
-            if resumed is not None:
-                self._wait_read(resumed)  # the fold goes on in this copy
-                return Message("ok")
+            if self._resumed(site.name, task_id, fields, list(request.arrays)) is not None:
+                return Message("ok")  # the fold goes on in this copy
             if not self._take_handed(site, task_id):
                 return Message("ok")  # late or repeated: logged, not queued
             # Read from the client's memory, or still arriving: answered once read.
@@ -231,19 +232,20 @@ class ServerRuntime:
                 "result", site.name, task_id, model, arrays=list(request.arrays),
                 read=threading.Event() if remote else None, fields=fields.get("model"),
             )  # fmt: skip
-            streamed = _streamed(event)
-            if streamed:
+            if _streamed(event):
+                # Still arriving: kept for the fold, and answered once all of it is here
+                # (the listener replies then), not once it is folded: a fold that waits
+                # for another one never keeps its sender waiting for a reply.
+                for array in event.arrays:
+                    if isinstance(array, LazyArray):
+                        array.keep()
                 with self._cond:
                     self._streaming[(site.name, task_id)] = event
+                self._events.put(event)
+                return Message("ok")
             self._events.put(event)
-            try:
-                if event.read is not None:
-                    self._wait_read(event)
-            finally:
-                if streamed:
-                    with self._cond:
-                        if self._streaming.get((site.name, task_id)) is event:
-                            del self._streaming[(site.name, task_id)]
+            if event.read is not None:
+                self._wait_read(event)
             return Message("ok")
         if request.op == "client_error":
             text = str(fields.get("error", "unknown error"))[:200_000]
@@ -667,6 +669,8 @@ class ServerRuntime:
             with self._cond:
                 self._active_task = None
                 self._active_policy = "fail"
+                for key in [k for k, e in self._streaming.items() if e.task_id == task_id]:
+                    del self._streaming[key]
                 for site in list(active) + waiting:
                     self._pending.pop(site, None)
                 for site in sites:

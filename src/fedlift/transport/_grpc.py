@@ -280,8 +280,9 @@ class GrpcListener:
     stream may move nothing before it is cancelled (see the module docstring).
     ``stream_ops``: ops whose messages (of at least ``stream_min_bytes``) reach ``handler``
     as soon as their header is in, with :class:`~fedlift.transport._inflow.StreamedArray`
-    arrays (read once, in order, as they arrive); the handler must return only once it is
-    done reading them, and its reply is sent once the whole message is in.
+    arrays (read once, in order, as they arrive); once the handler returns they are let go,
+    unless it kept them (``keep()``, then ``let_go()`` when done) to read later. Its reply
+    is sent once the whole message is in.
     """
 
     def __init__(
@@ -558,14 +559,15 @@ class GrpcListener:
 def _run_handler(
     handler: Handler, request: Message, reply: Future[Message], inflow: Inflow
 ) -> None:
-    """Run ``handler`` on a streamed ``request``; once it returns, nothing reads it."""
+    """Run ``handler`` on a streamed ``request``; once it returns, only those who kept
+    its arrays (``LazyArray.keep``) read them."""
     try:
         reply.set_result(handler(request))
     except BaseException as exc:  # handed to the listener's thread, which aborts the call
         reply.set_exception(exc)
     finally:
         del request
-        inflow.abandon()
+        inflow.release()  # the arrays go unless the handler kept them (a queued result)
 
 
 def _peer_identity(context: grpc.ServicerContext) -> Any:

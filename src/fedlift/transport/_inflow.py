@@ -63,6 +63,7 @@ class Inflow:
         self._error: ProtocolError | None = None
         self._lost = False
         self._abandoned = False
+        self._holders = 1  # the listener, until its handler returns (see hold/release)
         self.peak_held = 0
         """The most bytes held here at once (arrived, not yet read)."""
         self.arrays = [StreamedArray(self, shape, dtype, start)
@@ -105,9 +106,23 @@ class Inflow:
                 self._lost = True
             self._cond.notify_all()
 
+    def hold(self) -> None:
+        """One more party reads the arrays later (a queued result): they stay readable
+        until it calls :meth:`release` too."""
+        with self._cond:
+            self._holders += 1
+
+    def release(self) -> None:
+        """One party is done with the arrays; after the last one, :meth:`abandon`."""
+        with self._cond:
+            self._holders -= 1
+            last = self._holders <= 0
+        if last:
+            self.abandon()
+
     def abandon(self) -> None:
-        """Nobody will read any more (the handler returned): let go of every chunk, and
-        keep none of those still to come."""
+        """Nobody will read any more: let go of every chunk, and keep none of those still
+        to come."""
         with self._cond:
             self._abandoned = True
             self._chunks.clear()
@@ -199,6 +214,7 @@ class StreamedArray(LazyArray):
         self._cond = threading.Condition()
         self._resent: StreamedArray | None = None
         self._given_up = False
+        self._kept: list[Inflow] | None = None  # the inflows held by keep(), if kept
 
     def read_into(self, out: np.ndarray, start: int = 0) -> None:
         self.check_read(out, start)
@@ -234,6 +250,9 @@ class StreamedArray(LazyArray):
             if self._inflow.complete and not self._inflow.lost():
                 return True  # every byte is here already: the resent copy is not needed
             self._resent = resent
+            if self._kept is not None:  # the resent copy is read for the one kept
+                self._kept.append(resent._inflow)
+                resent._inflow.hold()
             self._cond.notify_all()
         self._inflow.fail("superseded by the sender's resend")
         return True
@@ -242,6 +261,18 @@ class StreamedArray(LazyArray):
         with self._cond:
             self._given_up = True
             self._cond.notify_all()
+
+    def keep(self) -> None:
+        with self._cond:
+            if self._kept is None:
+                self._kept = [self._inflow]
+                self._inflow.hold()
+
+    def let_go(self) -> None:
+        with self._cond:
+            kept, self._kept = self._kept or [], None
+        for inflow in kept:
+            inflow.release()
 
     def _await_resent(self) -> bool:
         with self._cond:

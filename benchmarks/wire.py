@@ -31,6 +31,7 @@ import json
 import os
 import socket
 import ssl
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -122,8 +123,8 @@ def deployment_round_s(params: int, rounds: int) -> float | str:
         metrics = next(Path(scratch).rglob("metrics.jsonl"))
         ended = [json.loads(line)["ended_at"] for line in metrics.read_text().splitlines()
                  if json.loads(line)["task"] == "train"]  # fmt: skip
-    gaps = sorted(b - a for a, b in zip(ended, ended[1:], strict=False))[1:] or [0.0]
-    return gaps[len(gaps) // 2]
+    gaps = [b - a for a, b in zip(ended, ended[1:], strict=False)]
+    return statistics.median(gaps[1:] or gaps or [0.0])  # the first round excluded
 
 
 def stream_floor(total: int, tls: bool, repeats: int = 3) -> float:

@@ -475,3 +475,31 @@ def test_a_streamed_result_is_answered_once_in_not_once_folded() -> None:
         listener.stop(0)
     assert outcome["answered"] == ["site-1"]
     assert np.array_equal(aggregator.result().params["w"], w * 2)  # type: ignore[index]
+
+
+def test_a_site_that_resends_again_and_again_holds_one_copy(reliability: Any) -> None:
+    """Each resend replaces the copy before it, whose chunks go at once: five partial
+    resends of a 4 MB result leave only the last one's bytes held."""
+    values = np.ones(1_000_000, np.float32)
+    data = frame_of([values])
+    chunks = chunks_of(data, 64 * 1024)
+    first = inflow_of(chunks[0], len(chunks[0]))
+    array = first.arrays[0]
+    array.keep()
+    copies = [first]
+    for _ in range(5):
+        for chunk in chunks[1:40]:  # 2.5 MB of it, then the link drops again
+            copies[-1].feed(chunk)
+        resent = inflow_of(chunks[0], len(chunks[0]))
+        assert array.resume_from(resent.arrays[0])
+        copies.append(resent)
+    reliability.hostile("a site resending the same streamed result 5 times part-way", 5)
+    assert [c._held for c in copies[:-1]] == [0] * 5  # every replaced copy let go
+    for chunk in chunks[1:]:
+        copies[-1].feed(chunk)
+    got = np.empty(values.size, np.float32)
+    array.read_into(got, 0)
+    assert np.array_equal(got, values)
+    array.let_go()  # the fold is done with it
+    copies[-1].release()  # and its handler returned (the listener's hold)
+    assert copies[-1]._held == 0 and copies[-1]._abandoned

@@ -29,6 +29,7 @@ else competed for the CPUs during the run.
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import json
 import os
@@ -446,3 +447,25 @@ def outcome(
     for key, value in timing.items():
         out.setdefault(key, value)
     return out
+
+
+def peer_parser(module: str, *, task_request_interval: bool = False) -> argparse.ArgumentParser:
+    """The arguments every peer benchmark takes (``python -m benchmarks.peers.<module>``);
+    ``task_request_interval``: NVFlare's polling override too."""
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.peers.{module}")
+    parser.add_argument("--params", type=int, required=True)
+    parser.add_argument("--clients", type=int, required=True)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--timeout", type=float, default=1800.0)
+    parser.add_argument(
+        "--no-memory", action="store_true", help="a timed run: no PSS poll (it costs CPU)"
+    )
+    if task_request_interval:
+        parser.add_argument(
+            "--task-request-interval",
+            type=float,
+            default=None,
+            help="override NVFlare's server.task_request_interval (default: NVFlare's, 2 s)",
+        )
+    parser.add_argument("--keep", type=Path, default=None, help="keep the workdir here")
+    return parser

@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from benchmarks.peers.common import kill_descendants, process_tree
+from benchmarks.peers.common import ROOT, kill_descendants, measure, process_tree
 
 PHASES = "phases.json"
 
@@ -116,3 +116,24 @@ def save_lingering(work: Path, pids: list[int]) -> None:
 def load_lingering(work: Path) -> list[int]:
     path = work / "lingering.json"
     return list(json.loads(path.read_text())) if path.is_file() else []
+
+
+def time_driver(
+    command: list[str], work: Path, times: Path, rounds: int, timeout: float, memory: bool
+) -> dict[str, object]:
+    """Run a peer's driver (``command``) under ``measure`` and add, to its timing, each
+    step's end after the last send and what the driver found left over."""
+    timing = measure(
+        command,
+        times,
+        rounds,
+        timeout + 180,  # the driver's own bound is ``timeout``; this one is its teardown
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        log=work / "log.txt",
+        memory=memory,
+    )
+    # Each step's end, in seconds after the last send (negative: before it).
+    timing["phases_after_last_send"] = read_phases(work, last_send(times, rounds))
+    timing["driver_lingering_pids"] = load_lingering(work)
+    return timing

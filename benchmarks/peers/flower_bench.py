@@ -9,28 +9,19 @@ Runtime with a message-API ``FedAvg`` and a ``ClientApp`` that adds 1.0 (see ``f
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.peers.common import measure, outcome
+from benchmarks.peers.common import measure, outcome, peer_parser
 
 HERE = Path(__file__).resolve().parent
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.peers.flower_bench")
-    parser.add_argument("--params", type=int, required=True)
-    parser.add_argument("--clients", type=int, required=True)
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--timeout", type=float, default=1800.0)
-    parser.add_argument(
-        "--no-memory", action="store_true", help="a timed run: no PSS poll (it costs CPU)"
-    )
-    parser.add_argument("--keep", type=Path, default=None, help="keep the workdir here")
+    parser = peer_parser("flower_bench")
     args = parser.parse_args(argv)
 
     from importlib.metadata import version

@@ -41,15 +41,13 @@ import tempfile
 from pathlib import Path
 from typing import IO
 
-from benchmarks.peers.common import ROOT, become_subreaper, measure, outcome
+from benchmarks.peers.common import become_subreaper, outcome, peer_parser
 from benchmarks.peers.deploy_common import (
     free_port,
-    last_send,
-    load_lingering,
     mark,
-    read_phases,
     run_logged,
     save_lingering,
+    time_driver,
     wait_for_port,
     wait_for_tree,
 )
@@ -298,16 +296,8 @@ def drive(work: Path, app: Path, clients: int, port: int, tls: bool, timeout: fl
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.peers.flower_deploy")
-    parser.add_argument("--params", type=int, required=True)
-    parser.add_argument("--clients", type=int, required=True)
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--timeout", type=float, default=1800.0)
+    parser = peer_parser("flower_deploy")
     parser.add_argument("--tls", action="store_true", help="TLS to the SuperLink (else insecure)")
-    parser.add_argument(
-        "--no-memory", action="store_true", help="a timed run: no PSS poll (it costs CPU)"
-    )
-    parser.add_argument("--keep", type=Path, default=None, help="keep the workdir here")
     parser.add_argument("--drive", nargs=3, metavar=("WORK", "APP", "PORT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.drive:
@@ -337,19 +327,9 @@ def main(argv: list[str] | None = None) -> int:
             str(app),
             str(port),
         ]
-        timing = measure(
-            command,
-            times,
-            args.rounds,
-            args.timeout + 180,  # the driver's own bound is args.timeout; this one is its teardown
-            cwd=ROOT,
-            env=dict(os.environ, PYTHONUNBUFFERED="1"),
-            log=work / "log.txt",
-            memory=not args.no_memory,
+        timing = time_driver(
+            command, work, times, args.rounds, args.timeout, memory=not args.no_memory
         )
-        # Each step's end, in seconds after the last send (negative: before it).
-        timing["phases_after_last_send"] = read_phases(work, last_send(times, args.rounds))
-        timing["driver_lingering_pids"] = load_lingering(work)
     timing["deployment"] = "SuperLink + SuperNodes over loopback, " + (
         "TLS" if args.tls else "insecure"
     )

@@ -15,14 +15,13 @@ the rest of NVFlare costs.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.peers.common import ROOT, measure, model_sizes, outcome
+from benchmarks.peers.common import ROOT, measure, model_sizes, outcome, peer_parser
 
 HERE = Path(__file__).resolve().parent
 
@@ -64,21 +63,7 @@ def set_task_request_interval(job: Path, seconds: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.peers.nvflare_bench")
-    parser.add_argument("--params", type=int, required=True)
-    parser.add_argument("--clients", type=int, required=True)
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--timeout", type=float, default=1800.0)
-    parser.add_argument(
-        "--no-memory", action="store_true", help="a timed run: no PSS poll (it costs CPU)"
-    )
-    parser.add_argument(
-        "--task-request-interval",
-        type=float,
-        default=None,
-        help="override NVFlare's server.task_request_interval (default: NVFlare's, 2 s)",
-    )
-    parser.add_argument("--keep", type=Path, default=None, help="keep the workdir here")
+    parser = peer_parser("nvflare_bench", task_request_interval=True)
     args = parser.parse_args(argv)
 
     import nvflare

@@ -33,15 +33,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.peers.common import ROOT, become_subreaper, measure, outcome
+from benchmarks.peers.common import become_subreaper, outcome, peer_parser
 from benchmarks.peers.deploy_common import (
     free_port,
-    last_send,
-    load_lingering,
     mark,
-    read_phases,
     run_logged,
     save_lingering,
+    time_driver,
     wait_for_tree,
 )
 
@@ -142,21 +140,7 @@ def drive(work: Path, job: Path, kit: Path, timeout: float) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.peers.nvflare_poc")
-    parser.add_argument("--params", type=int, required=True)
-    parser.add_argument("--clients", type=int, required=True)
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--timeout", type=float, default=1800.0)
-    parser.add_argument(
-        "--no-memory", action="store_true", help="a timed run: no PSS poll (it costs CPU)"
-    )
-    parser.add_argument(
-        "--task-request-interval",
-        type=float,
-        default=None,
-        help="override NVFlare's server.task_request_interval (default: NVFlare's, 2 s)",
-    )
-    parser.add_argument("--keep", type=Path, default=None, help="keep the workdir here")
+    parser = peer_parser("nvflare_poc", task_request_interval=True)
     parser.add_argument("--drive", nargs=3, metavar=("WORK", "JOB", "KIT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.drive:
@@ -188,19 +172,9 @@ def main(argv: list[str] | None = None) -> int:
             str(job),
             str(kit),
         ]
-        timing = measure(
-            command,
-            times,
-            args.rounds,
-            args.timeout + 180,  # the driver's own bound is args.timeout; this one is its teardown
-            cwd=ROOT,
-            env=dict(os.environ, PYTHONUNBUFFERED="1"),
-            log=work / "log.txt",
-            memory=not args.no_memory,
+        timing = time_driver(
+            command, work, times, args.rounds, args.timeout, memory=not args.no_memory
         )
-        # Each step's end, in seconds after the last send (negative: before it).
-        timing["phases_after_last_send"] = read_phases(work, last_send(times, args.rounds))
-        timing["driver_lingering_pids"] = load_lingering(work)
     timing["task_request_interval"] = args.task_request_interval
     timing["deployment"] = "POC (server + clients over loopback), mTLS"
     timing["tls"] = True

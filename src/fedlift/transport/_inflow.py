@@ -23,6 +23,7 @@ away first, it raises ProtocolError and :meth:`StreamedArray.lost` is True.
 from __future__ import annotations
 
 import bisect
+import math
 import threading
 from typing import Any
 
@@ -53,7 +54,7 @@ class Inflow:
     def __init__(self, head: bytes | bytearray, header: Header) -> None:
         self._cond = threading.Condition()
         self._total = header.total
-        self._spans = [(start, start + dtype.itemsize * _count(shape))
+        self._spans = [(start, start + dtype.itemsize * math.prod(shape))
                        for dtype, shape, start in header.arrays]  # fmt: skip
         self._span_starts = [start for start, _ in self._spans]
         self._chunks: list[_Chunk] = []
@@ -184,13 +185,6 @@ _READ_ONCE = (
 )
 
 
-def _count(shape: tuple[int, ...]) -> int:
-    count = 1
-    for d in shape:
-        count *= d
-    return count
-
-
 class StreamedArray(LazyArray):
     """One array of an :class:`Inflow`: read once, in order, as its bytes arrive.
 
@@ -249,12 +243,17 @@ class StreamedArray(LazyArray):
         with self._cond:
             if self._inflow.complete and not self._inflow.lost():
                 return True  # every byte is here already: the resent copy is not needed
-            self._resent = resent
+            previous, self._resent = self._resent, resent
             if self._kept is not None:  # the resent copy is read for the one kept
                 self._kept.append(resent._inflow)
                 resent._inflow.hold()
             self._cond.notify_all()
-        self._inflow.fail("superseded by the sender's resend")
+        # The copy it replaces is read no more: its chunks go now (a sender that resends
+        # again and again holds one copy here, not one per resend).
+        for replaced in (self._inflow, None if previous is None else previous._inflow):
+            if replaced is not None:
+                replaced.fail("superseded by the sender's resend")
+                replaced.abandon()
         return True
 
     def give_up(self) -> None:

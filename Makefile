@@ -9,13 +9,13 @@ STAMP := $(VENV)/.fedlift-installed
 FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 PYTEST_ARGS ?=
 
-.PHONY: venv data demo test reliability check lint typecheck format bench clean
+.PHONY: venv data browser demo test reliability check lint typecheck format bench clean
 
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml examples/cifar10-tf/requirements.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-compile -e ".[tf,tensorboard,dev,ray,plots,sklearn,mlflow,torch,lightning]" \
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-compile -e ".[tf,tensorboard,dev,ray,plots,sklearn,mlflow,torch,lightning,web]" \
 		-r examples/cifar10-tf/requirements.txt
 	@# Bytecode for everything, written once: where PYTHONDONTWRITEBYTECODE is set (CI here)
 	@# every process would otherwise compile what it imports (TensorFlow: 8.3 s -> 4.1 s).
@@ -30,6 +30,18 @@ $(FASHION):
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
 	else \
 		echo "make data: install Debian's dataset-fashion-mnist (sudo apt-get install dataset-fashion-mnist)" >&2; \
+		exit 1; \
+	fi
+
+# A real browser for the report and live-view tests: Debian's chromium and chromium-driver.
+CHROMEDRIVER := /usr/bin/chromedriver
+browser: $(CHROMEDRIVER)
+
+$(CHROMEDRIVER):
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+	else \
+		echo "make browser: install Debian's chromium and chromium-driver (sudo apt-get install chromium chromium-driver)" >&2; \
 		exit 1; \
 	fi
 
@@ -55,7 +67,7 @@ LEDGER := .reliability/ledger.jsonl
 
 # The whole suite, reliability tests in their reduced forms (slow full forms left out),
 # then the reliability table of this run.
-test: venv data check
+test: venv data browser check
 	@rm -f $(LEDGER)
 	@status=0; $(PY) -m pytest -m "not slow" $(PYTEST_ARGS) || status=$$?; \
 		$(PY) tests/reliability_report.py || true; exit $$status

@@ -66,7 +66,14 @@ class RemoteError(FedliftError):
 
 
 class ClientFailedError(FedliftError):
-    """A client's training script raised, exited early or its process died."""
+    """A client's training script raised, exited early or its process died.
+
+    ``site``: the site that failed, where one did (None when the job as a whole ran out
+    of sites); the message holds its traceback or what became of its process."""
+
+    def __init__(self, *args: object, site: str | None = None) -> None:
+        super().__init__(*args)
+        self.site = site
 
 
 class RoundTimeoutError(FedliftError, TimeoutError):

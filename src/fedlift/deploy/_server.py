@@ -68,11 +68,13 @@ from ..server import (
     CHECKPOINT_DIR,
     CHECKPOINT_FILE,
     RoundRecord,
+    RunInfo,
     RunRecorder,
     ServerRuntime,
     Tracking,
     cross_site_evaluate,
     load_initial_model,
+    read_job_json,
 )
 from ..transport import GrpcListener
 from ._identity import Identity
@@ -673,6 +675,7 @@ class DeployServer:
         handler: logging.Handler | None = None
         recorder: RunRecorder | None = None
         tracking: Tracking | None = None
+        info: RunInfo | None = None
         finished = False
         try:
             handler = _file_logging(server_dir / "log.txt")
@@ -715,6 +718,18 @@ class DeployServer:
             strategy = config.workflow.strategy(
                 root / config.app, where="<job>/job.json", allow_app_code=self.allow_app_code
             )
+            info = RunInfo(
+                server_dir,
+                job=config.name,
+                job_id=job.job_id,
+                runner="deploy",
+                strategy=strategy,
+                num_rounds=config.workflow.num_rounds,
+                sites=sites,
+                config=read_job_json(root),
+                started_at=job.meta.get("started_at"),
+            )
+            info.start()
             settings = config.workflow.settings(on_round=lambda record: self._on_round(job, record))
             start_round = 0
             resumed = recorder.load_checkpoint()
@@ -737,12 +752,21 @@ class DeployServer:
             if config.workflow.cross_site_eval:
                 cross_site_evaluate(runtime, result.params, settings).save(server_dir)
             recorder.flush()
+            # The report before the state: an admin told "finished" downloads it.
+            self._end_run(job, info, None, root, "finished")
             with self._cond:  # first on disk: a restart after this never waits for the sites
                 self._save_meta(job, state="finished", finished_at=time.time(), error=None)
             runtime.stop("the job finished")
             finished = True
             log.info("job %s finished", job.job_id)
         except Exception as exc:
+            if job.runtime is not None:
+                job.runtime.stop(f"the job failed: {exc}", failed=True)
+            if info is not None:
+                with self._cond:
+                    state = self._end_state(job)
+                if state is not None:  # else it resumes at the next start
+                    self._end_run(job, info, exc, root, state)
             self._ended_badly(job, exc)
         finally:
             if recorder is not None:
@@ -758,11 +782,34 @@ class DeployServer:
             with self._cond:
                 self._cond.notify_all()
 
+    def _end_state(self, job: _Job) -> str | None:
+        """The state a job that raised ends in (:meth:`_ended_badly` saves it): None when
+        the server's shutdown interrupted it (it resumes). Callers hold ``self._cond``."""
+        if self._stopping and not job.abort_requested:
+            return None
+        return "aborted" if job.abort_requested else "failed"
+
+    def _end_run(
+        self, job: _Job, info: RunInfo, error: Exception | None, root: Path, state: str
+    ) -> None:
+        """``run.json`` and ``report.html`` say how the job ended, written before
+        ``meta.json`` says so (an admin told the job ended finds them). A write that fails
+        is logged; it changes nothing of the job's state."""
+        try:
+            info.end(error, state=state)
+        except FedliftError as exc:
+            log.error("job %s: %s could not be written: %s", job.job_id, info.path, exc)
+        from ..report import write_report  # matplotlib: loaded when a job ends
+
+        try:
+            write_report(info.path.parent, job_dir=root)
+        except Exception as exc:  # the report never turns a finished job into a failed one
+            log.error("job %s: its report could not be written: %r", job.job_id, exc)
+
     def _ended_badly(self, job: _Job, exc: Exception) -> None:
-        if job.runtime is not None:
-            job.runtime.stop(f"the job failed: {exc}", failed=True)
+        """Save the end of a job that raised ``exc`` (its runtime is stopped already)."""
         with self._cond:
-            if self._stopping and not job.abort_requested:
+            if self._end_state(job) is None:
                 log.info(
                     "job %s interrupted by the server's shutdown; it resumes later", job.job_id
                 )

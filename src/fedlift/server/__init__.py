@@ -35,6 +35,8 @@ from ._robust import (
     multikrum,
     trimmed_mean,
 )
+from ._roundlog import RoundLog
+from ._runinfo import RUN_FILE, RUN_FORMAT, RunInfo, failure_of, read_job_json
 from ._runtime import LogRecord, ServerRuntime
 from ._scaffold import SCAFFOLD_CTRL_DIFF, SCAFFOLD_CTRL_GLOBAL, Scaffold, scaffold_step
 from ._seam import (
@@ -70,6 +72,12 @@ from ._strategy import (
 from ._tracking import TRACKING_CHOICES, Tracking, check_tracking
 
 __all__ = [
+    "RoundLog",
+    "RUN_FILE",
+    "RUN_FORMAT",
+    "RunInfo",
+    "failure_of",
+    "read_job_json",
     "CompressionFilter",
     "compression_line",
     "AggregateFn",

@@ -612,6 +612,8 @@ class StreamingMean:
         self._metric_weights: dict[str, float] = {}
         self._unchecked: list[str] = []  # sources in the sums that no check has seen yet
         self.count = 0
+        self.weights: dict[str, float] = {}
+        """Each source's weight, as folded (for the round's record)."""
         self._lock = threading.Lock()
         self._order = FoldOrder()
 
@@ -665,6 +667,7 @@ class StreamingMean:
         assign_first = False
         for source, model, weight, arrays in validated:
             self._add_metrics(model.metrics, weight)
+            self.weights[source] = weight
             self.count += 1
             if arrays is None:
                 continue

@@ -19,6 +19,7 @@ import numpy as np
 
 from ..errors import ClientFailedError, ConfigError
 from ..model import ParamTree
+from ._roundlog import RoundLog
 from ._seam import Ask
 from ._store import RoundRecord, RunRecorder
 from ._strategy import (
@@ -98,19 +99,24 @@ class Cyclic(Strategy):
             visited: list[str] = []
             metrics: dict[str, float] = {}
             evaluated = params
+            noted = RoundLog()
+            weights: dict[str, float] = {}
             for site in order:
                 task = apply_task_filters(
                     task_model(params, round_number, settings, start_round, Ask([site])), settings
                 )
                 try:
                     aggregate, answered = train_round(
-                        self, controller, params, task, [site], round_number, one, publisher
-                    )
-                except ClientFailedError:
+                        self, controller, params, task, [site], round_number, one, publisher,
+                        noted,
+                    )  # fmt: skip
+                except ClientFailedError as exc:
                     if settings.on_client_error == "fail":
                         raise
                     log.error("round %d: %s is skipped", round_number + 1, site)
+                    noted.left_out(site, str(exc))
                     continue
+                weights.update(aggregate.weights)
                 if aggregate.params is not None:
                     params = publisher.publish(self.update(round_number, params, aggregate))
                 visited += answered
@@ -127,7 +133,11 @@ class Cyclic(Strategy):
                     visited,
                     metrics,
                     time.monotonic() - started,
-                    extra={"order": order, **filter_summary(settings)},
+                    extra={
+                        "order": order,
+                        **noted.extra(visited, weights),
+                        **filter_summary(settings),
+                    },
                 ),
                 evaluated_params=evaluated,
             )

@@ -25,6 +25,7 @@ leaves (step counters) take the mean as FedAvg would.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
@@ -200,6 +201,16 @@ class FedOpt(FedAvg):
         for i, value in zip(moving, outs, strict=True):
             result[i] = value
         return unflatten(structure, result)
+
+    def summary(self) -> dict[str, float]:
+        """The server learning rate ``eta`` and the norm of the first moment (the step's
+        direction), with FedAvg's scalars."""
+        out = super().summary()
+        out["eta"] = float(self.eta)
+        if self._m is not None:
+            flat = [np.ravel(m) for m in self._m if np.issubdtype(m.dtype, np.floating)]
+            out["momentum_norm"] = math.sqrt(math.fsum(float(np.dot(m, m)) for m in flat))
+        return out
 
     def state(self) -> StrategyState:
         state = super().state()

@@ -143,4 +143,5 @@ class _MeanAggregator:
             total_weight=self._mean.total_weight,
             count=self._mean.count,
             meta=meta,
+            weights=dict(self._mean.weights),
         )

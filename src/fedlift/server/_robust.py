@@ -554,6 +554,7 @@ class _Collecting:
             total_weight=math.fsum(k.weight for k in carrying),
             count=len(self._kept),
             meta=meta,
+            weights=self._weights(),
         )
         self._kept.clear()
         _buffers.give(self._taken)  # the copies are read: next round reuses them
@@ -577,12 +578,22 @@ class _Collecting:
     def _extra(self, key: str) -> list[list[np.ndarray]]:
         return [k.extras[key] for k in self._kept]
 
+    def _weights(self) -> dict[str, float]:
+        """Each kept site's weight in the aggregate (for the round's record): by default
+        the weight it claimed; median and trimmed mean count each site once."""
+        return {k.site: k.weight for k in self._kept}
+
+    def _counted_once(self) -> dict[str, float]:
+        return {k.site: 1.0 for k in self._kept}
+
 
 def _params(carrying: list[_Kept]) -> list[list[np.ndarray]]:
     return [k.params for k in carrying if k.params is not None]
 
 
 class _MedianAggregator(_Collecting):
+    _weights = _Collecting._counted_once
+
     def _combine(self, carrying: list[_Kept], out: list[np.ndarray]) -> None:
         coordinate_median(_params(carrying), out=out)
 
@@ -596,6 +607,8 @@ class _TrimmedAggregator(_Collecting):
     ) -> None:
         super().__init__(reference, memory=memory, extras=extras)
         self._beta = beta
+
+    _weights = _Collecting._counted_once
 
     def _combine(self, carrying: list[_Kept], out: list[np.ndarray]) -> None:
         trimmed_mean(_params(carrying), self._beta, out=out)
@@ -632,6 +645,10 @@ class _KrumAggregator(_Collecting):
         _, chosen = multikrum(_params(carrying), weights, self._f, self._m, out=out)
         self._chosen = [carrying[i] for i in chosen]
         self.selected = [k.site for k in self._chosen]
+
+    def _weights(self) -> dict[str, float]:
+        chosen = {id(k) for k in self._chosen or self._kept}
+        return {k.site: k.weight if id(k) in chosen else 0.0 for k in self._kept}
 
     def _combine_extra(self, key: str, out: list[np.ndarray]) -> None:
         if self._chosen is None:  # no result carried params: select on the extra itself

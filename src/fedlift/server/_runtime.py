@@ -485,7 +485,9 @@ class ServerRuntime:
 
     def _raise_if_failed(self) -> None:
         if self._failure is not None:
-            raise ClientFailedError(f"{self._failure.site} failed:\n{self._failure.text}")
+            raise ClientFailedError(
+                f"{self._failure.site} failed:\n{self._failure.text}", site=self._failure.site
+            )
         if self._stop_reason is not None and self._stop_failed:
             raise JobAbortedError(f"the job was stopped: {self._stop_reason}")
 
@@ -501,6 +503,7 @@ class ServerRuntime:
         lazy_results: bool = False,
         on_results: Callable[[list[tuple[str, FLModel]]], None] | None = None,
         on_client_error: ErrorPolicy = "fail",
+        on_left_out: Callable[[str, str], None] | None = None,
     ) -> list[str]:
         """Send ``model`` as task ``task_name`` to ``sites`` and hand each result to ``on_result``.
 
@@ -519,7 +522,9 @@ class ServerRuntime:
         whose process is gone (:meth:`report_lost`) is left out under either policy.
         Raises :class:`ClientFailedError` at once when too few sites are left to reach
         ``min_responses``, and :class:`RoundTimeoutError` when fewer than that answered
-        within ``timeout`` seconds.
+        within ``timeout`` seconds. ``on_left_out(site, why)`` is called for each site that is
+        not in the task's answers: it failed, its process was lost, or it did not answer in
+        time (once the task goes on without it).
         """
         check_error_policy(on_client_error, "run_task(on_client_error=...)")
         exclude = on_client_error == "exclude"
@@ -545,13 +550,16 @@ class ServerRuntime:
                     del self._handed_out[site]
                 if (queued := self._pending.get(site)) is not None and queued.task_id == task_id:
                     del self._pending[site]
+            if on_left_out is not None:
+                on_left_out(site, why)
             possible = len(answered) + len(active) + len(waiting) + len(folding)
             if possible < min_responses:
                 raise ClientFailedError(
                     f"{site} failed: {why}\nTask {task_name!r} cannot reach "
                     f"min_clients={min_responses} any more: {len(answered)} answered and "
                     f"{possible - len(answered)} still may, of {len(sites)} (left out: "
-                    f"{', '.join(sorted(left_out))})."
+                    f"{', '.join(sorted(left_out))}).",
+                    site=site,
                 )
             log.warning(
                 "task %r goes on without %s (%d answered, %d still may; min_clients=%d)",
@@ -608,7 +616,7 @@ class ServerRuntime:
                 if event.kind == "stop":
                     raise JobAbortedError(f"the job was stopped: {event.text}")
                 if event.kind == "failure" and not exclude:
-                    raise ClientFailedError(f"{event.site} failed:\n{event.text}")
+                    raise ClientFailedError(f"{event.site} failed:\n{event.text}", site=event.site)
                 if event.kind in ("failure", "lost"):
                     if event.task_id == task_id and event.site in active:
                         log.error("%s is left out of task %r:\n%s", event.site, task_name,
@@ -688,6 +696,9 @@ class ServerRuntime:
                 "logs."
             )
         if len(answered) < len(sites):
+            if on_left_out is not None:
+                for site in sorted(set(sites) - set(answered) - set(left_out)):
+                    on_left_out(site, f"no answer within the round timeout ({timeout:g} s)")
             log.warning(
                 "task %r: going on with %d of %d clients (no answer from %s)",
                 task_name,

@@ -86,7 +86,10 @@ class Aggregate:
 
     ``params``: the combined params (for DIFF results the combined update), None when no
     result carried params; ``meta``: combined extras (e.g. SCAFFOLD's mean control-variate
-    change), by meta key; ``metrics``: the weighted mean of the results' numeric metrics.
+    change), by meta key; ``metrics``: the weighted mean of the results' numeric metrics;
+    ``weights``: each site's weight in the aggregate (its share is ``weight /
+    total_weight``), for the round's record; an aggregator may leave it empty, and the
+    round then records each result's ``NUM_STEPS_CURRENT_ROUND``.
     """
 
     params: ParamTree | None
@@ -95,6 +98,7 @@ class Aggregate:
     total_weight: float
     count: int
     meta: dict[str, Any] = field(default_factory=dict)
+    weights: dict[str, float] = field(default_factory=dict)
 
 
 class Aggregator(Protocol):

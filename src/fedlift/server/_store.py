@@ -395,6 +395,10 @@ class RoundRecord:
     """Wall-clock time (``time.time()``) when the round's results were all in."""
 
 
+PER_SITE_KEYS = ("sites", "left_out")
+"""The entries of a round's ``extra`` that hold something per site: written to
+``metrics.jsonl``, not kept in :attr:`RunRecorder.records`."""
+
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_FILE = "checkpoint.json"
 
@@ -577,6 +581,10 @@ class RunRecorder:
             record.is_best = True
         # The line first: when it cannot be written, nothing of this round is remembered.
         self._append_metrics(json.dumps(asdict(record), allow_nan=True) + "\n")
+        # What each site did stays in the file: held for every round, it would grow with
+        # rounds x sites (2,000 sites: ~1 KB each a round).
+        for key in PER_SITE_KEYS:
+            record.extra.pop(key, None)
         self.records.append(record)
         if improves and evaluated_params is not None:
             self.best_value = record.metrics[self.key_metric]

@@ -35,8 +35,9 @@ from ..errors import ClientFailedError, ConfigError
 from ..model import FLModel, MetaKey, ParamsType, ParamTree, flatten, is_bfloat16, unflatten
 from ._aggregate import ErrorPolicy, _ResultLost, check_error_policy, weighted_mean_metrics
 from ._mean import Mean
+from ._roundlog import RoundLog, numeric_summary
 from ._seam import Aggregate, AggregatorFactory, Allocator, Ask, FastPath, Filter, Memory
-from ._store import RoundRecord, RunRecorder, _is_array_tree
+from ._store import RoundRecord, RunRecorder, _is_array_tree, split_state
 
 __all__ = [
     "Controller",
@@ -87,13 +88,16 @@ class Controller(Protocol):
         lazy_results: bool = False,
         on_results: Callable[[list[tuple[str, FLModel]]], None] | None = None,
         on_client_error: ErrorPolicy = "fail",
+        on_left_out: Callable[[str, str], None] | None = None,
     ) -> list[str]:
         """Send ``model`` to ``sites``; call ``on_result`` for each result as it arrives;
         return the sites that answered (see :meth:`ServerRuntime.run_task`).
         ``lazy_results``: ``on_result`` accepts params it must read during the call;
         ``on_results``: takes the results that arrived together, instead of ``on_result``;
         ``on_client_error``: the :data:`ErrorPolicy` for sites that fail or whose result
-        ``on_result`` refuses with :class:`~fedlift.errors.InvalidResultError`."""
+        ``on_result`` refuses with :class:`~fedlift.errors.InvalidResultError`;
+        ``on_left_out(site, why)``: called for each site left out of the task (failed, lost,
+        or no answer in time)."""
         ...
 
 
@@ -204,6 +208,13 @@ class Strategy:
 
     def load_state(self, state: StrategyState) -> None:
         """Take back what :meth:`state` returned (on resume from a checkpoint)."""
+
+    def summary(self) -> dict[str, float]:
+        """Scalars that describe the strategy after a round (a server learning rate, a
+        clipping norm), recorded with the round (``extra["strategy"]``) and plotted by the
+        report. Default: the finite numbers in :meth:`state`, nested keys joined by ``.``."""
+        plain, _ = split_state(self.state())
+        return numeric_summary(plain)
 
     def run(
         self,
@@ -359,11 +370,15 @@ def train_round(
     round_number: int,
     settings: RunSettings,
     publisher: _Publisher,
+    log_to: RoundLog | None = None,
 ) -> tuple[Aggregate, list[str]]:
     """One ``train`` task folded by the strategy's aggregator; run again without the sites
-    whose results were lost part-way through their fold (fewer sites each time)."""
+    whose results were lost part-way through their fold (fewer sites each time).
+    ``log_to`` takes note of each site's result, and of the sites left out."""
     fast = controller.fast_path
     needed = min(settings.min_clients, len(sites))
+    noted = log_to if log_to is not None else RoundLog()
+    noted.sent(task, len(sites))
     while True:
         aggregator = strategy.aggregator(
             params,
@@ -373,7 +388,7 @@ def train_round(
             extras=strategy.extras,
         )
         streaming = aggregator.streaming
-        add = _filtered(aggregator.add, settings.filters)
+        add = noted.watch(_filtered(aggregator.add, settings.filters))
         try:
             answered = controller.run_task(
                 "train",
@@ -385,6 +400,7 @@ def train_round(
                 lazy_results=streaming and fast.lazy_results and not settings.filters,
                 on_results=add if streaming else None,
                 on_client_error=settings.on_client_error,
+                on_left_out=noted.left_out,
             )
         except _ResultLost as exc:
             left = [s for s in sites if s not in exc.sites]
@@ -401,6 +417,8 @@ def train_round(
                 ", ".join(exc.sites),
             )
             del aggregator
+            for site in exc.sites:
+                noted.left_out(site, str(exc))
             sites = left
             continue
         return aggregator.result(), answered
@@ -467,9 +485,11 @@ def run_rounds(
             task_model(sent, round_number, settings, start_round, ask), settings
         )
         del sent
+        noted = RoundLog()
         aggregate, answered = train_round(
-            strategy, controller, params, task, ask.sites, round_number, settings, publisher
-        )
+            strategy, controller, params, task, ask.sites, round_number, settings, publisher,
+            noted,
+        )  # fmt: skip
         del task
         if aggregate.params is None:
             log.warning("no client sent params this round; the global model is unchanged")
@@ -481,7 +501,12 @@ def run_rounds(
                 answered,
                 aggregate.metrics,
                 time.monotonic() - started,
-                extra={"total_weight": aggregate.total_weight, **filter_summary(settings)},
+                extra={
+                    "total_weight": aggregate.total_weight,
+                    **noted.extra(answered, aggregate.weights),
+                    **_strategy_summary(strategy),
+                    **filter_summary(settings),
+                },
             ),
             evaluated_params=params,
         )
@@ -527,20 +552,30 @@ def evaluate_round(
             f"sites ({', '.join(available)}); received: sites={ask.sites!r:.200}."
         )
     results: list[tuple[str, FLModel]] = []
+    noted = RoundLog()
+    task = apply_task_filters(task_model(params, round_number, settings, start_round, ask),
+                              settings)  # fmt: skip
+    noted.sent(task, len(ask.sites))
+
+    def take(site: str, result: FLModel) -> None:
+        noted.took(site, result)
+        results.append((site, FLModel(metrics=result.metrics, meta=result.meta)))
+
     answered = controller.run_task(
         "validate",
-        apply_task_filters(task_model(params, round_number, settings, start_round, ask), settings),
+        task,
         ask.sites,
-        on_result=lambda site, result: results.append(
-            (site, FLModel(metrics=result.metrics, meta=result.meta))
-        ),
+        on_result=take,
         timeout=settings.round_timeout,
         min_responses=min(settings.min_clients, len(ask.sites)),
         on_client_error=settings.on_client_error,
+        on_left_out=noted.left_out,
     )
+    del task
     record = recorder.record(
         RoundRecord(round_number, "validate", answered, strategy.aggregate_evaluate(results),
-                    time.monotonic() - started, extra=filter_summary(settings)),
+                    time.monotonic() - started,
+                    extra={**noted.extra(answered), **filter_summary(settings)}),
         evaluated_params=params,
     )  # fmt: skip
     _notify(settings, record)
@@ -559,18 +594,28 @@ def evaluate_final(
 
     started = time.monotonic()
     mean = StreamingMean(None)
+    noted = RoundLog()
     task = apply_task_filters(
         task_model(params, settings.num_rounds, settings, start_round), settings
     )
+    sites = controller.registered_sites()
+    noted.sent(task, len(sites))
+
+    def take(site: str, result: FLModel) -> None:
+        noted.took(site, result)
+        mean.add(FLModel(metrics=result.metrics, meta=result.meta), site)
+
     answered = controller.run_task(
         "validate",
         task,
-        controller.registered_sites(),
-        on_result=lambda site, result: mean.add(FLModel(metrics=result.metrics, meta=result.meta)),
+        sites,
+        on_result=take,
         timeout=settings.round_timeout,
         min_responses=settings.min_clients,
         on_client_error=settings.on_client_error,
+        on_left_out=noted.left_out,
     )
+    del task
     record = recorder.record(
         RoundRecord(
             settings.num_rounds,
@@ -578,12 +623,17 @@ def evaluate_final(
             answered,
             mean.metrics(),
             time.monotonic() - started,
-            extra=filter_summary(settings),
+            extra={**noted.extra(answered, mean.weights), **filter_summary(settings)},
         ),
         evaluated_params=params,
     )
     _notify(settings, record)
     return record.metrics
+
+
+def _strategy_summary(strategy: Strategy) -> dict[str, Any]:
+    summary = strategy.summary()
+    return {"strategy": summary} if summary else {}
 
 
 def _notify(settings: RunSettings, record: RoundRecord) -> None:

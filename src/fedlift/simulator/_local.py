@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 import traceback
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -50,10 +51,12 @@ from ..server import (
     FastPath,
     FedAvg,
     RoundRecord,
+    RunInfo,
     RunRecorder,
     RunSettings,
     Strategy,
 )
+from ._finish import end_run
 from ._simulator import _round_line
 
 __all__ = ["ClientFn", "LocalController", "LocalResult", "run_local"]
@@ -288,6 +291,7 @@ class LocalController:
         lazy_results: bool = False,  # results here are always plain arrays
         on_results: Callable[[list[tuple[str, FLModel]]], None] | None = None,
         on_client_error: ErrorPolicy = "fail",
+        on_left_out: Callable[[str, str], None] | None = None,
     ) -> list[str]:
         if on_client_error not in get_args(ErrorPolicy):
             raise ConfigError(
@@ -308,12 +312,15 @@ class LocalController:
 
         def leave_out(site: str, error: str) -> None:
             left_out.append(site)
+            if on_left_out is not None:
+                on_left_out(site, error)
             possible = len(sites) - len(left_out)
             if possible < min_responses:
                 raise ClientFailedError(
                     f"{site} failed:\n{error}\nTask {task_name!r} cannot reach "
                     f"min_clients={min_responses} any more ({len(left_out)} of {len(sites)} "
-                    f"clients left out: {_names(left_out)})."
+                    f"clients left out: {_names(left_out)}).",
+                    site=site,
                 )
             log.error("%s is left out of task %r:\n%s", site, task_name, error)
 
@@ -334,7 +341,9 @@ class LocalController:
                         if outcome.error is not None:
                             who = outcome.site or _names(batch)
                             if not exclude:
-                                raise ClientFailedError(f"{who} failed:\n{outcome.error}")
+                                raise ClientFailedError(
+                                    f"{who} failed:\n{outcome.error}", site=outcome.site
+                                )
                             done = {*answered, *left_out}
                             for gone in [outcome.site] if outcome.site else batch:
                                 if gone not in done:
@@ -367,6 +376,9 @@ class LocalController:
                     f"within {timeout:g} s, fewer than min_clients={min_responses} (no answer "
                     f"from: {_names(missing)}). Raise round_timeout if clients take longer."
                 )
+            if on_left_out is not None:
+                for site in sorted(set(missing) - set(left_out)):
+                    on_left_out(site, f"no answer within the round timeout ({timeout:g} s)")
             log.warning(
                 "task %r: going on with %d of %d clients (no answer from %s)",
                 task_name,
@@ -545,12 +557,45 @@ def run_local(
             directory = Path(workspace).resolve() / "server"
             directory.mkdir(parents=True, exist_ok=True)
         recorder = RunRecorder(directory, ArraysFormat(), key_metric, higher_is_better)
+        info = None
+        if scratch is None:  # a run kept on disk says what it was, and gets its report
+            info = RunInfo(
+                directory,
+                job="run_local",
+                job_id=f"run_local-{uuid.uuid4().hex[:8]}",
+                runner="run_local",
+                strategy=strategy,
+                num_rounds=num_rounds,
+                sites=sites,
+                config={
+                    "n_clients": n_clients,
+                    "num_rounds": num_rounds,
+                    "min_clients": needed,
+                    "threads": threads,
+                    "backend": backend,
+                    "round_timeout": round_timeout,
+                    "final_evaluation": final_evaluation,
+                    "key_metric": key_metric,
+                    "higher_is_better": higher_is_better,
+                    "on_client_error": on_client_error,
+                    "compression": None if compression is None else repr(compression),
+                },
+            )
+            info.start()
+        error: BaseException | None = None
         try:
             handoff = [initial_model]
             del initial_model  # freed once round 1 replaced it (see Strategy.run)
             result = strategy.run(controller, handoff.pop(), recorder, settings)
+        except BaseException as exc:
+            error = exc
+            raise
         finally:
-            recorder.close()
+            try:
+                recorder.close()
+            finally:
+                if info is not None:
+                    end_run(info, error, None)
     finally:
         controller.close()
         if scratch is not None:

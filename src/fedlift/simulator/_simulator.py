@@ -31,6 +31,7 @@ from ..model import ParamTree
 from ..server import (
     ArraysFormat,
     RoundRecord,
+    RunInfo,
     RunRecorder,
     ServerRuntime,
     Tracking,
@@ -38,9 +39,11 @@ from ..server import (
     compression_line,
     cross_site_evaluate,
     load_initial_model,
+    read_job_json,
 )
 from ..transport import GrpcListener
 from . import _gpu
+from ._finish import REPORT_FILE, end_run
 from ._gpu import assign_groups, check_gpu_ids, parse_gpu_groups
 from ._processes import WorkerProcess, start_worker
 from ._threads import thread_environment
@@ -258,7 +261,18 @@ def run_simulator(
         )
         + f", {config.workflow.num_rounds} rounds, workspace {ws}"
     )
-    failed = False
+    info = RunInfo(
+        server_dir,
+        job=config.name,
+        job_id=job_id,
+        runner="simulator",
+        strategy=strategy,
+        num_rounds=config.workflow.num_rounds,
+        sites=sites,
+        config=read_job_json(root),
+    )
+    info.start()
+    failed: BaseException | None = None
     try:
         for site in sites:
             with lock:
@@ -271,7 +285,7 @@ def run_simulator(
         runtime.stop("the job finished")
         stop_workers(grace=30)
     except BaseException as exc:
-        failed = True
+        failed = exc
         runtime.stop(f"the job failed: {exc}", failed=True)
         stop_workers(grace=10)
         if isinstance(exc, ClientFailedError):
@@ -283,7 +297,8 @@ def run_simulator(
             try:
                 recorder.close()
             finally:
-                tracking.close(failed=failed)
+                tracking.close(failed=failed is not None)
+                end_run(info, failed, root)
         finally:
             leftovers = sweep_shm(session_id)
             if leftovers:
@@ -342,3 +357,6 @@ def _print_summary(
     console.print(
         f"metrics: {recorder.metrics_path}; TensorBoard: {recorder.directory / 'tensorboard'}"
     )
+    report = recorder.directory / REPORT_FILE
+    if report.is_file():
+        console.print(f"report: {report}")

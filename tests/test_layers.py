@@ -1,6 +1,7 @@
 """The layers are imported in one direction only, checked from the source.
 
-model -> codec -> transport -> server -> client -> job -> simulator / deploy -> cli: a module
+model -> codec -> transport -> server -> client -> job -> report -> simulator / deploy -> cli
+(every runner writes its job's report, so report sits below them): a module
 of one package imports only from its own package, from packages below it, and from the
 shared modules (``errors``, ``_atomic``, ``_malloc``, ``_paths``, ``_late``, ``data``), which import no
 layer; never a private module (``_name``) of another package, and simulator and deploy do not
@@ -25,9 +26,10 @@ RANK = {
     "server": 3,
     "client": 4,
     "job": 5,
-    "simulator": 6,
-    "deploy": 6,
-    "cli": 7,
+    "report": 6,
+    "simulator": 7,
+    "deploy": 7,
+    "cli": 8,
 }
 SHARED = {"errors", "_atomic", "_malloc", "_paths", "_late", "data"}
 """Modules below every layer: any package may import them (a shared package only through

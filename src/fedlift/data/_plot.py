@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
@@ -17,7 +18,10 @@ from .._atomic import atomic_writer
 from ..errors import ConfigError
 from ._summary import Summary
 
-__all__ = ["save_summary_png"]
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["save_summary_png", "summary_figure"]
 
 
 def save_summary_png(
@@ -31,16 +35,30 @@ def save_summary_png(
     summary = Summary(labels, parts, class_names)
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
     except ImportError as exc:
         raise ConfigError(
             "save_summary_png needs matplotlib, which is not installed; install it with "
             f"pip install fedlift[plots] (or pip install matplotlib). Received: {exc}"
         ) from None
-    import matplotlib
+    figure = summary_figure(summary.counts, summary.names)
+    FigureCanvasAgg(figure)
+    with atomic_writer(path) as handle:
+        figure.savefig(handle, format="png", dpi=100)
 
-    counts = summary.counts
+
+def summary_figure(
+    counts: npt.NDArray[np.int64],
+    class_names: Sequence[str],
+    row_labels: Sequence[str] | None = None,
+) -> Figure:
+    """The stacked bar chart of ``counts`` (clients x classes) on a new matplotlib Figure
+    (no canvas attached: save it in any format); rows are labelled ``row_labels``
+    (default ``client 0`` ...). Needs matplotlib (the report's figures use it too)."""
+    import matplotlib
+    from matplotlib.figure import Figure
+
     n_clients, n_classes = counts.shape
+    labels = [f"client {i}" for i in range(n_clients)] if row_labels is None else row_labels
     palette = "tab10" if n_classes <= 10 else "tab20" if n_classes <= 20 else "viridis"
     colormap = matplotlib.colormaps[palette]
     if n_classes <= 20:
@@ -48,18 +66,16 @@ def save_summary_png(
     else:
         colors = colormap(np.linspace(0.0, 1.0, n_classes))
     figure = Figure(figsize=(8.0, min(2.0 + 0.3 * n_clients, 40.0)), layout="constrained")
-    FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     rows = np.arange(n_clients)
     left = np.zeros(n_clients, dtype=np.int64)
     for j in range(n_classes):
-        axes.barh(rows, counts[:, j], left=left, color=colors[j], label=summary.names[j])
+        axes.barh(rows, counts[:, j], left=left, color=colors[j], label=class_names[j])
         left += counts[:, j]
-    axes.set_yticks(rows, [f"client {i}" for i in rows])
+    axes.set_yticks(rows, list(labels))
     axes.invert_yaxis()
     axes.set_xlabel("samples")
     axes.set_title(f"Samples per client and class ({n_clients} clients, {n_classes} classes)")
     if n_classes <= 30:
         figure.legend(title="class", loc="outside right upper", fontsize="small")
-    with atomic_writer(path) as handle:
-        figure.savefig(handle, format="png", dpi=100)
+    return figure

@@ -548,6 +548,8 @@ class RunRecorder:
                 continue  # a line cut short by the crash
             if record.task == "train" and record.round <= round_done:
                 kept.append(line)
+                for key in PER_SITE_KEYS:
+                    record.extra.pop(key, None)
                 self.records.append(record)
         atomic_write_text(self.metrics_path, "".join(f"{line}\n" for line in kept))
 

@@ -66,7 +66,48 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="send models through gRPC even on this host (as between machines)",
     )
+    _add_report(commands)
     return parser
+
+
+def _add_report(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    report = commands.add_parser(
+        "report",
+        help="write a job's report.html again, or overlay several runs in one page",
+        description=(
+            "One WORKSPACE: write its report again (default: its server/report.html). "
+            "Several: overlay their global metrics in one page (default: ./fedlift-report.html)."
+            " A WORKSPACE is a simulator workspace, a job's server folder or a deployed job's "
+            "folder (STORE/jobs/ID)."
+        ),
+    )
+    report.add_argument("workspaces", nargs="+", type=Path, metavar="WORKSPACE")
+    report.add_argument("-o", "--out", type=Path, default=None, help="the page to write")
+    report.add_argument(
+        "--label",
+        action="append",
+        default=None,
+        help="a run's name in the legend (once per WORKSPACE, in order; default: job and folder)",
+    )
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .errors import ConfigError
+    from .report import compare_report, find_run, write_report
+
+    try:
+        found = [find_run(path) for path in args.workspaces]
+        if len(found) == 1 and not args.label:
+            server_dir, job_dir = found[0]
+            written = write_report(server_dir, job_dir=job_dir, out=args.out)
+        else:
+            out = args.out or Path("fedlift-report.html")
+            written = compare_report([s for s, _ in found], out, labels=args.label)
+    except ConfigError as exc:  # bad input: one line, the usage error's status
+        print(f"fedlift report: error: {_error_line(exc)}", file=sys.stderr)
+        return 2
+    print(f"report: {written}")
+    return 0
 
 
 def _names(values: list[str] | None) -> list[str]:
@@ -287,6 +328,8 @@ def _run(args: argparse.Namespace) -> int:
         return run_revoke(args)
     if args.command in ("client", "poc", "job"):
         return run_site_command(args)
+    if args.command == "report":
+        return _report(args)
     if args.command == "simulator":
         from .simulator import run_simulator
 

@@ -69,6 +69,11 @@ def _numbers(value: Any) -> dict[str, float]:
     return out
 
 
+def _short(value: Any) -> bool:
+    """A scalar worth showing inline."""
+    return isinstance(value, int | float | bool) or (isinstance(value, str) and len(value) < 40)
+
+
 def _get(value: Any, key: str) -> Any:
     return value.get(key) if isinstance(value, dict) else None
 
@@ -171,6 +176,19 @@ class Run:
     def text(self, key: str) -> str | None:
         value = self.info.get(key)
         return value[:MAX_NAME_CHARS] if isinstance(value, str) and value else None
+
+    @property
+    def strategy(self) -> str | None:
+        """run.json's strategy: a name, or a spec ``{"type": name, option: value}``."""
+        spec = self.info.get("strategy")
+        if isinstance(spec, dict):
+            name = spec.get("type")
+            options = ", ".join(
+                f"{k}={v}" for k, v in list(spec.items())[:12] if k != "type" and _short(v)
+            )
+            text = f"{name if isinstance(name, str) else '?'}" + (f"({options})" if options else "")
+            return text[:MAX_NAME_CHARS]
+        return self.text("strategy")
 
     def number(self, key: str) -> float | None:
         value = finite(self.info.get(key))

@@ -311,7 +311,7 @@ def _title(run: Run) -> str:
     facts = [
         f'<span class="state state-{esc(safe_id(state))}" id="state">{esc(state)}</span>',
         f"runner: {esc(run.text('runner') or '?')}",
-        f"strategy: {esc(run.text('strategy') or '?')}",
+        f"strategy: {esc(run.strategy or '?')}",
         f"rounds: {_rounds_done(run)}"
         + (f" of {run.number('num_rounds'):g}" if run.number("num_rounds") is not None else ""),
     ]
@@ -441,7 +441,7 @@ def _outcome(run: Run, label: str) -> list[object]:
     return [
         label,
         run.job_name,
-        run.text("strategy") or "?",
+        run.strategy or "?",
         run.text("runner") or "?",
         _state(run),
         _rounds_done(run),

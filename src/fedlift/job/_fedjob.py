@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from ..codec import Compression
+from ..data import save_summary_json, summary_table
 from ..errors import ConfigError
 from ..model import (
     build_keras_model,
@@ -43,7 +45,10 @@ from ._framework import FRAMEWORKS, FrameworkType
 from ._run import Env, JobRun
 from ._simulate import SimulationOutcome, simulate
 
-__all__ = ["FedAvgJob", "FedJob", "ScriptRunner"]
+__all__ = ["FedAvgJob", "FedJob", "PARTITION_NAME", "ScriptRunner"]
+
+PARTITION_NAME = "partition.json"
+"""The label distribution a job carries (:meth:`FedJob.set_partition_summary`)."""
 
 
 @dataclass
@@ -283,6 +288,7 @@ class FedJob:
         )
         self.runner: ScriptRunner | None = None
         self._targets: set[str] | None = None  # the sites to() named; None: all of them
+        self._partition: tuple[Any, list[Any], list[str] | None] | None = None
 
     def to_clients(self, runner: ScriptRunner) -> None:
         """Every client runs ``runner``."""
@@ -331,6 +337,29 @@ class FedJob:
         elif self._targets is not None:
             self._targets.add(target)
         # else: to_clients() gave every site this runner already
+
+    def set_partition_summary(
+        self,
+        labels: Any,
+        parts: Sequence[Any],
+        class_names: Sequence[str] | None = None,
+    ) -> None:
+        """Carry what each site's data holds, for the job's report: ``labels`` (every
+        sample's label) and ``parts`` (one index array per site, in site order: part i is
+        ``site-(i+1)``), as :func:`fedlift.data.dirichlet` and its kin return them. The
+        export writes the counts per site and class as ``partition.json`` (format
+        ``fedlift.data.summary/1``) into the job folder; nothing else reads them. Checked
+        here (ConfigError): one part per site, valid indices, one name per class."""
+        if isinstance(parts, str | bytes) or len(parts) != self.n_clients:
+            raise ConfigError(
+                f"set_partition_summary(labels, parts): parts must hold one index array per "
+                f"site (n_clients={self.n_clients}), in site order. Received: "
+                f"{type(parts).__name__} of length "
+                f"{len(parts) if hasattr(parts, '__len__') else '?'}."
+            )
+        summary_table(labels, parts, class_names)  # checks labels, parts and class_names
+        names = None if class_names is None else [str(n) for n in class_names]
+        self._partition = (np.asarray(labels).copy(), [np.asarray(p).copy() for p in parts], names)
 
     def export_job(self, root: str | Path, exclude: tuple[str | Path, ...] = ()) -> Path:
         """Write the job folder ``root/NAME`` (config, app, initial model); returns it.
@@ -393,6 +422,9 @@ class FedJob:
                 tracking=self.tracking,
             )
             config.write(staging)
+            if self._partition is not None:
+                labels, parts, names = self._partition
+                save_summary_json(labels, parts, staging / PARTITION_NAME, names)
             shutil.rmtree(folder, ignore_errors=True)
             staging.rename(folder)
         except BaseException:

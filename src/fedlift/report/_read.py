@@ -342,7 +342,8 @@ def read_run(server_dir: Path, job_dir: Path | None = None) -> Run:
     run = Run(server_dir=server_dir)
     _read_metrics(run)
     if run.bad_lines:
-        run.notes.append(f"{run.bad_lines} lines of metrics.jsonl could not be read")
+        lines = "line" if run.bad_lines == 1 else "lines"
+        run.notes.append(f"{run.bad_lines} {lines} of metrics.jsonl could not be read")
     info = read_json(server_dir / "run.json", run.notes)
     if isinstance(info, dict):
         run.info = info

@@ -24,6 +24,7 @@ from ._page import (
     Cell,
     data_script,
     esc,
+    format_bytes,
     format_duration,
     format_time,
     json_text,
@@ -32,7 +33,7 @@ from ._page import (
     safe_id,
     table,
 )
-from ._read import MAX_NAMES, Record, Run, read_run
+from ._read import MAX_NAMES, Record, Run, finite, read_run
 from ._svg import Panel, Series, heatmap_svg, panels_svg, participation_svg, partition_svg
 
 __all__ = ["REPORT_NAME", "compare_report", "write_report"]
@@ -200,7 +201,10 @@ def _left_out_text(why: str) -> str:
         return "timed out"
     if "lost" in lowered and "connection" in lowered:
         return "lost"
-    first = next((line.strip() for line in why.splitlines() if line.strip()), "left out")
+    lines = [line.strip() for line in why.splitlines() if line.strip()]
+    if lines and lines[0].startswith("Traceback"):
+        lines = lines[::-1]  # a traceback says what happened in its last line
+    first = lines[0] if lines else "left out"
     return "failed: " + (first if len(first) <= 80 else first[:77] + "...")
 
 
@@ -246,7 +250,8 @@ def _participation(page: _Page, records: Sequence[Record]) -> str:
     svg = participation_svg(shares, outs, labels, sites, page.salt())
     return (
         "<h2>Participation</h2><p>Each site's share of the round's weight, or why it was "
-        "left out (hover for the whole reason).</p>"
+        "left out (hover for the whole reason); in the figure a red x marks a site left "
+        "out.</p>"
         + table(["round", "task", *sites], rows, css_id="participation")
         + note
         + f"<figure>{svg}</figure>"
@@ -273,11 +278,7 @@ def _cross_site(page: _Page, run: Run) -> str:
 def _partition(page: _Page, run: Run) -> str:
     if run.partition is None:
         return ""
-    try:
-        svg = partition_svg(run.partition, page.salt())
-    except (ValueError, TypeError, OverflowError) as exc:  # what matplotlib makes of odd data
-        run.notes.append(f"the label distribution could not be drawn: {str(exc)[:200]}")
-        return ""
+    svg = partition_svg(run.partition, page.salt())
     return f"<h2>Label distribution</h2><figure>{svg}</figure>"
 
 
@@ -374,11 +375,24 @@ def _details(run: Run) -> str:
     for key, title in (("versions", "Versions"), ("machine", "Machine")):
         values = run.info.get(key)
         if isinstance(values, dict) and values:
-            parts.append(f"<h2>{title}</h2>{key_values(values)}")
+            shown = {
+                str(k): f"{format_bytes(v)} ({v})" if str(k).endswith("bytes") and finite(v) else v
+                for k, v in list(values.items())[:60]
+            }
+            parts.append(f"<h2>{title}</h2>{key_values(shown)}")
     if "seed" in run.info:
         seed = run.info["seed"]
         parts.append(f"<h2>Seed</h2><p>{esc(json_text(seed, 200))}</p>")
     return "".join(parts)
+
+
+def _section(name: str, draw: Callable[[], str], notes: list[str]) -> str:
+    """``draw()``, or a note where it failed: a report is never lost to one odd value."""
+    try:
+        return draw()
+    except Exception as exc:  # matplotlib's errors have no common class; none may escape
+        notes.append(f"the {name} section could not be drawn: {type(exc).__name__}: {exc}"[:500])
+        return ""
 
 
 def _body(run: Run, page: _Page) -> list[str]:
@@ -389,16 +403,20 @@ def _body(run: Run, page: _Page) -> list[str]:
             "metrics.jsonl or run.json. The report fills in as the job runs its rounds.</p>"
         )
     records = run.records
-    figures = [
-        _figure(page, "Global metrics", _global_panels(page, records)),
-        _figure(page, "Metrics per site", _site_panels(page, records)),
-        _figure(page, "Round time, traffic and memory", _run_panels(page, records)),
-        _participation(page, records),
-        _partition(page, run),
-        _cross_site(page, run),
-        _figure(page, "Strategy state", _strategy_panels(page, records)),
-        _details(run),
+    sections: list[tuple[str, Callable[[], str]]] = [
+        ("global metrics", lambda: _figure(page, "Global metrics", _global_panels(page, records))),
+        ("sites", lambda: _figure(page, "Metrics per site", _site_panels(page, records))),
+        (
+            "round time",
+            lambda: _figure(page, "Round time, traffic and memory", _run_panels(page, records)),
+        ),
+        ("participation", lambda: _participation(page, records)),
+        ("label distribution", lambda: _partition(page, run)),
+        ("cross-site evaluation", lambda: _cross_site(page, run)),
+        ("strategy", lambda: _figure(page, "Strategy state", _strategy_panels(page, records))),
+        ("config", lambda: _details(run)),
     ]
+    figures = [_section(name, draw, run.notes) for name, draw in sections]
     body.append(_notes(run.notes))  # after the figures were drawn: their notes too
     return [*body, *figures, data_script({"series": page.series})]
 

@@ -19,7 +19,15 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-__all__ = ["Panel", "Series", "figure_svg", "heatmap_svg", "panels_svg", "participation_svg"]
+__all__ = [
+    "Panel",
+    "Series",
+    "figure_svg",
+    "heatmap_svg",
+    "panels_svg",
+    "participation_svg",
+    "partition_svg",
+]
 
 _RC: dict[Any, Any] = {
     "svg.fonttype": "none",
@@ -28,6 +36,7 @@ _RC: dict[Any, Any] = {
     "axes.titlesize": 10.0,
     "axes.grid": True,
     "grid.alpha": 0.3,
+    "text.parse_math": False,  # a "$" in a site's or metric's name is text, not TeX
 }
 _METADATA = {"Date": None, "Creator": None, "Format": None, "Type": None}
 _WIDTH = 9.0
@@ -178,7 +187,7 @@ def participation_svg(
     )
     height = min(1.4 + 0.22 * len(sites), 6.0)
     figure = _new_figure(height)
-    figure.set_size_inches(min(_WIDTH, 2.5 + 0.35 * len(rows)), height)
+    figure.set_size_inches(min(_WIDTH, 5.0 + 0.3 * len(rows)), height)
     with matplotlib.rc_context(_RC):
         axes = figure.add_subplot()
         image = axes.imshow(values.T, cmap="Blues", vmin=0.0, vmax=1.0, aspect="auto")
@@ -187,9 +196,8 @@ def participation_svg(
         if marks:
             axes.plot(
                 [m[0] for m in marks], [m[1] for m in marks], "x", color="#c0392b",
-                markersize=8, markeredgewidth=2, label="left out",
+                markersize=8, markeredgewidth=2,
             )  # fmt: skip
-            axes.legend(loc="upper left", bbox_to_anchor=(1.25, 1.0), fontsize="small")
         step = max(1, len(rows) // 20)
         axes.set_xticks(range(0, len(rows), step), rows[::step])
         axes.set_yticks(range(len(sites)), sites)
@@ -200,11 +208,13 @@ def participation_svg(
 
 def partition_svg(summary: dict[str, Any], salt: str) -> str:
     """The label distribution: a stacked bar per site (fedlift.data's picture)."""
+    import matplotlib
     import numpy as np
 
     from ..data import summary_figure
 
-    figure = summary_figure(
-        np.asarray(summary["counts"], dtype=np.int64), summary["names"], summary["sites"]
-    )
+    with matplotlib.rc_context({**_RC, "axes.grid": False}):
+        figure = summary_figure(
+            np.asarray(summary["counts"], dtype=np.int64), summary["names"], summary["sites"]
+        )
     return figure_svg(figure, salt)

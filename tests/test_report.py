@@ -38,50 +38,33 @@ def _round(number: int, task: str, metrics: dict[str, Any], **extra: Any) -> dic
     }
 
 
+def _trained(
+    number: int, metrics: dict[str, float], weights: dict[str, float], **extra: Any
+) -> dict[str, Any]:
+    """A train round: the sites' weights, accuracies 0.1 apart, fixed bytes and memory."""
+    sites = {
+        site: {"metrics": {"accuracy": metrics["accuracy"] + (0.1 if k else -0.1)}, "weight": w}
+        for k, (site, w) in enumerate(weights.items())
+    }
+    sent = {"bytes_sent": 2000, "bytes_received": 950 * len(weights) - 100 * number + 100}
+    memory = {"server_rss": 50e6 + 1e6 * number, "server_peak_rss": 51e6 + 1e6 * min(number, 2)}
+    return _round(
+        number,
+        "train",
+        metrics,
+        total_weight=sum(weights.values()),
+        sites=sites,
+        strategy={"eta": 0.1 / 2**number},
+        **sent,
+        **memory,
+        **extra,
+    )
+
+
 ROUNDS = [
-    _round(
-        0,
-        "train",
-        {"accuracy": 0.5, "loss": 1.25},
-        total_weight=400.0,
-        sites={
-            "site-1": {"metrics": {"accuracy": 0.4}, "weight": 100.0},
-            "site-2": {"metrics": {"accuracy": 0.6}, "weight": 300.0},
-        },
-        bytes_sent=2000,
-        bytes_received=1800,
-        server_rss=50_000_000,
-        server_peak_rss=51_000_000,
-        strategy={"eta": 0.1},
-    ),
-    _round(
-        1,
-        "train",
-        {"accuracy": 0.75, "loss": math.nan},
-        total_weight=400.0,
-        sites={
-            "site-1": {"metrics": {"accuracy": 0.7}, "weight": 200.0},
-            "site-2": {"metrics": {"accuracy": 0.8}, "weight": 200.0},
-        },
-        bytes_sent=2000,
-        bytes_received=1900,
-        server_rss=52_000_000,
-        server_peak_rss=53_000_000,
-        strategy={"eta": 0.05},
-    ),
-    _round(
-        2,
-        "train",
-        {"accuracy": 0.8, "loss": 0.5},
-        total_weight=250.0,
-        sites={"site-1": {"metrics": {"accuracy": 0.85}, "weight": 250.0}},
-        left_out={"site-2": WHY},
-        bytes_sent=2000,
-        bytes_received=950,
-        server_rss=52_500_000,
-        server_peak_rss=53_000_000,
-        strategy={"eta": 0.025},
-    ),
+    _trained(0, {"accuracy": 0.5, "loss": 1.25}, {"site-1": 100.0, "site-2": 300.0}),
+    _trained(1, {"accuracy": 0.75, "loss": math.nan}, {"site-1": 200.0, "site-2": 200.0}),
+    _trained(2, {"accuracy": 0.8, "loss": 0.5}, {"site-1": 250.0}, left_out={"site-2": WHY}),
     _round(3, "validate", {"accuracy": 0.82}),
 ]
 
@@ -135,12 +118,14 @@ def test_the_embedded_series_are_the_numbers_written(known: tuple[Path, str]) ->
     assert series["global-train-accuracy"]["y"] == [0.5, 0.75, 0.8]
     assert series["global-train-loss"]["y"] == [1.25, None, 0.5]  # NaN: null, not drawn
     assert series["global-validate-accuracy"] == {"label": "validate", "x": [3], "y": [0.82]}
-    assert series["site-train-accuracy-site-1"]["y"] == [0.4, 0.7, 0.85]
+    site = [[r["extra"]["sites"][s]["metrics"]["accuracy"] for r in ROUNDS[:3] if s in
+             r["extra"]["sites"]] for s in ("site-1", "site-2")]  # fmt: skip
+    assert series["site-train-accuracy-site-1"]["y"] == site[0]
     assert series["site-train-accuracy-site-2"]["x"] == [0, 1]
-    assert series["site-train-accuracy-site-2"]["y"] == [0.6, 0.8]
+    assert series["site-train-accuracy-site-2"]["y"] == site[1]
     assert series["seconds-train"]["y"] == [0.5, 1.5, 2.5]
-    assert series["bytes_received-train"]["y"] == [1800, 1900, 950]
-    assert series["server_peak_rss"]["y"] == [51e6, 53e6, 53e6]
+    assert series["bytes_received-train"]["y"] == [2000, 1900, 850]
+    assert series["server_peak_rss"]["y"] == [51e6, 52e6, 53e6]
     assert series["strategy-eta"]["y"] == [0.1, 0.05, 0.025]
 
 

@@ -133,6 +133,25 @@ def panels_svg(panels: Sequence[Panel], salt: str, columns: int = 2) -> str:
     return figure_svg(figure, salt)
 
 
+def _grid(matrix: Sequence[Sequence[float | None]]) -> Any:
+    """A float64 array of ``matrix``, NaN where a cell is None, NaN or Inf."""
+    import numpy as np
+
+    values = np.array(
+        [[math.nan if v is None else v for v in row] for row in matrix], dtype=np.float64
+    )
+    values[~np.isfinite(values)] = math.nan
+    return values
+
+
+def _image(figure: Figure, values: Any, **options: Any) -> tuple[Axes, Any]:
+    """One axes showing ``values`` as an image (no grid over it), and the image."""
+    axes = figure.add_subplot()
+    image = axes.imshow(values, aspect="auto", **options)
+    axes.grid(False)
+    return axes, image
+
+
 def heatmap_svg(
     title: str,
     matrix: Sequence[Sequence[float | None]],
@@ -144,15 +163,10 @@ def heatmap_svg(
     import matplotlib
     import numpy as np
 
-    values = np.array(
-        [[math.nan if v is None else v for v in row] for row in matrix], dtype=np.float64
-    )
-    values[~np.isfinite(values)] = math.nan
+    values = _grid(matrix)
     figure = _new_figure(min(1.6 + 0.45 * len(rows), 12.0))
     with matplotlib.rc_context(_RC):
-        axes = figure.add_subplot()
-        image = axes.imshow(values, cmap="viridis", aspect="auto")
-        axes.grid(False)
+        axes, image = _image(figure, values, cmap="viridis")
         axes.set_xticks(range(len(cols)), cols, rotation=30, ha="right")
         axes.set_yticks(range(len(rows)), rows)
         axes.set_xlabel("data of site")
@@ -180,18 +194,12 @@ def participation_svg(
 ) -> str:
     """Rounds x sites: the weight share of each site in the round (blue), left out (red x)."""
     import matplotlib
-    import numpy as np
 
-    values = np.array(
-        [[math.nan if v is None else v for v in row] for row in shares], dtype=np.float64
-    )
     height = min(1.4 + 0.22 * len(sites), 6.0)
     figure = _new_figure(height)
     figure.set_size_inches(min(_WIDTH, 5.0 + 0.3 * len(rows)), height)
     with matplotlib.rc_context(_RC):
-        axes = figure.add_subplot()
-        image = axes.imshow(values.T, cmap="Blues", vmin=0.0, vmax=1.0, aspect="auto")
-        axes.grid(False)
+        axes, image = _image(figure, _grid(shares).T, cmap="Blues", vmin=0.0, vmax=1.0)
         marks = [(i, j) for i, row in enumerate(left_out) for j, out in enumerate(row) if out]
         if marks:
             axes.plot(

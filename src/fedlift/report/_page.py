@@ -112,7 +112,7 @@ def json_text(value: Any, limit: int = 200_000, indent: int | None = None) -> st
     try:
         text = json.dumps(_plain(value), indent=indent, sort_keys=True, default=str)
     except (ValueError, TypeError, RecursionError):
-        text = repr(value)[:limit]
+        text = "(not shown: it cannot be written as JSON)"
     if len(text) > limit:
         text = text[:limit] + f"\n... ({len(text) - limit} more characters)"
     return text

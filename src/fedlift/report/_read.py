@@ -39,6 +39,9 @@ MAX_NAMES = 64
 """The most sites, metrics or strategy values a report draws (the rest are noted)."""
 MAX_NAME_CHARS = 200
 """A longer site or metric name is cut to this."""
+MAX_VALUES = 500_000
+"""The most numbers and reasons kept from ``metrics.jsonl``: past them, later rounds keep
+their global entries only (their per-site ones are dropped, and the page says so)."""
 
 
 def finite(value: Any) -> float | None:
@@ -154,6 +157,8 @@ class Run:
     records: list[Record] = field(default_factory=list)
     bad_lines: int = 0
     truncated: bool = False
+    values: int = 0
+    sites_dropped: int = 0
     info: dict[str, Any] = field(default_factory=dict)
     """``run.json`` (an empty dict when absent or unreadable)."""
     config: Any = None
@@ -215,6 +220,18 @@ def read_json(path: Path, notes: list[str], limit: int = MAX_JSON_BYTES) -> Any:
         return None
 
 
+def _size(record: Record) -> int:
+    """How many values ``record`` keeps."""
+    sites = sum(1 + len(entry["metrics"]) for entry in record.sites.values())
+    return (
+        sites
+        + len(record.metrics)
+        + len(record.numbers)
+        + len(record.strategy)
+        + len(record.left_out)
+    )
+
+
 def _read_metrics(run: Run) -> None:
     path = run.server_dir / "metrics.jsonl"
     try:
@@ -238,6 +255,9 @@ def _read_metrics(run: Run) -> None:
             if not line:
                 break
             budget -= len(line)
+            if budget <= 0 and not line.endswith(b"\n"):  # the cap cut this line short
+                run.truncated = True
+                break
             if not line.endswith(b"\n") and len(line) > MAX_LINE_BYTES:
                 run.bad_lines += 1
                 while line and not line.endswith(b"\n") and budget > 0:  # skip the rest
@@ -252,8 +272,17 @@ def _read_metrics(run: Run) -> None:
                 record = None
             if record is None:
                 run.bad_lines += 1
-            else:
-                run.records.append(record)
+                continue
+            if run.values > MAX_VALUES and (record.sites or record.left_out):
+                record.sites, record.left_out = {}, {}
+                run.sites_dropped += 1
+            run.values += _size(record)
+            run.records.append(record)
+    if run.sites_dropped:
+        run.notes.append(
+            f"metrics.jsonl holds more than {MAX_VALUES:,} values: the per-site entries of "
+            f"its last {run.sites_dropped} rounds were not kept"
+        )
     if run.truncated:
         run.notes.append(
             f"metrics.jsonl is longer than {MAX_METRICS_BYTES // 2**20} MiB or "

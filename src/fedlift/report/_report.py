@@ -51,7 +51,12 @@ _TRAFFIC = (
 )
 _MEMORY = ("server_rss", "server_peak_rss")
 _MAX_PANELS = 12
-_MAX_TABLE_ROWS = 500
+_MAX_SITE_PANELS = 6
+_MAX_SITE_LINES = 32
+_MAX_POINTS = 1000
+"""A longer series is drawn (and embedded) with every k-th round and its last."""
+_MAX_TABLE_ROWS = 200
+_DRAWABLE = 1e150
 
 
 def _natural(name: str) -> tuple[Any, ...]:
@@ -64,9 +69,17 @@ class _Page:
 
     def __init__(self) -> None:
         self.series: dict[str, dict[str, Any]] = {}
+        self.notes: list[str] = []
         self._figures = 0
 
     def line(self, key: str, label: str, x: list[float], y: list[float | None]) -> Series:
+        if len(x) > _MAX_POINTS:
+            step = math.ceil(len(x) / _MAX_POINTS)
+            keep = [*range(0, len(x) - 1, step), len(x) - 1]
+            x, y = [x[i] for i in keep], [y[i] for i in keep]
+            note = f"series of more than {_MAX_POINTS} rounds are drawn with every k-th round"
+            if note not in self.notes:
+                self.notes.append(note)
         base = safe_id(key)
         ident, n = base, 1
         while ident in self.series:
@@ -111,7 +124,8 @@ def _seconds(record: Record) -> Mapping[str, float]:
 def _curve(
     records: Sequence[Record], key: str, pick: Callable[[Record], Mapping[str, float]] = _metrics
 ) -> tuple[list[float], list[float | None]]:
-    """x (rounds) and y (``pick(record)[key]``, None for NaN and Inf) where it is."""
+    """x (rounds) and y (``pick(record)[key]``) where it is; y is None where it cannot be
+    drawn (NaN, Inf, beyond +-1e150: an axis spanning more overflows)."""
     xs: list[float] = []
     ys: list[float | None] = []
     for record in records:
@@ -119,7 +133,7 @@ def _curve(
         if v is None:
             continue
         xs.append(float(record.round))
-        ys.append(v if math.isfinite(v) else None)
+        ys.append(v if math.isfinite(v) and abs(v) <= _DRAWABLE else None)
     return xs, ys
 
 
@@ -144,7 +158,12 @@ def _site_panels(page: _Page, records: Sequence[Record]) -> list[Panel]:
     panels = []
     for task in _tasks(records):
         of_task = [r for r in records if r.task == task]
-        sites = sorted(_names([r.sites for r in of_task]), key=_natural)[:MAX_NAMES]
+        sites = sorted(_names([r.sites for r in of_task]), key=_natural)
+        if len(sites) > _MAX_SITE_LINES:
+            page.notes.append(
+                f"{len(sites)} sites ran {task}: the first {_MAX_SITE_LINES} are drawn per site"
+            )
+            sites = sites[:_MAX_SITE_LINES]
         metrics = _names([e["metrics"] for r in of_task for e in r.sites.values()])
         for metric in metrics[:_MAX_PANELS]:
             panel = Panel(f"{metric} per site ({task})")
@@ -154,7 +173,7 @@ def _site_panels(page: _Page, records: Sequence[Record]) -> list[Panel]:
                     panel.series.append(page.line(f"site-{task}-{metric}-{site}", site, xs, ys))
             if panel.series:
                 panels.append(panel)
-    return panels[:_MAX_PANELS]
+    return panels[:_MAX_SITE_PANELS]
 
 
 def _run_panels(page: _Page, records: Sequence[Record]) -> list[Panel]:
@@ -417,6 +436,7 @@ def _body(run: Run, page: _Page) -> list[str]:
         ("config", lambda: _details(run)),
     ]
     figures = [_section(name, draw, run.notes) for name, draw in sections]
+    run.notes.extend(page.notes)
     body.append(_notes(run.notes))  # after the figures were drawn: their notes too
     return [*body, *figures, data_script({"series": page.series})]
 
@@ -513,8 +533,8 @@ def compare_report(
     notes = [
         f"{label}: {note}" for run, label in zip(runs, names, strict=True) for note in run.notes
     ]
-    body.append(_notes(notes))
-    body.append(_figure(document, "Global metrics", panels))
+    figure = _section("global metrics", lambda: _figure(document, "Global metrics", panels), notes)
+    body += [_notes(notes + document.notes), figure]
     for run, label in zip(runs, names, strict=True):
         if run.config is not None:
             body.append(

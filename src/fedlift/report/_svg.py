@@ -134,13 +134,13 @@ def panels_svg(panels: Sequence[Panel], salt: str, columns: int = 2) -> str:
 
 
 def _grid(matrix: Sequence[Sequence[float | None]]) -> Any:
-    """A float64 array of ``matrix``, NaN where a cell is None, NaN or Inf."""
+    """A float64 array of ``matrix``, NaN where a cell is None, NaN, Inf or beyond +-1e150."""
     import numpy as np
 
     values = np.array(
         [[math.nan if v is None else v for v in row] for row in matrix], dtype=np.float64
     )
-    values[~np.isfinite(values)] = math.nan
+    values[~(np.abs(values) <= 1e150)] = math.nan  # (an axis spanning more overflows)
     return values
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
@@ -18,6 +17,7 @@ from .._atomic import atomic_writer
 from ..errors import ConfigError
 from ._summary import Summary
 
+TYPE_CHECKING = False  # (typing's, without importing typing: this package imports little)
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 

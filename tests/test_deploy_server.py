@@ -330,6 +330,11 @@ def test_a_job_runs_to_the_end_and_its_results_download(
         names = set(bundle.namelist())
         bundle.extractall(out)
     assert {"metrics.jsonl", "state.json", "log.txt", "models/global_model.safetensors"} <= names
+    # The report and run.json are written before the job is marked finished.
+    assert {"report.html", "run.json"} <= names
+    run = json.loads((out / "run.json").read_text())
+    assert run["runner"] == "deploy" and run["state"] == "finished" and run["job_id"] == job_id
+    assert run["sites"] == ["site-1", "site-2"] and run["failure"] is None
     assert not any(name.startswith("checkpoint") for name in names)
     params = load_params(out / "models" / "global_model.safetensors")
     assert isinstance(params, dict)
@@ -633,6 +638,12 @@ def test_a_client_error_fails_the_job_with_its_text(
     finally:
         failing.close()
     assert "site-1 failed" in summary["error"] and "ZeroDivisionError" in summary["error"]
+    server_dir = server.workspace / "jobs" / job_id / "server"
+    run = json.loads((server_dir / "run.json").read_text())
+    assert run["state"] == "failed" and run["failure"]["site"] == "site-1"
+    assert "ZeroDivisionError" in run["failure"]["traceback_tail"]
+    report = (server_dir / "report.html").read_text()
+    assert "ZeroDivisionError" in report and "site-1" in report
 
 
 def test_a_restarted_server_runs_queued_jobs_and_resumes_a_stopped_one(

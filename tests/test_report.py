@@ -422,3 +422,30 @@ def test_the_command_runs_as_a_process(tmp_path: Path) -> None:
         timeout=60,
     )
     assert light.stdout.strip() == "False"
+
+
+def test_a_job_carries_its_label_distribution_into_the_report(tmp_path: Path) -> None:
+    import numpy as np
+
+    from fedlift import FedAvgJob, ScriptRunner
+    from fedlift.errors import ConfigError
+
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "client.py").write_text("")
+    job = FedAvgJob("labelled", n_clients=2, num_rounds=1, initial_model={"w": np.zeros(2)})
+    job.to_clients(ScriptRunner("client.py", app_dir=app, framework="numpy"))
+    labels = np.array([0, 0, 1, 1, 1, 2])
+    with pytest.raises(ConfigError, match="one index array per site"):
+        job.set_partition_summary(labels, [np.arange(6)])
+    with pytest.raises(ConfigError, match="class_names"):
+        job.set_partition_summary(labels, [np.arange(3), np.arange(3, 6)], class_names=["a"])
+    job.set_partition_summary(labels, [np.arange(3), np.arange(3, 6)], ["cat", "dog", HOSTILE])
+    folder = job.export_job(tmp_path / "ws" / "jobs")
+    summary = json.loads((folder / "partition.json").read_text())
+    assert summary["format"] == "fedlift.data.summary/1"
+    assert summary["counts"] == [[2, 1, 0], [0, 2, 1]]
+    server = _write_run(tmp_path / "ws" / "server", ROUNDS, None)
+    text = write_report(server).read_text()  # finds ws/jobs/labelled
+    assert "<h2>Label distribution</h2>" in text and ">dog<" in text
+    assert "&quot;name&quot;: &quot;labelled&quot;" in text  # job.json, as the config

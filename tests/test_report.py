@@ -392,35 +392,23 @@ def test_the_cli_refuses_bad_input_in_one_line(
     assert "holds no run's files" in capsys.readouterr().err
 
 
+def _python(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, env=env, timeout=60
+    )
+
+
 def test_the_command_runs_as_a_process(tmp_path: Path) -> None:
     """As users run it: fast, and the parser does not import the report's matplotlib."""
     _write_run(tmp_path / "ws" / "server", ROUNDS, RUN)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     started = time.perf_counter()
-    done = subprocess.run(
-        [sys.executable, "-m", "fedlift", "report", str(tmp_path / "ws")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
+    done = _python("-m", "fedlift", "report", str(tmp_path / "ws"))
     assert done.returncode == 0, done.stderr
     assert time.perf_counter() - started < 15.0
-    missing = subprocess.run(
-        [sys.executable, "-m", "fedlift", "report", str(tmp_path / "nope")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
+    missing = _python("-m", "fedlift", "report", str(tmp_path / "nope"))
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
-    light = subprocess.run(
-        [sys.executable, "-c", "import sys, fedlift.cli; print('matplotlib' in sys.modules)"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
+    light = _python("-c", "import sys, fedlift.cli; print('matplotlib' in sys.modules)")
     assert light.stdout.strip() == "False"
 
 

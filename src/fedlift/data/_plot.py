@@ -1,7 +1,7 @@
 """A picture of a partition: one stacked horizontal bar per client, a colour per class.
 
-matplotlib is optional (``pip install fedlift[plots]``) and imported only when a picture
-is asked for, so ``import fedlift.data`` stays light. It draws with the Agg canvas on its
+matplotlib (a dependency: every run's report draws with it) is imported only when a
+picture is asked for, so ``import fedlift.data`` stays light. It draws with the Agg canvas on its
 own figure, never through pyplot, so the caller's backend and figures are left alone.
 """
 

@@ -308,12 +308,14 @@ EXPECTED: dict[str, list[str]] = {
     "fedlift.report": [
         "REPORT_NAME",
         "compare_report",
+        "curves_svg",
         "find_run",
         "write_report",
     ],
     "fedlift.deploy": [
         "DeployServer",
         "Kit",
+        "LiveView",
         "PocEnv",
         "ProdEnv",
         "ROLES",
@@ -322,11 +324,13 @@ EXPECTED: dict[str, list[str]] = {
         "add_site_commands",
         "channel_credentials",
         "load_kit",
+        "make_web_token",
         "provision",
         "revoke",
         "run_revoke",
         "run_site_command",
         "server_credentials",
+        "verify_web_token",
     ],
     "fedlift.client.tracking": [
         "MLflowWriter",

@@ -67,7 +67,42 @@ def _parser() -> argparse.ArgumentParser:
         help="send models through gRPC even on this host (as between machines)",
     )
     _add_report(commands)
+    _add_web_token(commands)
     return parser
+
+
+def _add_web_token(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    token = commands.add_parser(
+        "web-token",
+        help="print a token that opens the server's live view (admins)",
+        description=(
+            "Sign a token with this admin kit's key that opens the live view of `fedlift "
+            "server start --web` in a browser without a client certificate. Revoking the "
+            "admin's certificate ends it."
+        ),
+    )
+    token.add_argument("kit", type=Path, help="the admin's kit folder (from fedlift provision)")
+    token.add_argument(
+        "--hours", type=float, default=12.0, help="how long it is valid (default 12, at most 168)"
+    )
+    token.add_argument(
+        "--url",
+        default=None,
+        help="the live view's address (https://HOST:PORT/): print the whole link to open",
+    )
+
+
+def _web_token(args: argparse.Namespace) -> int:
+    from .deploy import load_kit, make_web_token
+
+    token = make_web_token(load_kit(args.kit), args.hours)
+    if args.url:
+        print(f"{args.url.rstrip('/')}/?token={token}")
+    else:
+        print(token)
+        print(f"open https://SERVER:WEBPORT/?token=<the token above> (valid {args.hours:g} h)",
+              file=sys.stderr)  # fmt: skip
+    return 0
 
 
 def _add_report(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -200,9 +235,15 @@ def _add_server(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         help="let jobs name strategies or functions from their app folder; that code runs in "
         "the server's process, with its key (default: refused)",
     )
+    start.add_argument(
+        "--web",
+        default=None,
+        metavar="HOST:PORT",
+        help="serve the live view (HTTPS; admins by certificate or `fedlift web-token`)",
+    )
 
 
-def _check_port_free(address: str) -> None:
+def _check_port_free(address: str, option: str = "--address") -> None:
     """Raise OSError(EADDRINUSE) when something already listens on ``address``.
 
     gRPC reports a taken port only as a RuntimeError; this probe (a plain bind, which
@@ -223,7 +264,9 @@ def _check_port_free(address: str) -> None:
             probe.bind((host, port))
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
-                raise OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE), address) from None
+                raise OSError(
+                    errno.EADDRINUSE, os.strerror(errno.EADDRINUSE), f"{option} {address}"
+                ) from None
             # another problem (an unknown host, an address not on this machine): the
             # server's own listener reports it
 
@@ -249,9 +292,18 @@ def _server(args: argparse.Namespace) -> int:
         done.set()
 
     try:
+        if args.web is not None:
+            _check_port_free(args.web, "--web")
         server = DeployServer(
-            kit, workspace, address=args.address, allow_app_code=args.allow_app_code
+            kit,
+            workspace,
+            address=args.address,
+            allow_app_code=args.allow_app_code,
+            web=args.web,
         )
+        if server.live is not None:
+            hint = "admins: a certificate, or a link from `fedlift web-token ADMIN_KIT --url URL`"
+            print(f"fedlift server: live view on {server.live.url} ({hint})", flush=True)
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         print(f"fedlift server: listening on {server.address}, workspace {workspace}", flush=True)
@@ -330,6 +382,8 @@ def _run(args: argparse.Namespace) -> int:
         return run_site_command(args)
     if args.command == "report":
         return _report(args)
+    if args.command == "web-token":
+        return _web_token(args)
     if args.command == "simulator":
         from .simulator import run_simulator
 

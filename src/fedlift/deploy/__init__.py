@@ -18,9 +18,11 @@ from ._commands import add_revoke_command, add_site_commands, run_revoke, run_si
 if TYPE_CHECKING:  # loaded on first use: the CLI's parser needs none of it (cryptography)
     from ._env import PocEnv, ProdEnv
     from ._identity import ROLES
+    from ._live import LiveView
     from ._provision import provision, revoke
     from ._server import DeployServer
     from ._tls import Kit, Revocations, channel_credentials, load_kit, server_credentials
+    from ._webtoken import make_web_token, verify_web_token
 
 __all__ = [
     "ROLES",
@@ -28,16 +30,19 @@ __all__ = [
     "PocEnv",
     "ProdEnv",
     "Kit",
+    "LiveView",
     "Revocations",
     "add_revoke_command",
     "add_site_commands",
     "channel_credentials",
     "load_kit",
+    "make_web_token",
     "provision",
     "revoke",
     "run_revoke",
     "run_site_command",
     "server_credentials",
+    "verify_web_token",
 ]
 
 _LAZY = {
@@ -52,6 +57,9 @@ _LAZY = {
     "channel_credentials": "_tls",
     "load_kit": "_tls",
     "server_credentials": "_tls",
+    "LiveView": "_live",
+    "make_web_token": "_webtoken",
+    "verify_web_token": "_webtoken",
 }
 
 

@@ -78,6 +78,7 @@ from ..server import (
 )
 from ..transport import GrpcListener
 from ._identity import Identity
+from ._live import LiveView
 from ._tls import Kit, Revocations, load_kit, server_credentials
 
 __all__ = ["ADMIN_OPS", "JOB_STATES", "SITE_JOB_OPS", "DeployServer"]
@@ -100,6 +101,7 @@ _LARGE_OPS = frozenset({("site", "submit"), ("admin", "job_submit")})
 _CALLS_PER_PEER = 16  # a site needs about 5 at once (poll, task, submit, logs)
 _PLANNED_SITES = 64
 _PLANNED_ADMINS = 8
+_SNAPSHOT_JOBS = 100  # the live view lists the latest jobs
 
 
 @dataclass
@@ -203,9 +205,10 @@ class DeployServer:
 
     ``kit`` is the server's kit from ``fedlift provision``; ``workspace`` holds the job store;
     ``address`` is where to listen (default: every interface, on the port of the kit's server
-    address). Jobs found running in the store resume from their last checkpoint, and queued
-    ones are queued again. :meth:`stop` (or leaving a ``with`` block) stops it; a job that is
-    running then stays ``running`` in the store and resumes at the next start.
+    address); ``web`` (``HOST:PORT``) serves the live view there too (:class:`LiveView`).
+    Jobs found running in the store resume from their last checkpoint, and queued ones are
+    queued again. :meth:`stop` (or leaving a ``with`` block) stops it; a job that is running
+    then stays ``running`` in the store and resumes at the next start.
     """
 
     def __init__(
@@ -215,6 +218,7 @@ class DeployServer:
         *,
         address: str | None = None,
         allow_app_code: bool = False,
+        web: str | None = None,
     ) -> None:
         self.allow_app_code = allow_app_code
         """Whether jobs may name strategies (or functions) from their app folder: that code
@@ -250,6 +254,15 @@ class DeployServer:
             max_calls_per_peer=per_peer,
             stream_ops=("submit",),  # results are folded as they arrive (transport._inflow)
         )
+        self.live: LiveView | None = None
+        """The live web view (``web="HOST:PORT"``), serving once the server is constructed."""
+        if web is not None:
+            self.live = LiveView(self, web)
+            try:
+                self.live.start()
+            except BaseException:
+                self._listener.stop(0)
+                raise
         self._runner = threading.Thread(target=self._run_jobs, name="fedlift-jobs", daemon=True)
         self._runner.start()
         log.info("server %s listening on %s", self.kit.name, self._listener.address)
@@ -271,6 +284,8 @@ class DeployServer:
                 return
             self._stopping = True
             self._cond.notify_all()
+        if self.live is not None:
+            self.live.stop()
         self._listener.stop(grace)
         with self._cond:
             running = [job for job in self._jobs.values() if job.state == "running"]
@@ -283,6 +298,53 @@ class DeployServer:
         """Block until the server stops (True) or ``timeout`` passes (False)."""
         self._runner.join(timeout)
         return not self._runner.is_alive()
+
+    # ------------------------------------------------------------------ the live view
+    def snapshot(self, max_jobs: int = _SNAPSHOT_JOBS) -> dict[str, Any]:
+        """What the live view shows, as JSON values (a copy; the server's lock is held only
+        to copy it): the last ``max_jobs`` jobs' summaries, each running job's progress by
+        site (:meth:`ServerRuntime.progress`), and every site heard from with the seconds
+        since (a poll for jobs, or a call of a running job's protocol). Holds no secret:
+        no key, token or path outside the store."""
+        now = time.monotonic()
+        with self._cond:
+            jobs = sorted(
+                self._jobs.values(), key=lambda j: float(j.meta.get("submitted_at") or 0)
+            )[-max_jobs:]
+            summaries = [job.summary() for job in jobs]
+            runtimes = {
+                job.job_id: job.runtime
+                for job in jobs
+                if job.runtime is not None and job.state == "running"
+            }
+            polls = {site: (now - seen, site in self._polling)
+                     for site, seen in self._last_poll.items()}  # fmt: skip
+        progress = {job_id: runtime.progress() for job_id, runtime in runtimes.items()}
+        sites: dict[str, dict[str, Any]] = {}
+        for site, (ago, polling) in polls.items():
+            sites[site] = {"seen_s_ago": ago, "polling": polling, "job": None}
+        for job_id, by_site in progress.items():
+            for site, state in by_site.items():
+                entry = sites.setdefault(site, {"seen_s_ago": None, "polling": False, "job": None})
+                ago = state["seen_s_ago"]
+                if ago is not None and (entry["seen_s_ago"] is None or ago < entry["seen_s_ago"]):
+                    entry["seen_s_ago"] = ago
+                entry.update(job=job_id, state=state["state"], task=state["task"],
+                             round=state["round"], gone=state["gone"])  # fmt: skip
+        return {
+            "server": self.kit.name,
+            "project": self.kit.project,
+            "jobs": summaries,
+            "progress": progress,
+            "sites": dict(sorted(sites.items())),
+        }
+
+    def metrics_file(self, job_id: str) -> Path | None:
+        """The ``metrics.jsonl`` of job ``job_id`` if the store holds that job (the id is
+        looked up, never joined into a path as given)."""
+        with self._cond:
+            job = self._jobs.get(job_id)
+            return None if job is None else job.folder / "server" / "metrics.jsonl"
 
     # ------------------------------------------------------------------ the store
     def _load_store(self) -> None:

@@ -6,10 +6,11 @@ cause of a failure first, then the curves per round, participation, label distri
 cross-site heatmaps, the strategy's state and the job's config, with matplotlib's figures
 as inline SVG and the numbers behind them embedded as JSON. The page fetches nothing, so it
 opens offline and archives as one file. :func:`compare_report` overlays several runs;
-:func:`find_run` is what ``fedlift report PATH`` makes of a path.
+:func:`find_run` is what ``fedlift report PATH`` makes of a path; :func:`curves_svg` is a
+running job's curves, for the live view.
 """
 
 from ._locate import find_run
-from ._report import REPORT_NAME, compare_report, write_report
+from ._report import REPORT_NAME, compare_report, curves_svg, write_report
 
-__all__ = ["REPORT_NAME", "compare_report", "find_run", "write_report"]
+__all__ = ["REPORT_NAME", "compare_report", "curves_svg", "find_run", "write_report"]

@@ -457,6 +457,20 @@ def write_report(server_dir: Path, *, job_dir: Path | None = None, out: Path | N
     return target
 
 
+def curves_svg(server_dir: Path) -> tuple[str, dict[str, Any]]:
+    """The global metrics and every site's, per round, of the run in ``server_dir`` (which
+    may still be running) as one SVG, and the series drawn (``{id: {label, x, y}}``): what
+    the live view shows of a running job. Read as the report reads (bounded, checked);
+    an empty string when there is nothing to draw yet."""
+    run = read_run(Path(server_dir))
+    document = _Page()
+    panels = _global_panels(document, run.records) + _site_panels(document, run.records)
+    panels = [p for p in panels if p.series]
+    if not panels:
+        return "", {}
+    return panels_svg(panels, "fedlift-live"), document.series
+
+
 def _default_label(run: Run) -> str:
     folder = run.server_dir.parent if run.server_dir.name == "server" else run.server_dir
     return f"{run.job_name} ({folder.name or folder})"

@@ -198,6 +198,29 @@ class ServerRuntime:
         self._reoffered: set[str] = set()  # sites whose pending task was handed out before
         self._streaming: dict[tuple[str, str], _Event] = {}  # results still arriving
 
+    def progress(self) -> dict[str, dict[str, Any]]:
+        """Where each site stands, for a live view: registered or not (or gone, and why),
+        seconds since it was last heard from, and the task it is working on (``working``:
+        handed out, no result yet; ``queued``: waiting for it to ask) with its round. A
+        copy, taken under the lock in a few microseconds a site."""
+        now = time.monotonic()
+        with self._cond:
+            out: dict[str, dict[str, Any]] = {}
+            for name, site in self._sites.items():
+                held, queued = self._handed_out.get(name), self._pending.get(name)
+                task = held or queued
+                model = task.message_fields.get("model") if task is not None else None
+                round_number = model.get("current_round") if isinstance(model, dict) else None
+                out[name] = {
+                    "registered": site.registered,
+                    "gone": site.gone,
+                    "seen_s_ago": None if not site.last_seen else now - site.last_seen,
+                    "state": "working" if held else "queued" if queued else "idle",
+                    "task": task.name if task is not None else None,
+                    "round": round_number if isinstance(round_number, int) else None,
+                }
+            return out
+
     # ------------------------------------------------------------------ transport handler
     def handle(self, request: Message) -> Message:
         """The transport handler: validate the request and run its operation."""

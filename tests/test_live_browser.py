@@ -139,3 +139,42 @@ def test_a_browser_without_a_token_is_refused(deployment: tuple[Path, DeployServ
         assert body.startswith("403 Forbidden") and "fedlift web-token" in body
         driver.get(f"https://localhost:{server.live.port}/?token=v1.forged.token")
         assert driver.find_element("tag name", "body").text.startswith("403 Forbidden")
+
+
+def test_the_live_page_of_a_poc_job(tmp_path: Path) -> None:
+    """`fedlift poc start --web`: real server and site processes, a real job of scripts,
+    and the link the command prints, opened in Chromium."""
+    from test_deploy_e2e import fedlift, job_id_of, numpy_job
+
+    ws = tmp_path / "poc"
+    started = fedlift("poc", "start", "-n", "2", "--web", "--workspace", str(ws))
+    assert started.returncode == 0, started.stderr
+    link = next(
+        line.split()[-1] for line in started.stdout.splitlines() if line.startswith("Live view:")
+    )
+    state = json.loads((ws / "poc.json").read_text())
+    assert link.startswith(f"{state['web']}?token=")
+    try:
+        kit = ["--kit", state["admin_kit"]]
+        deadline = time.monotonic() + 60
+        while fedlift("job", "list", *kit).returncode != 0 and time.monotonic() < deadline:
+            time.sleep(0.3)  # the server is starting
+        job = numpy_job(tmp_path, 3, script_args="--sleep 1.5")
+        job_id = job_id_of(fedlift("job", "submit", str(job), *kit))
+        pin = spki_pin(Path(state["kits"]["server"]) / "cert.pem")
+        with chrome(f"--ignore-certificate-errors-spki-list={pin}") as driver:
+            driver.get(link)
+            seen: list[str] = []
+
+            def advanced() -> bool:
+                shown = round_shown(driver, job_id)
+                if shown and (not seen or seen[-1] != shown):
+                    seen.append(shown)
+                return len(seen) >= 2
+
+            wait_until(advanced, 90, "the round to advance on the page")
+            assert [int(r) for r in seen] == sorted(int(r) for r in seen), seen
+            wait_until(lambda: "finished" in driver.find_element("id", "jobs").text, 90, "finished")
+    finally:
+        stopped = fedlift("poc", "stop", "--workspace", str(ws))
+    assert stopped.returncode == 0, stopped.stderr

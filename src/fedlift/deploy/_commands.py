@@ -44,6 +44,9 @@ def add_site_commands(commands: Subparsers) -> None:  # type: ignore[type-arg]
     poc_start = poc_sub.add_parser("start", help="provision and start server + sites")
     poc_start.add_argument("-n", "--n_sites", type=int, default=2, help="sites (default 2)")
     poc_start.add_argument("--workspace", type=Path, default=DEFAULT_POC_WORKSPACE)
+    poc_start.add_argument(
+        "--web", action="store_true", help="serve the live view too, and print a link to it"
+    )
     poc_stop = poc_sub.add_parser("stop", help="stop what `poc start` started")
     poc_stop.add_argument("--workspace", type=Path, default=DEFAULT_POC_WORKSPACE)
 
@@ -106,7 +109,7 @@ def run_site_command(args: argparse.Namespace) -> int:
     from ._poc import poc_start, poc_stop
 
     if args.poc_command == "start":
-        state = poc_start(args.n_sites, args.workspace)
+        state = poc_start(args.n_sites, args.workspace, web=args.web)
         pids = state["pids"]
         sites = [k for k in pids if k != "server"] if isinstance(pids, dict) else []
         print(f"POC running: server {state['server']}, sites {', '.join(sites)} "
@@ -114,6 +117,12 @@ def run_site_command(args: argparse.Namespace) -> int:
         print(f"Submit a job:  fedlift job submit --kit {state['admin_kit']} JOB_FOLDER")
         print(f"Stop it:       fedlift poc stop --workspace {args.workspace}")
         print(f"(admin: {ADMIN})")
+        if "web" in state:
+            from ._tls import load_kit
+            from ._webtoken import make_web_token
+
+            token = make_web_token(load_kit(Path(str(state["admin_kit"]))))
+            print(f"Live view:     {state['web']}?token={token}")
         return 0
     stopped = poc_stop(args.workspace)
     print(f"stopped: {', '.join(stopped)}")

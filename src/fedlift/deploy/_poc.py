@@ -72,8 +72,12 @@ def _launch(args: list[str], log_path: Path) -> int:
     return process.pid
 
 
-def poc_start(n_sites: int, workspace: Path = DEFAULT_POC_WORKSPACE) -> dict[str, object]:
-    """Provision and start a server and ``n_sites`` clients; returns what poc.json holds."""
+def poc_start(
+    n_sites: int, workspace: Path = DEFAULT_POC_WORKSPACE, *, web: bool = False
+) -> dict[str, object]:
+    """Provision and start a server and ``n_sites`` clients; returns what poc.json holds.
+    ``web``: the server serves its live view too, on 127.0.0.1 and a free port
+    (``state["web"]`` is its URL)."""
     if not isinstance(n_sites, int) or not 1 <= n_sites <= 64:
         raise ConfigError(f"poc start -n takes 1 to 64 sites; received: {n_sites!r}.")
     state_path = workspace / "poc.json"
@@ -93,10 +97,13 @@ def poc_start(n_sites: int, workspace: Path = DEFAULT_POC_WORKSPACE) -> dict[str
     sites = [f"site-{i + 1}" for i in range(n_sites)]
     _record(workspace, ["kits", "logs", "server", *sites, "poc.json"])
     kits = provision("poc", f"127.0.0.1:{port}", sites, [ADMIN], workspace / "kits")
-    pids = {"server": _launch(
-        ["server", "start", str(kits["server"]), "--workspace", str(workspace / "server")],
-        workspace / "logs" / "server.log",
-    )}  # fmt: skip
+    server_args = ["server", "start", str(kits["server"]), "--workspace", str(workspace / "server")]
+    web_url = None
+    if web:
+        web_port = _free_port()
+        server_args += ["--web", f"127.0.0.1:{web_port}"]
+        web_url = f"https://127.0.0.1:{web_port}/"
+    pids = {"server": _launch(server_args, workspace / "logs" / "server.log")}
     for site in sites:
         pids[site] = _launch(
             ["client", "start", str(kits[site]), "--workspace", str(workspace / site)],
@@ -109,6 +116,8 @@ def poc_start(n_sites: int, workspace: Path = DEFAULT_POC_WORKSPACE) -> dict[str
         "kits": {name: str(path) for name, path in kits.items()},
         "started_at": time.time(),
     }
+    if web_url is not None:
+        state["web"] = web_url
     atomic_write_text(state_path, json.dumps(state, indent=2) + "\n")
     return state
 

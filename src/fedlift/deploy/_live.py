@@ -75,6 +75,9 @@ _MAX_HEADER = 8190
 @dataclass
 class _Session:
     admin: str
+    serial: int
+    """The serial number of the certificate that signed the token (checked against the
+    revocations at every request: revoking the admin ends the session too)."""
     expires: float
 
 
@@ -310,12 +313,18 @@ class LiveView:
             if session is None or session.expires <= time.time():
                 self._sessions.pop(sid, None)
                 return None
-            return session.admin
+        try:
+            self._server.revocations.check_serial(session.serial, session.admin, "admin")
+        except PermissionDeniedError:
+            with self._lock:
+                self._sessions.pop(sid, None)
+            raise
+        return session.admin
 
-    def _new_session(self, admin: str, expires: float) -> str:
+    def _new_session(self, admin: str, serial: int, expires: float) -> str:
         sid = secrets.token_urlsafe(32)
         with self._lock:
-            self._sessions[sid] = _Session(admin, expires)
+            self._sessions[sid] = _Session(admin, serial, expires)
             while len(self._sessions) > _MAX_SESSIONS:
                 self._sessions.popitem(last=False)
         return sid
@@ -345,7 +354,7 @@ class LiveView:
                 self._worker,
                 lambda: verify_web_token(token, self._server.kit, self._server.revocations),
             )
-            sid = self._new_session(identity.name, expires)
+            sid = self._new_session(identity.name, identity.serial or -1, expires)
             reply = web.Response(status=303, headers={"Location": "/", **_HEADERS})
             max_age = max(0, int(expires - time.time()))
             reply.set_cookie(_COOKIE, sid, max_age=max_age, path="/", secure=True,

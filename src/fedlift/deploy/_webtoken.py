@@ -99,7 +99,7 @@ def verify_web_token(
         signature = _unb64(parts[2])
         der = base64.b64decode(payload["cert"], validate=True)
         audience, expires = payload["aud"], payload["exp"]
-    except (ValueError, TypeError, KeyError, binascii.Error, UnicodeDecodeError):
+    except (ValueError, TypeError, KeyError, binascii.Error, UnicodeDecodeError, RecursionError):
         raise PermissionDeniedError("the token cannot be read: it was cut or altered.") from None
     if not isinstance(audience, str) or not isinstance(expires, int) or isinstance(expires, bool):
         raise PermissionDeniedError("the token cannot be read: it was cut or altered.")

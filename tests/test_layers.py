@@ -3,7 +3,7 @@
 model -> codec -> transport -> server -> client -> job -> report -> simulator / deploy -> cli
 (every runner writes its job's report, so report sits below them): a module
 of one package imports only from its own package, from packages below it, and from the
-shared modules (``errors``, ``_atomic``, ``_malloc``, ``_paths``, ``_late``, ``data``), which import no
+shared modules (``errors``, ``_atomic``, ``_json``, ``_malloc``, ``_paths``, ``_late``, ``data``), which import no
 layer; never a private module (``_name``) of another package, and simulator and deploy do not
 import each other. Function-level (lazy) and ``TYPE_CHECKING`` imports count too: a lazy
 import still runs against the direction, and a type-only one still ties the layers together.
@@ -31,7 +31,7 @@ RANK = {
     "deploy": 7,
     "cli": 8,
 }
-SHARED = {"errors", "_atomic", "_malloc", "_paths", "_late", "data"}
+SHARED = {"errors", "_atomic", "_json", "_malloc", "_paths", "_late", "data"}
 """Modules below every layer: any package may import them (a shared package only through
 its public ``__init__``), and they import no layer."""
 

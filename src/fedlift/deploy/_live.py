@@ -28,7 +28,6 @@ import collections
 import concurrent.futures
 import json
 import logging
-import math
 import os
 import secrets
 import socket
@@ -42,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 
+from .._json import finite_json
 from ..errors import ConfigError, PermissionDeniedError
 from ._identity import identity_of
 from ._live_page import live_page
@@ -378,7 +378,7 @@ class LiveView:
             )
         if path == "/api/state":
             state = await self._in_worker(self._server.snapshot)
-            body = json.dumps(_finite(state), allow_nan=False, default=str)
+            body = json.dumps(finite_json(state), allow_nan=False, default=str)
             return web.Response(
                 text=body,
                 content_type="application/json",
@@ -445,14 +445,3 @@ _HOW_TO_OPEN = (
     "Open the live view with an admin's certificate of this project (mutual TLS), or with "
     "a token: run `fedlift web-token ADMIN_KIT` and open the URL it prints.\n"
 )
-
-
-def _finite(value: Any) -> Any:
-    """``value`` with every NaN or infinity as null (JSON has neither)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value

@@ -15,6 +15,8 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from .._json import finite_json
+
 __all__ = [
     "Cell",
     "data_script",
@@ -96,21 +98,10 @@ def key_values(values: Mapping[str, Any], limit: int = 60) -> str:
     return table(["", ""], rows)
 
 
-def _plain(value: Any) -> Any:
-    """``value`` with every NaN and Inf as None (JSON has neither)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value
-
-
 def json_text(value: Any, limit: int = 200_000, indent: int | None = None) -> str:
     """``value`` as JSON text (NaN and Inf as null), cut at ``limit`` characters."""
     try:
-        text = json.dumps(_plain(value), indent=indent, sort_keys=True, default=str)
+        text = json.dumps(finite_json(value), indent=indent, sort_keys=True, default=str)
     except (ValueError, TypeError, RecursionError):
         text = "(not shown: it cannot be written as JSON)"
     if len(text) > limit:
@@ -120,7 +111,7 @@ def json_text(value: Any, limit: int = 200_000, indent: int | None = None) -> st
 
 def data_script(document: Any) -> str:
     """``document`` as the page's ``<script type="application/json" id="fedlift-data">``."""
-    text = json.dumps(_plain(document), separators=(",", ":"), sort_keys=True)
+    text = json.dumps(finite_json(document), separators=(",", ":"), sort_keys=True)
     text = text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
     return f'<script type="application/json" id="fedlift-data">{text}</script>'
 

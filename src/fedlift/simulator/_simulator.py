@@ -273,6 +273,7 @@ def run_simulator(
     )
     info.start()
     failed: BaseException | None = None
+    ending: threading.Thread | None = None
     try:
         for site in sites:
             with lock:
@@ -282,6 +283,12 @@ def run_simulator(
             cross = cross_site_evaluate(runtime, result.params, settings)
             cross.save(server_dir)
             console.print(cross.table())
+        # run.json and the report while the workers exit (matplotlib's import and the
+        # figures take ~0.7 s): the job is done, and nothing else reads or writes them.
+        ending = threading.Thread(
+            target=end_run, args=(info, None, root), name="fedlift-report", daemon=True
+        )
+        ending.start()
         runtime.stop("the job finished")
         stop_workers(grace=30)
     except BaseException as exc:
@@ -298,7 +305,10 @@ def run_simulator(
                 recorder.close()
             finally:
                 tracking.close(failed=failed is not None)
-                end_run(info, failed, root)
+                if ending is None:
+                    end_run(info, failed, root)
+                else:
+                    ending.join()
         finally:
             leftovers = sweep_shm(session_id)
             if leftovers:

@@ -422,6 +422,14 @@ def test_the_view_is_read_only_even_for_an_admin(deployment: tuple[Path, DeployS
     assert no_body.status == 405
     with_body = request(kits, port, "/api/state", cert=kits / ADMIN, body=b"x" * 100)
     assert with_body.status == 413
+    # a body sent chunked (no Content-Length) is refused as well
+    conn = http.client.HTTPSConnection("127.0.0.1", port, context=tls_context(kits, kits / ADMIN),
+                                       timeout=10)  # fmt: skip
+    try:
+        conn.request("GET", "/api/state", body=iter([b"x" * 100]), encode_chunked=True)
+        assert conn.getresponse().status == 413
+    finally:
+        conn.close()
 
 
 # ------------------------------------------------------------------------------- 2. tokens

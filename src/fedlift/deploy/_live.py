@@ -344,7 +344,7 @@ class LiveView:
 
         if request.method not in ("GET", "HEAD"):
             return _text(405, "405: the live view is read-only (GET only).\n")
-        if request.content_length:
+        if request.content_length or request.body_exists:  # chunked bodies too
             return _text(413, "413: requests carry no body.\n")
         admin = self._admin_by_certificate(request) or self._admin_by_session(request)
         token = request.query.get("token")

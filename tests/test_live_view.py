@@ -356,8 +356,9 @@ def test_an_admin_certificate_opens_the_page_and_a_state_without_secrets(
             assert Path(item).resolve().is_relative_to(server.workspace), item
 
 
+@pytest.mark.reliability
 def test_no_certificate_a_site_or_the_server_itself_gets_403(
-    deployment: tuple[Path, DeployServer],
+    deployment: tuple[Path, DeployServer], reliability: Any
 ) -> None:
     kits, server, live = live_of(deployment)
     port = live.port
@@ -372,11 +373,15 @@ def test_no_certificate_a_site_or_the_server_itself_gets_403(
     assert outcome(kits, port, cert=kits / "server") in ("refused", 403)
     # a made-up session cookie is no session
     assert request(kits, port, "/api/state", cookie="x" * 43).status == 403
+    reliability.hostile(
+        "live view: no certificate, a site's, the server's, a made-up cookie", tried=7
+    )
 
 
+@pytest.mark.reliability
 @pytest.mark.parametrize("same_key", [False, True], ids=["own-key", "admins-stolen-key"])
 def test_a_lookalike_admin_certificate_of_another_ca_is_never_served(
-    deployment: tuple[Path, DeployServer], tmp_path: Path, same_key: bool
+    deployment: tuple[Path, DeployServer], tmp_path: Path, same_key: bool, reliability: Any
 ) -> None:
     kits, server, live = live_of(deployment)
     fake = lookalike_admin(kits, tmp_path / "fake", same_key=same_key)
@@ -384,6 +389,7 @@ def test_a_lookalike_admin_certificate_of_another_ca_is_never_served(
         assert outcome(kits, live.port, path, cert=fake) in ("refused", 403)
     # the same request with the real certificate is served: the refusal is the CA's
     assert outcome(kits, live.port, cert=kits / ADMIN) == 200
+    reliability.hostile("live view: an admin lookalike of another CA", tried=2)
 
 
 def test_a_revoked_admin_is_refused_by_certificate_token_and_open_session(
@@ -459,8 +465,9 @@ def test_a_token_opens_a_strict_session_cookie(deployment: tuple[Path, DeploySer
     assert request(kits, port, "/api/state", cookie=tampered).status == 403
 
 
+@pytest.mark.reliability
 def test_forged_foreign_expired_and_overlong_tokens_get_403(
-    deployment: tuple[Path, DeployServer], tmp_path: Path
+    deployment: tuple[Path, DeployServer], tmp_path: Path, reliability: Any
 ) -> None:
     kits, server, live = live_of(deployment)
     port = live.port
@@ -507,6 +514,9 @@ def test_forged_foreign_expired_and_overlong_tokens_get_403(
         assert "Set-Cookie" not in reply.headers, name
     assert answers == dict.fromkeys(attacks, 403)
     assert request(kits, port, f"/?token={good}").status == 303  # the view still serves
+    reliability.hostile(
+        "live view: forged, foreign, expired and malformed tokens", tried=len(attacks)
+    )
 
 
 def test_a_100_kb_token_is_refused_quickly(deployment: tuple[Path, DeployServer]) -> None:
@@ -607,10 +617,15 @@ def test_the_cli_prints_a_link_whose_token_opens_the_view(
 # ------------------------------------------------------------------ 3. hostile, slow clients
 
 
+@pytest.mark.reliability
 def test_slow_clients_hold_neither_a_running_job_nor_an_admin_elsewhere(
-    deployment: tuple[Path, DeployServer], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    deployment: tuple[Path, DeployServer],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    reliability: Any,
 ) -> None:
     kits, server, live = live_of(deployment)
+    reliability.fault("live view: 8 slow and stalled browsers while a job runs")
     # long enough that no slow connection is cut off before the job is done: if the job's
     # rounds waited on them, it could not finish while they hang on
     monkeypatch.setattr(live_module, "CONNECTION_SECONDS", 120.0)
